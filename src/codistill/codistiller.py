@@ -1,0 +1,181 @@
+"""The plug-in: add codistillation to an existing PyTorch training loop in a few lines.
+
+    cd = Codistiller(model, exchange="file:///shared/run1", replica=r, num_replicas=N,
+                     exchange_every=50, burn_in=1000, distill="kl")
+    for step, (x, y) in enumerate(batches):
+        logits = model(x)
+        loss = task_loss(logits, y) + cd.distill_loss(x, logits, step)  # 0 during burn-in
+        loss.backward(); opt.step(); opt.zero_grad()
+        cd.after_step(step + 1)      # publish own weights / refresh teachers when due
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .exchange import Exchange, cpu_state, make_exchange
+from .losses import AlphaSchedule, distill_loss
+from .teachers import Teacher, average_predictions
+
+log = logging.getLogger(__name__)
+
+
+class Codistiller:
+    """Owns one replica's teachers, its publishing, and the distillation term ψ.
+
+    Args:
+        model: this replica's model (may be DDP-wrapped).
+        exchange: an :class:`Exchange`, ``"memory"``, a directory or a URL.
+        replica, num_replicas: this replica's index and N.
+        exchange_every: K, steps between publishing and refreshing teachers.
+        burn_in: B, α is 0 for steps < B.
+        alpha, ramp: the distillation weight and an optional linear ramp after burn-in.
+        distill: ``"kl"``, ``"ce"`` (soft-target cross entropy) or ``"bce"`` (binary outputs).
+        temperature: softmax temperature for teachers and student in ψ.
+        model_spec: ``{"name": ..., **settings}`` written into the manifest so that peers
+            can build a teacher of this replica's architecture.
+        teacher_factory: builds an empty teacher module from a peer's manifest meta; the
+            default builds from the peer's ``model`` spec, or copies ``model`` if none.
+        peers: which replicas to distil from (default: all others).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        exchange: Exchange | str = "memory",
+        replica: int = 0,
+        num_replicas: int = 2,
+        exchange_every: int = 50,
+        burn_in: int = 0,
+        alpha: float = 1.0,
+        ramp: int = 0,
+        distill: str = "kl",
+        temperature: float = 1.0,
+        model_spec: dict[str, Any] | None = None,
+        teacher_factory: Callable[[dict[str, Any]], nn.Module] | None = None,
+        peers: list[int] | None = None,
+    ) -> None:
+        if not 0 <= replica < num_replicas:
+            raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
+        if exchange_every < 1:
+            raise ValueError(f"exchange_every must be >= 1, got {exchange_every}")
+        if distill not in ("kl", "ce", "bce"):
+            raise ValueError(f"distill must be 'kl', 'ce' or 'bce', got {distill!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model = model
+        self.exchange = make_exchange(exchange)
+        self.replica = replica
+        self.num_replicas = num_replicas
+        self.exchange_every = exchange_every
+        self.schedule = AlphaSchedule(alpha, burn_in, ramp)
+        self.distill = distill
+        self.temperature = temperature
+        self.model_spec = model_spec
+        self.teacher_factory = teacher_factory or self._default_teacher_factory
+        self.peers = [p for p in range(num_replicas) if p != replica] if peers is None else peers
+        self.teachers: dict[int, Teacher] = {}
+        self.bytes_published = 0
+        self.bytes_read = 0
+        self.last_distill_loss: float | None = None
+
+    # -- schedule ---------------------------------------------------------------------
+    def alpha(self, step: int) -> float:
+        return self.schedule(step) if self.peers else 0.0
+
+    def exchange_due(self, step: int) -> bool:
+        """True at exchange steps from which distillation is on within the next K steps."""
+        k = self.exchange_every
+        return step > 0 and step % k == 0 and self.alpha(step + k - 1) > 0
+
+    # -- the loss term ----------------------------------------------------------------
+    def distill_loss(self, inputs: Any, student_logits: torch.Tensor, step: int) -> torch.Tensor:
+        """α(step)·ψ(mean of the teachers' predictions on ``inputs``, ``student_logits``).
+
+        Zero (a scalar that adds nothing) during burn-in or before any teacher is loaded.
+        """
+        a = self.alpha(step)
+        if a == 0.0 or not any(t.version is not None for t in self.teachers.values()):
+            self.last_distill_loss = None
+            return student_logits.new_zeros(())
+        target = average_predictions(
+            list(self.teachers.values()), inputs, self.distill, self.temperature
+        )
+        loss = distill_loss(student_logits, target.to(student_logits.dtype), self.distill,
+                            self.temperature)
+        self.last_distill_loss = float(loss.detach())
+        return a * loss
+
+    # -- exchange ---------------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        """Call once ``step`` optimizer steps are done: publish and refresh when due."""
+        self.publish_if_due(step)
+        self.refresh_if_due(step)
+
+    def publish_if_due(self, step: int) -> bool:
+        if self.exchange_due(step):
+            self.publish(step)
+            return True
+        return False
+
+    def refresh_if_due(self, step: int) -> bool:
+        if self.exchange_due(step):
+            self.refresh_teachers()
+            return True
+        return False
+
+    def publish(self, step: int) -> int:
+        """Publish this replica's current weights as its version at ``step``."""
+        meta = {"replica": self.replica, "model": self.model_spec}
+        n = self.exchange.publish(self.replica, step, cpu_state(self.model), meta)
+        self.bytes_published += n
+        return n
+
+    def refresh_teachers(self, versions: dict[int, int] | None = None) -> dict[int, int | None]:
+        """Load each peer's newest valid version (or the given ``{peer: step}``) if new.
+
+        Returns ``{peer: loaded step}``; a peer with nothing valid published keeps its
+        previous weights (or stays absent from the average).
+        """
+        for peer in self.peers:
+            teacher = self.teachers.get(peer)
+            want = None if versions is None else versions.get(peer)
+            if want is None:
+                steps = self.exchange.versions(peer)
+                if not steps or (teacher is not None and teacher.version == steps[-1]):
+                    continue
+                published = self.exchange.latest(peer)
+            elif teacher is not None and teacher.version == want:
+                continue
+            else:
+                published = self.exchange.load(peer, want)
+            if published is None or (teacher is not None and teacher.version == published.step):
+                continue
+            if teacher is None:
+                teacher = Teacher(peer, self.teacher_factory(published.meta))
+                self.teachers[peer] = teacher
+            teacher.load(published)
+            self.bytes_read += published.nbytes
+            log.debug("replica %d loaded peer %d at step %d", self.replica, peer, published.step)
+        return {p: (t.version if (t := self.teachers.get(p)) else None) for p in self.peers}
+
+    def staleness(self, step: int) -> dict[int, int | None]:
+        """``{peer: steps since its loaded weights were published}``."""
+        return {p: (t.staleness(step) if (t := self.teachers.get(p)) else None) for p in self.peers}
+
+    def _default_teacher_factory(self, meta: dict[str, Any]) -> nn.Module:
+        spec = meta.get("model")
+        if spec:
+            from .models import build_model
+
+            module = build_model(spec)
+        else:
+            module = copy.deepcopy(getattr(self.model, "module", self.model))
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        return module.to(device)

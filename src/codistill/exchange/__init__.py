@@ -1,0 +1,28 @@
+"""Exchanges: where replicas publish their weights and read their peers'."""
+
+from __future__ import annotations
+
+from .base import Exchange, Published, cpu_state, state_nbytes
+from .directory import DirectoryExchange
+from .memory import MemoryExchange
+
+__all__ = [
+    "DirectoryExchange",
+    "Exchange",
+    "MemoryExchange",
+    "Published",
+    "cpu_state",
+    "make_exchange",
+    "state_nbytes",
+]
+
+
+def make_exchange(spec: str | Exchange, keep: int = 3) -> Exchange:
+    """Build an exchange from ``"memory"``, a directory path, ``file://`` or an fsspec URL."""
+    if isinstance(spec, Exchange):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"exchange must be 'memory', a directory or a URL, got {spec!r}")
+    if spec == "memory":
+        return MemoryExchange(keep=keep)
+    return DirectoryExchange(spec, keep=keep)

@@ -1,0 +1,85 @@
+"""Task loss φ, distillation loss ψ and the distillation weight schedule α(step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DISTILL_KINDS = ("kl", "ce", "bce")
+TASK_KINDS = ("categorical", "binary")
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "categorical") -> torch.Tensor:
+    """φ: cross entropy over the last axis (classes/tokens), or logistic loss for clicks.
+
+    Categorical: ``logits`` is ``[..., C]`` and ``targets`` integer ``[...]``.
+    Binary: ``logits`` and ``targets`` (0/1) have the same shape.
+    """
+    if kind == "categorical":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+
+
+def predict_probs(logits: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """The predicted distribution: softmax over the last axis, or a sigmoid for binary outputs."""
+    if kind == "bce":
+        return torch.sigmoid(logits / temperature)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    kind: str = "kl",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """ψ: loss of the student's logits toward the teachers' (averaged) probabilities.
+
+    ``kl``: KL(p_teacher || p_student), zero when they agree. ``ce``: soft-target cross
+    entropy, which differs from ``kl`` by the teacher's entropy (a constant), so both give the
+    same gradient. ``bce``: binary cross entropy toward an averaged click probability.
+    With a temperature T ≠ 1 the loss is scaled by T² (Hinton et al.) so its gradient keeps
+    the same magnitude. No gradient flows into ``teacher_probs``.
+    """
+    target = teacher_probs.detach()
+    if target.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher predictions have shape {tuple(target.shape)} but the student's logits "
+            f"have shape {tuple(student_logits.shape)}"
+        )
+    t = float(temperature)
+    if kind == "bce":
+        loss = F.binary_cross_entropy_with_logits(student_logits / t, target)
+    elif kind in ("kl", "ce"):
+        logq = torch.log_softmax(student_logits.reshape(-1, student_logits.shape[-1]) / t, dim=-1)
+        p = target.reshape(-1, target.shape[-1])
+        if kind == "kl":
+            loss = F.kl_div(logq, p, reduction="batchmean")
+        else:
+            loss = -(p * logq).sum(-1).mean()
+    else:
+        raise ValueError(f"distill kind must be one of {DISTILL_KINDS}, got {kind!r}")
+    return loss * (t * t) if t != 1.0 else loss
+
+
+@dataclass(frozen=True)
+class AlphaSchedule:
+    """α(step): 0 before ``burn_in``, then rises linearly over ``ramp`` steps to ``alpha``.
+
+    ``step`` counts optimizer steps taken so far (the step about to run is ``step``, 0-based).
+    """
+
+    alpha: float = 1.0
+    burn_in: int = 0
+    ramp: int = 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.burn_in or self.alpha == 0.0:
+            return 0.0
+        if self.ramp <= 0:
+            return self.alpha
+        return self.alpha * min(1.0, (step - self.burn_in + 1) / self.ramp)

@@ -1,0 +1,71 @@
+"""Teachers: frozen, stale local copies of the peers, and their averaged predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .exchange import Published
+from .losses import predict_probs
+
+
+def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put ``module`` in eval mode with every parameter excluded from autograd."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class Teacher:
+    """A frozen copy of one peer, loaded in place from that peer's published weights."""
+
+    def __init__(self, peer: int, module: nn.Module) -> None:
+        self.peer = peer
+        self.module = freeze(module)
+        self.version: int | None = None  # step at which the loaded weights were published
+
+    def load(self, published: Published) -> None:
+        """Copy ``published`` weights into the preallocated module (no rebuild)."""
+        try:
+            self.module.load_state_dict(published.state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"published weights of replica {published.replica} at step {published.step} "
+                f"do not fit its teacher module: {e}"
+            ) from e
+        freeze(self.module)
+        self.version = published.step
+
+    def staleness(self, step: int) -> int | None:
+        """Steps since the loaded weights were published (None before the first load)."""
+        return None if self.version is None else step - self.version
+
+    @torch.no_grad()
+    def predict(self, inputs: Any, kind: str, temperature: float = 1.0) -> torch.Tensor:
+        return predict_probs(call_model(self.module, inputs).float(), kind, temperature)
+
+
+@torch.no_grad()
+def average_predictions(
+    teachers: list[Teacher], inputs: Any, kind: str, temperature: float = 1.0
+) -> torch.Tensor:
+    """mean_j p_j(x) over the loaded teachers; raises if none is loaded."""
+    loaded = [t for t in teachers if t.version is not None]
+    if not loaded:
+        raise RuntimeError("no teacher has weights loaded yet")
+    total = loaded[0].predict(inputs, kind, temperature)
+    for t in loaded[1:]:
+        total += t.predict(inputs, kind, temperature)
+    return total / len(loaded)
