@@ -13,10 +13,28 @@ log = logging.getLogger("codistill")
 
 
 def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.num_replicas is not None:
+        overrides.append(f"replicas={args.num_replicas}")
+    if args.exchange is not None:
+        overrides.append(f"codistill.exchange={args.exchange}")
+    cfg = load_config(args.config, overrides)
+    out = args.out or os.path.join("runs", cfg.name)
+    distributed = "WORLD_SIZE" in os.environ or args.replica is not None
+    if (args.resume or args.stop_at is not None) and not distributed:
+        raise ConfigError("--resume and --stop-at need the distributed launch "
+                          "(torchrun, or --replica R for one job per replica)")
+    if distributed:
+        from .trainer import run_distributed
+
+        summary = run_distributed(cfg, out, replica=args.replica, resume=args.resume,
+                                  stop_at=args.stop_at, progress=not args.no_progress)
+        if summary["worker"] == 0:
+            print(f"replica {summary['replica']}: steps {summary['start']}..{summary['end']} in "
+                  f"{summary['wall_time_s']:.1f}s; metrics in {out}")
+        return 0
     from .engine import run
 
-    cfg = load_config(args.config, args.set)
-    out = args.out or os.path.join("runs", cfg.name)
     summary = run(cfg, out, progress=not args.no_progress)
     final = summary["final"]
     print(f"run {cfg.name}: final validation loss per replica "
@@ -70,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set codistill.alpha=0.5 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/NAME)")
+    t.add_argument("--replica", type=int, help="one job per replica: this job's replica index")
+    t.add_argument("--num-replicas", type=int, help="N, the number of replicas (sets `replicas`)")
+    t.add_argument("--exchange", help="exchange directory, URL or 'collective' (sets codistill.exchange)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    t.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="checkpoint and exit after STEP steps (resume later with --resume)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 

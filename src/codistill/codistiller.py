@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Exchange, cpu_state, make_exchange
+from .exchange import Exchange, Published, cpu_state, make_exchange
 from .losses import AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
 
@@ -155,14 +155,25 @@ class Codistiller:
                 continue
             else:
                 published = self.exchange.load(peer, want)
-            if published is None or (teacher is not None and teacher.version == published.step):
-                continue
-            if teacher is None:
-                teacher = Teacher(peer, self.teacher_factory(published.meta))
-                self.teachers[peer] = teacher
-            teacher.load(published)
-            self.bytes_read += published.nbytes
-            log.debug("replica %d loaded peer %d at step %d", self.replica, peer, published.step)
+            if published is not None:
+                self.load_teacher(published)
+        return self.teacher_versions()
+
+    def load_teacher(self, published: Published) -> None:
+        """Load a peer's published weights into its teacher (built on first use)."""
+        teacher = self.teachers.get(published.replica)
+        if teacher is not None and teacher.version == published.step:
+            return
+        if teacher is None:
+            teacher = Teacher(published.replica, self.teacher_factory(published.meta))
+            self.teachers[published.replica] = teacher
+        teacher.load(published)
+        self.bytes_read += published.nbytes
+        log.debug("replica %d loaded peer %d at step %d", self.replica, published.replica,
+                  published.step)
+
+    def teacher_versions(self) -> dict[int, int | None]:
+        """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""
         return {p: (t.version if (t := self.teachers.get(p)) else None) for p in self.peers}
 
     def staleness(self, step: int) -> dict[int, int | None]:

@@ -47,8 +47,10 @@ class CodistillConfig:
     exchange_every: int = 50  # K
     distill: str = "kl"  # kl | ce | bce
     temperature: float = 1.0
-    exchange: str = "memory"  # memory | a directory | file:// or fsspec URL
+    exchange: str = "memory"  # memory | collective | a directory | file:// or fsspec URL
     keep: int = 3  # versions kept per replica in the exchange
+    sync: bool = False  # distributed: wait for every peer's version of this step (lock-step)
+    sync_timeout: float = 600.0  # seconds to wait for a peer in sync mode
 
 
 @dataclass
@@ -56,6 +58,12 @@ class EvalConfig:
     every: int = 50
     batch_size: int = 64
     max_batches: int = 0  # 0 evaluates the whole validation split
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # C: full resumable checkpoint every C steps (0: only at the end)
+    keep: int = 2
 
 
 @dataclass
@@ -77,6 +85,8 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, else gloo) | gloo | nccl
 
     def replica_model(self, replica: int) -> dict[str, Any]:
         """The model spec of ``replica``: ``model`` with that replica's overrides."""
@@ -98,13 +108,15 @@ _CHOICES = {
     "optimizer.name": ("adam", "adamw", "sgd"),
     "optimizer.schedule": ("constant", "cosine"),
     "codistill.distill": ("kl", "ce", "bce"),
+    "backend": ("auto", "gloo", "nccl"),
 }
 _POSITIVE = {"steps", "replicas", "workers", "batch_size", "log_every", "data.seq_len",
              "data.vocab_size", "codistill.exchange_every", "codistill.keep", "eval.every",
-             "eval.batch_size", "optimizer.lr", "codistill.temperature"}
+             "eval.batch_size", "optimizer.lr", "codistill.temperature",
+             "codistill.sync_timeout", "checkpoint.keep"}
 _NON_NEGATIVE = {"seed", "threads", "optimizer.weight_decay", "optimizer.momentum",
                  "optimizer.grad_clip", "optimizer.warmup", "codistill.alpha",
-                 "codistill.burn_in", "codistill.ramp", "eval.max_batches"}
+                 "codistill.burn_in", "codistill.ramp", "eval.max_batches", "checkpoint.every"}
 
 
 def _check_type(value: Any, tp: Any, name: str) -> Any:
@@ -177,7 +189,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.codistill.distill == "bce":
         raise ConfigError("codistill.distill 'bce' is for binary outputs; the LM needs kl or ce")
-    if cfg.codistill.keep < 2 and cfg.codistill.exchange != "memory":
+    if cfg.codistill.keep < 2 and cfg.codistill.exchange not in ("memory", "collective"):
         raise ConfigError("codistill.keep must be >= 2 for a directory exchange")
     return cfg
 

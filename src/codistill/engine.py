@@ -83,7 +83,9 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     dump_config(cfg, os.path.join(out_dir, "config.yaml"))
     corpus = build_corpus(cfg)
-    exchange = make_exchange(cfg.codistill.exchange, keep=cfg.codistill.keep)
+    # In one process every exchange is equivalent; a directory is still written if given.
+    spec = "memory" if cfg.codistill.exchange == "collective" else cfg.codistill.exchange
+    exchange = make_exchange(spec, keep=cfg.codistill.keep)
     batch = cfg.workers * cfg.batch_size
     replicas = [build_replica(cfg, r, corpus, exchange, batch) for r in range(cfg.replicas)]
     batches = val_batches(corpus, cfg)

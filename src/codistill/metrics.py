@@ -72,7 +72,8 @@ def evaluate_replicas(
 class MetricsWriter:
     """Appends metric rows to ``RUN_DIR/metrics.jsonl`` and mirrors them to TensorBoard."""
 
-    def __init__(self, run_dir: str, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    def __init__(self, run_dir: str, filename: str = "metrics.jsonl", tensorboard: bool = True,
+                 tb_subdir: str = ""):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, filename)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -80,7 +81,7 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard", tb_subdir))
 
     def write(self, row: dict[str, Any]) -> None:
         """Write one row: ``step``, ``kind`` (train/eval/ensemble/churn), ``replica`` and values."""

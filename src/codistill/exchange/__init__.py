@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .background import BackgroundExchange
 from .base import Exchange, Published, cpu_state, state_nbytes
 from .directory import DirectoryExchange
 from .memory import MemoryExchange
 
 __all__ = [
+    "BackgroundExchange",
     "DirectoryExchange",
     "Exchange",
     "MemoryExchange",
@@ -23,6 +25,8 @@ def make_exchange(spec: str | Exchange, keep: int = 3) -> Exchange:
         return spec
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"exchange must be 'memory', a directory or a URL, got {spec!r}")
+    if spec == "collective":
+        raise ValueError("exchange 'collective' is set up by the distributed trainer, not make_exchange")
     if spec == "memory":
         return MemoryExchange(keep=keep)
     return DirectoryExchange(spec, keep=keep)

@@ -1,0 +1,68 @@
+"""Publish without blocking training: a single background writer per replica."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .base import Exchange, Published, state_nbytes
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundExchange(Exchange):
+    """Wraps an exchange so that ``publish`` returns at once and the write runs on a thread.
+
+    The caller hands over a CPU snapshot of the weights that it will not modify (as
+    :func:`cpu_state` makes). At most one write is in flight:
+    a new publish first waits for the previous one, so versions land in order.
+    """
+
+    def __init__(self, inner: Exchange) -> None:
+        self.inner = inner
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-publish")
+        self._pending: Future | None = None
+        self.last_write_seconds = 0.0
+        self.wait_seconds = 0.0  # time training spent waiting for a previous write
+
+    def _write(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict) -> int:
+        t0 = time.perf_counter()
+        n = self.inner.publish(replica, step, state, meta)
+        self.last_write_seconds = time.perf_counter() - t0
+        log.debug("published replica %d step %d (%d bytes, %.3fs)", replica, step, n,
+                  self.last_write_seconds)
+        return n
+
+    def publish(
+        self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> int:
+        self.flush()
+        self._pending = self._pool.submit(self._write, replica, step, state, meta)
+        return state_nbytes(state)
+
+    def flush(self) -> None:
+        """Wait for the write in flight, re-raising its error."""
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            try:
+                self._pending.result()
+            finally:
+                self._pending = None
+                self.wait_seconds += time.perf_counter() - t0
+
+    def versions(self, replica: int) -> list[int]:
+        return self.inner.versions(replica)
+
+    def load(self, replica: int, step: int) -> Published | None:
+        return self.inner.load(replica, step)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+            self.inner.close()

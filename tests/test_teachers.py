@@ -1,0 +1,206 @@
+"""Teachers: averaging over the peers, staleness, in-place refresh, burn-in, architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codistill.codistiller import Codistiller
+from codistill.exchange import DirectoryExchange, MemoryExchange, state_nbytes
+from codistill.losses import distill_loss
+from codistill.models import LSTMLM, TransformerLM
+from codistill.teachers import Teacher, average_predictions
+
+
+def _replicas(make_lm, n, exchange, **kw):
+    models = [make_lm(100 + r) for r in range(n)]
+    cds = [Codistiller(m, exchange, replica=r, num_replicas=n, **kw) for r, m in enumerate(models)]
+    return models, cds
+
+
+def _step_all(cds, step):
+    """What the engine does after a step: every replica publishes, then every one refreshes."""
+    for cd in cds:
+        cd.publish_if_due(step)
+    for cd in cds:
+        cd.refresh_if_due(step)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_average_over_the_other_replicas_for_n3(make_lm, tokens, temperature):
+    ex = MemoryExchange()
+    models, cds = _replicas(make_lm, 3, ex, exchange_every=5, temperature=temperature)
+    cds[1].publish(5)
+    cds[2].publish(5)
+    assert cds[0].refresh_teachers() == {1: 5, 2: 5}
+    assert cds[0].peers == [1, 2] and sorted(cds[0].teachers) == [1, 2]
+
+    with torch.no_grad():
+        p1 = torch.softmax(models[1](tokens) / temperature, -1)
+        p2 = torch.softmax(models[2](tokens) / temperature, -1)
+    want = (p1 + p2) / 2
+    got = average_predictions(list(cds[0].teachers.values()), tokens, "kl", temperature)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, p1, atol=1e-4)  # both peers count, not just one
+
+    logits = models[0](tokens)
+    loss = cds[0].distill_loss(tokens, logits, 5)
+    by_hand = F.kl_div(torch.log_softmax(logits.detach() / temperature, -1).reshape(-1, logits.shape[-1]),
+                       want.reshape(-1, want.shape[-1]), reduction="batchmean") * temperature**2
+    assert float(loss.detach()) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_only_loaded_teachers_are_averaged(make_lm, tokens):
+    ex = MemoryExchange()
+    models, cds = _replicas(make_lm, 3, ex, exchange_every=5)
+    cds[2].publish(5)  # replica 1 has published nothing yet
+    assert cds[0].refresh_teachers() == {1: None, 2: 5}
+    with torch.no_grad():
+        want = torch.softmax(models[2](tokens), -1)
+    torch.testing.assert_close(average_predictions(list(cds[0].teachers.values()), tokens, "kl"), want)
+
+
+def test_average_predictions_without_loaded_teacher_raises(make_lm, tokens):
+    with pytest.raises(RuntimeError, match="no teacher"):
+        average_predictions([Teacher(1, make_lm(0))], tokens, "kl")
+
+
+def test_staleness_is_tracked(make_lm):
+    ex = MemoryExchange()
+    _, cds = _replicas(make_lm, 3, ex, exchange_every=5)
+    assert cds[0].staleness(3) == {1: None, 2: None}
+    _step_all(cds, 5)
+    assert cds[0].staleness(5) == {1: 0, 2: 0}
+    assert cds[0].staleness(9) == {1: 4, 2: 4}
+    assert cds[2].staleness(7) == {0: 2, 1: 2}
+    _step_all(cds, 7)  # not an exchange step: nothing moves
+    assert cds[0].staleness(9) == {1: 4, 2: 4}
+    _step_all(cds, 10)
+    assert cds[0].staleness(12) == {1: 2, 2: 2}
+    assert {t.version for t in cds[0].teachers.values()} == {10}
+
+
+def test_staleness_when_a_peer_publishes_late(make_lm):
+    """A replica refreshing before its peer publishes keeps the older teacher: staleness K + d."""
+    ex = MemoryExchange()
+    _, cds = _replicas(make_lm, 2, ex, exchange_every=5)
+    _step_all(cds, 5)
+    cds[0].after_step(10)  # replica 1 has not reached step 10 yet
+    assert cds[0].staleness(12) == {1: 7}
+    cds[1].after_step(10)
+    cds[0].refresh_teachers()
+    assert cds[0].staleness(12) == {1: 2}
+
+
+def test_refresh_loads_into_the_same_module_object(make_lm, tokens):
+    ex = MemoryExchange()
+    models, cds = _replicas(make_lm, 2, ex, exchange_every=5)
+    _step_all(cds, 5)
+    teacher = cds[0].teachers[1]
+    module = teacher.module
+    ptrs = {n: p.data_ptr() for n, p in module.named_parameters()}
+    old = {k: v.clone() for k, v in module.state_dict().items()}
+
+    # Replica 1 trains a step; its next published version must land in the same tensors.
+    opt = torch.optim.SGD(models[1].parameters(), lr=0.5)
+    F.cross_entropy(models[1](tokens).reshape(-1, 20), tokens.reshape(-1)).backward()
+    opt.step()
+    _step_all(cds, 10)
+
+    assert cds[0].teachers[1] is teacher and teacher.module is module
+    assert teacher.version == 10
+    assert {n: p.data_ptr() for n, p in module.named_parameters()} == ptrs
+    new = module.state_dict()
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+    for k, v in models[1].state_dict().items():
+        assert torch.equal(new[k], v), k
+    assert all(not p.requires_grad for p in module.parameters())
+    # The loaded copy is a snapshot: further training of the peer does not leak into it.
+    with torch.no_grad():
+        models[1].head.weight.add_(1.0)
+    assert not torch.equal(module.head.weight, models[1].head.weight)
+
+
+def test_refresh_to_a_given_version_and_byte_accounting(make_lm):
+    ex = MemoryExchange(keep=3)
+    models, cds = _replicas(make_lm, 2, ex, exchange_every=5)
+    cds[1].publish(5)
+    with torch.no_grad():
+        models[1].head.bias.fill_(3.0)
+    cds[1].publish(10)
+    assert cds[0].refresh_teachers({1: 5}) == {1: 5}
+    assert float(cds[0].teachers[1].module.head.bias.abs().max()) != 3.0
+    assert cds[0].refresh_teachers() == {1: 10}
+    assert torch.all(cds[0].teachers[1].module.head.bias == 3.0)
+    nbytes = state_nbytes(models[1].state_dict())
+    assert cds[1].bytes_published == 2 * nbytes
+    assert cds[0].bytes_read == 2 * nbytes
+    cds[0].refresh_teachers()  # nothing new: nothing read
+    assert cds[0].bytes_read == 2 * nbytes
+
+
+def test_exchange_and_distillation_only_after_burn_in(make_lm, tokens):
+    ex = MemoryExchange()
+    models, cds = _replicas(make_lm, 2, ex, exchange_every=5, burn_in=12)
+    due = [s for s in range(31) if cds[0].exchange_due(s)]
+    # Step 10 is the last exchange before B=12: its teachers serve steps 12..14.
+    assert due == [10, 15, 20, 25, 30]
+    _step_all(cds, 5)
+    assert ex.versions(0) == [] and ex.versions(1) == [] and cds[0].teachers == {}
+    assert float(cds[0].distill_loss(tokens, models[0](tokens), 5).detach()) == 0.0
+    _step_all(cds, 10)
+    assert ex.versions(1) == [10] and cds[0].teachers[1].version == 10
+    assert float(cds[0].distill_loss(tokens, models[0](tokens), 11).detach()) == 0.0
+    assert float(cds[0].distill_loss(tokens, models[0](tokens), 12).detach()) > 0.0
+
+
+def test_no_exchange_without_distillation(make_lm):
+    ex = MemoryExchange()
+    _, off = _replicas(make_lm, 2, ex, exchange_every=5, alpha=0.0)
+    assert not any(off[0].exchange_due(s) for s in range(100))
+    alone = Codistiller(make_lm(0), ex, replica=0, num_replicas=1, exchange_every=5)
+    assert alone.peers == [] and not any(alone.exchange_due(s) for s in range(100))
+    _step_all([alone], 5)
+    assert ex.versions(0) == []
+
+
+def test_teacher_built_from_the_peer_model_spec(make_lm, lstm_spec, transformer_spec, tokens):
+    ex = MemoryExchange()
+    student, peer = make_lm(0, lstm_spec), make_lm(1, transformer_spec)
+    cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=5, model_spec=lstm_spec)
+    Codistiller(peer, ex, replica=1, num_replicas=2, exchange_every=5,
+                model_spec=transformer_spec).publish(5)
+    cd.refresh_teachers()
+    teacher = cd.teachers[1].module
+    assert isinstance(student, LSTMLM) and isinstance(teacher, TransformerLM)
+    for k, v in peer.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k
+    with torch.no_grad():
+        want = torch.softmax(peer(tokens), -1)
+    torch.testing.assert_close(average_predictions([cd.teachers[1]], tokens, "kl"), want)
+    logits = student(tokens)
+    loss = cd.distill_loss(tokens, logits, 5)
+    torch.testing.assert_close(loss.detach(), distill_loss(logits.detach(), want))
+    loss.backward()
+    assert float(student.head.weight.grad.abs().sum()) > 0
+
+
+def test_teacher_without_spec_copies_the_student_architecture(make_lm, tokens):
+    ex = MemoryExchange()
+    models, cds = _replicas(make_lm, 2, ex, exchange_every=5)
+    _step_all(cds, 5)
+    teacher = cds[0].teachers[1].module
+    assert type(teacher) is type(models[0]) and teacher is not models[0]
+    for k, v in models[1].state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k
+
+
+def test_teacher_rejects_weights_that_do_not_fit(make_lm, lstm_spec, transformer_spec, tmp_path):
+    ex = DirectoryExchange(str(tmp_path))
+    peer = make_lm(1, transformer_spec)
+    ex.publish(1, 5, peer.state_dict(), {"replica": 1})
+    teacher = Teacher(1, make_lm(0, lstm_spec))
+    with pytest.raises(ValueError, match="replica 1 at step 5"):
+        teacher.load(ex.latest(1))
+    assert teacher.version is None
