@@ -34,10 +34,20 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_config_factory():
+    """``tiny_config_factory(**top_level)`` → a fresh tiny config dict (usable in wider scopes)."""
+
+    def make(**top_level: Any) -> dict[str, Any]:
+        return {**copy.deepcopy(TINY_CONFIG), **top_level}
+
+    return make
+
+
 @pytest.fixture
-def tiny_config() -> dict[str, Any]:
+def tiny_config(tiny_config_factory) -> dict[str, Any]:
     """A fresh copy of a tiny, fast run config as plain values (as loaded from YAML)."""
-    return copy.deepcopy(TINY_CONFIG)
+    return tiny_config_factory()
 
 
 LSTM_SPEC = {"name": "lstm", "vocab_size": VOCAB, "embed_dim": 8, "hidden_dim": 12}

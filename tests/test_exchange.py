@@ -13,6 +13,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from codistill.exchange import DirectoryExchange, Exchange, MemoryExchange, make_exchange
@@ -94,18 +95,22 @@ def test_unfinished_files_are_invisible(tmp_path):
 
 
 def test_concurrent_reader_only_sees_complete_versions(tmp_path):
-    """A writer publishes many versions while a reader keeps loading the latest one."""
+    """A writer publishes many versions while a reader keeps looking at the folder and loading."""
     writer_ex = DirectoryExchange(str(tmp_path), keep=2)
     reader_ex = DirectoryExchange(str(tmp_path), keep=2)
     n_versions, size = 30, 1 << 18  # 1 MiB of float32 per version
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((size,), float(step)), "step": torch.tensor([step])}
+
+    weights_size = len(st_save(state(0)))  # every version has the same byte size
     errors: list[BaseException] = []
     done = threading.Event()
 
     def write() -> None:
         try:
             for step in range(1, n_versions + 1):
-                state = {"w": torch.full((size,), float(step)), "step": torch.tensor([step])}
-                writer_ex.publish(0, step, state, {"step": step})
+                writer_ex.publish(0, step, state(step), {"step": step})
         except BaseException as e:  # surfaced by the main thread
             errors.append(e)
         finally:
@@ -113,9 +118,20 @@ def test_concurrent_reader_only_sees_complete_versions(tmp_path):
 
     thread = threading.Thread(target=write)
     thread.start()
-    seen = []
+    seen, files_checked = [], 0
     try:
         while not done.is_set() or not seen:
+            # Every file under its final name is complete.
+            for path in _folder(tmp_path).glob("[0-9]*"):
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:  # pruned meanwhile
+                    continue
+                if path.suffix == ".json":
+                    assert json.loads(data)["step"] == int(path.stem)
+                else:
+                    assert len(data) == weights_size, path.name
+                files_checked += 1
             pub = reader_ex.latest(0)
             if pub is None:
                 continue
@@ -127,7 +143,7 @@ def test_concurrent_reader_only_sees_complete_versions(tmp_path):
         thread.join()
     assert not errors, errors
     assert reader_ex.latest(0).step == n_versions
-    assert len(seen) > 1
+    assert len(set(seen)) > 1 and files_checked > 0
 
 
 def test_corrupted_weights_are_skipped(tmp_path, caplog):

@@ -58,13 +58,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_RUNS = (
+    ("baseline", ["replicas=1"]),  # sync SGD, one model
+    ("independent", ["replicas=2", "codistill.alpha=0"]),  # two models, no distillation
+    ("codistill", ["replicas=2"]),  # 2-way codistillation
+)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """Baseline (N=1) and 2-way codistillation with the same per-replica batch, then a report."""
+    """Baseline (N=1), two independent replicas and 2-way codistillation with the same
+    per-replica batch and seeds, then a report."""
     from .engine import run
     from .report import make_report
 
     dirs = []
-    for name, sets in (("baseline", ["replicas=1"]), ("codistill", ["replicas=2"])):
+    for name, sets in DEMO_RUNS:
         cfg = load_config(args.config, [*args.set, f"name={name}", *sets])
         out = os.path.join(args.out, name)
         if os.path.exists(os.path.join(out, "metrics.jsonl")):
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="where report.png/report.md go (default: the first RUN_DIR)")
     r.set_defaults(func=_report)
 
-    d = sub.add_parser("demo", help="baseline and 2-way codistillation on the Bible LM, then a report")
+    d = sub.add_parser("demo", help="baseline, independent and codistilled replicas on the Bible LM, then a report")
     d.add_argument("--config", default="configs/demo.yaml")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--out", default="runs/demo")
