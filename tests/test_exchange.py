@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -111,6 +111,7 @@ def test_concurrent_reader_only_sees_complete_versions(tmp_path):
         try:
             for step in range(1, n_versions + 1):
                 writer_ex.publish(0, step, state(step), {"step": step})
+                time.sleep(0.002)  # let the reader interleave on any scheduler
         except BaseException as e:  # surfaced by the main thread
             errors.append(e)
         finally:
@@ -238,9 +239,6 @@ def test_a_bad_manifest_is_skipped(tmp_path, manifest):
     assert ex.latest(0).step == 10
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, AttributeError),
-                   reason="src bug: DirectoryExchange.load lets KeyError/AttributeError escape "
-                          "for a manifest without 'sha256' or one that is not a JSON object")
 @pytest.mark.parametrize("manifest", ["no sha256", "json list", "json null"])
 def test_a_structurally_bad_manifest_is_skipped(tmp_path, manifest):
     ex = DirectoryExchange(str(tmp_path))

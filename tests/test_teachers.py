@@ -59,6 +59,8 @@ def test_only_loaded_teachers_are_averaged(make_lm, tokens):
     with torch.no_grad():
         want = torch.softmax(models[2](tokens), -1)
     torch.testing.assert_close(average_predictions(list(cds[0].teachers.values()), tokens, "kl"), want)
+    never_loaded = Teacher(1, make_lm(7))
+    torch.testing.assert_close(average_predictions([never_loaded, cds[0].teachers[2]], tokens, "kl"), want)
 
 
 def test_average_predictions_without_loaded_teacher_raises(make_lm, tokens):

@@ -28,14 +28,15 @@ def _train(args: argparse.Namespace) -> int:
         from .trainer import run_distributed
 
         summary = run_distributed(cfg, out, replica=args.replica, resume=args.resume,
-                                  stop_at=args.stop_at, progress=not args.no_progress)
+                                  stop_at=args.stop_at, progress=not args.no_progress,
+                                  overwrite=args.overwrite)
         if summary["worker"] == 0:
             print(f"replica {summary['replica']}: steps {summary['start']}..{summary['end']} in "
                   f"{summary['wall_time_s']:.1f}s; metrics in {out}")
         return 0
     from .engine import run
 
-    summary = run(cfg, out, progress=not args.no_progress)
+    summary = run(cfg, out, progress=not args.no_progress, overwrite=args.overwrite)
     final = summary["final"]
     print(f"run {cfg.name}: final validation loss per replica "
           + ", ".join(f"{x:.4f}" for x in final["loss"])
@@ -75,9 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
     for name, sets in DEMO_RUNS:
         cfg = load_config(args.config, [*args.set, f"name={name}", *sets])
         out = os.path.join(args.out, name)
-        if os.path.exists(os.path.join(out, "metrics.jsonl")):
-            os.remove(os.path.join(out, "metrics.jsonl"))
-        run(cfg, out, progress=not args.no_progress)
+        run(cfg, out, progress=not args.no_progress, overwrite=True)
         dirs.append(out)
     paths = make_report(dirs, args.out)
     with open(paths["md"], encoding="utf-8") as f:
@@ -102,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
     t.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and exit after STEP steps (resume later with --resume)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the metrics of an earlier run in RUN_DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="where report.png/report.md go (default: the first RUN_DIR)")
     r.set_defaults(func=_report)
 
-    d = sub.add_parser("demo", help="baseline, independent and codistilled replicas on the Bible LM, then a report")
+    d = sub.add_parser("demo", help="baseline, independent and codistilled replicas on the Bible LM, "
+                                    "then a report")
     d.add_argument("--config", default="configs/demo.yaml")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--out", default="runs/demo")

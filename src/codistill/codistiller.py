@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Exchange, Published, cpu_state, make_exchange
+from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange
 from .losses import AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
 
 log = logging.getLogger(__name__)
+
+_SHARED_MEMORY = MemoryExchange()
 
 
 class Codistiller:
@@ -31,7 +33,8 @@ class Codistiller:
 
     Args:
         model: this replica's model (may be DDP-wrapped).
-        exchange: an :class:`Exchange`, ``"memory"``, a directory or a URL.
+        exchange: an :class:`Exchange`, a directory or a URL, or ``"memory"``: one
+            in-memory exchange shared by every Codistiller of this process.
         replica, num_replicas: this replica's index and N.
         exchange_every: K, steps between publishing and refreshing teachers.
         burn_in: B, α is 0 for steps < B.
@@ -70,7 +73,7 @@ class Codistiller:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model = model
-        self.exchange = make_exchange(exchange)
+        self.exchange = _SHARED_MEMORY if exchange == "memory" else make_exchange(exchange)
         self.replica = replica
         self.num_replicas = num_replicas
         self.exchange_every = exchange_every

@@ -73,12 +73,13 @@ def save_weights(rep: Replica, out_dir: str) -> str:
     return path
 
 
-def run(cfg: RunConfig, out_dir: str, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg.replicas`` replicas round-robin; write metrics, weights and the config.
 
     Returns a summary with the final evaluation.
     """
     os.makedirs(out_dir, exist_ok=True)
+    writer = MetricsWriter(out_dir, overwrite=overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dump_config(cfg, os.path.join(out_dir, "config.yaml"))
@@ -89,7 +90,6 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True) -> dict[str, Any]:
     batch = cfg.workers * cfg.batch_size
     replicas = [build_replica(cfg, r, corpus, exchange, batch) for r in range(cfg.replicas)]
     batches = val_batches(corpus, cfg)
-    writer = MetricsWriter(out_dir)
     log.info("run %s: N=%d W=%d b=%d K=%d B=%d alpha=%g, %d steps -> %s", cfg.name, cfg.replicas,
              cfg.workers, cfg.batch_size, cfg.codistill.exchange_every, cfg.codistill.burn_in,
              cfg.codistill.alpha, cfg.steps, out_dir)

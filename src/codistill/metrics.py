@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable
 from typing import Any
 
@@ -69,19 +70,43 @@ def evaluate_replicas(
     return out
 
 
+class RunDirError(ValueError):
+    """The run directory already holds another run's metrics."""
+
+
 class MetricsWriter:
-    """Appends metric rows to ``RUN_DIR/metrics.jsonl`` and mirrors them to TensorBoard."""
+    """Writes metric rows to ``RUN_DIR/metrics.jsonl`` and mirrors them to TensorBoard.
+
+    An existing metrics file is an error unless ``overwrite`` (start afresh) or
+    ``resume_step`` (keep the rows up to that step, drop later ones, which the resumed run
+    writes again) is given, so one run's metrics are never mixed into another's.
+    """
 
     def __init__(self, run_dir: str, filename: str = "metrics.jsonl", tensorboard: bool = True,
-                 tb_subdir: str = ""):
+                 tb_subdir: str = "", overwrite: bool = False, resume_step: int | None = None):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, filename)
+        tb_dir = os.path.join(run_dir, "tensorboard", tb_subdir)
+        if os.path.exists(self.path):
+            if resume_step is not None:
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+                tmp = f"{self.path}.tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(tmp, self.path)
+            elif overwrite:
+                os.remove(self.path)
+                shutil.rmtree(tb_dir, ignore_errors=True)
+            else:
+                raise RunDirError(f"{self.path} already holds a run's metrics: pass --overwrite to "
+                                  "replace them, --resume to continue, or choose another --out")
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard", tb_subdir))
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(tb_dir, purge_step=purge)
 
     def write(self, row: dict[str, Any]) -> None:
         """Write one row: ``step``, ``kind`` (train/eval/ensemble/churn), ``replica`` and values."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,12 +25,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import latest_valid_step, load_checkpoint, save_checkpoint
+from .checkpoint import latest_valid_step, list_checkpoints, load_checkpoint, replica_dir, save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .engine import build_corpus, save_weights, val_batches
 from .exchange import BackgroundExchange, MemoryExchange, cpu_state, make_exchange
 from .exchange.collective import CollectiveExchange
-from .metrics import MetricsWriter, evaluate_replicas
+from .metrics import MetricsWriter, RunDirError, evaluate_replicas
 from .replica import Replica, build_replica, next_batch, replica_step
 from .topology import Groups, Topology, env_world, make_groups, make_topology
 
@@ -186,18 +187,25 @@ class ReplicaTrainer:
                            "bpb": self.corpus.bits_per_byte(loss), "acc": res["acc"][0]})
         return res
 
-    def train(self, resume: bool = False, stop_at: int | None = None, progress: bool = True
-              ) -> dict[str, Any]:
+    def train(self, resume: bool = False, stop_at: int | None = None, progress: bool = True,
+              overwrite: bool = False) -> dict[str, Any]:
         cfg, topo = self.cfg, self.topo
         start = self.resume() if resume else 0
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         leader = topo.is_leader
         if leader:
             os.makedirs(self.out_dir, exist_ok=True)
+            self.writer = MetricsWriter(self.out_dir, f"metrics-replica{topo.replica}.jsonl",
+                                        tb_subdir=f"replica-{topo.replica}", overwrite=overwrite,
+                                        resume_step=start if resume else None)
+            old = list_checkpoints(self.ckpt_root, topo.replica)
+            if not resume and old:
+                if not overwrite:
+                    raise RunDirError(f"{self.ckpt_root} holds checkpoints of replica {topo.replica}: "
+                                      "pass --resume to continue or --overwrite to start afresh")
+                shutil.rmtree(replica_dir(self.ckpt_root, topo.replica))
             if topo.replica == 0:
                 dump_config(cfg, os.path.join(self.out_dir, "config.yaml"))
-            self.writer = MetricsWriter(self.out_dir, f"metrics-replica{topo.replica}.jsonl",
-                                        tb_subdir=f"replica-{topo.replica}")
             if start == 0:
                 self.evaluate(0)
         cd = self.rep.codistiller
@@ -271,6 +279,7 @@ def run_distributed(
     resume: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Entry point on every rank (reads torchrun's environment; works without it as W=1)."""
     rank, world, local_rank = env_world()
@@ -293,7 +302,7 @@ def run_distributed(
             log.info("world %d: %d replica(s) x %d worker(s)%s", world,
                      topo.num_replicas if topo.one_world else 1, topo.workers, where)
         trainer = ReplicaTrainer(cfg, out_dir, topo, groups, device)
-        return trainer.train(resume=resume, stop_at=stop_at, progress=progress)
+        return trainer.train(resume=resume, stop_at=stop_at, progress=progress, overwrite=overwrite)
     finally:
         if own_pg:
             dist.destroy_process_group()

@@ -172,10 +172,14 @@ class DirectoryExchange(Exchange):
         where = f"{self.location}/{folder}/{name}"
         try:
             manifest = json.loads(self.store.read(f"{folder}/{name}.json"))
-            if manifest.get("format") != FORMAT or manifest.get("step") != step:
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+                    or manifest.get("step") != step:
                 raise ValueError(f"not a {FORMAT} manifest for step {step}")
-            weights = manifest["weights"]
-            if "/" in weights or weights.startswith("."):
+            weights, expected = manifest["weights"], manifest["sha256"]
+            meta = manifest.get("meta", {})
+            if not isinstance(weights, str) or not isinstance(expected, str) or not isinstance(meta, dict):
+                raise ValueError("weights, sha256 or meta has the wrong type")
+            if "/" in weights or "\\" in weights or weights.startswith("."):
                 raise ValueError(f"weights file name {weights!r} leaves the replica folder")
             data = self.store.read(f"{folder}/{weights}")
         except FileNotFoundError:
@@ -185,7 +189,7 @@ class DirectoryExchange(Exchange):
             log.warning("skipping %s.json: bad manifest (%s)", where, e)
             return None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != manifest["sha256"] or len(data) != manifest.get("nbytes", len(data)):
+        if digest != expected or len(data) != manifest.get("nbytes", len(data)):
             log.warning("skipping %s.safetensors: checksum mismatch (corrupted file)", where)
             return None
         try:
@@ -193,4 +197,4 @@ class DirectoryExchange(Exchange):
         except Exception as e:  # safetensors raises its own error types
             log.warning("skipping %s.safetensors: unreadable (%s)", where, e)
             return None
-        return Published(replica, step, state, manifest.get("meta", {}), len(data))
+        return Published(replica, step, state, meta, len(data))
