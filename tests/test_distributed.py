@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,8 +284,12 @@ def stopped_run(cfg_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-def _spec(replica: int, vocab: int) -> dict[str, Any]:
-    return {**CONFIG["model"], "vocab_size": vocab}
+def _spec(run: Path, replica: int) -> dict[str, Any]:
+    """The model spec the run recorded with the replica's final weights."""
+    with safe_open(str(run / f"replica-{replica}" / "model.safetensors"), "pt") as f:
+        spec = json.loads(f.metadata()["model"])
+    assert spec == {**CONFIG["model"], "vocab_size": spec["vocab_size"]}, spec
+    return spec
 
 
 # -- 1. two replicas of two workers, directory exchange ---------------------------------------
@@ -306,12 +311,8 @@ def test_2x2_directory_exchange_lockstep(cfg_path: Path, tmp_path: Path) -> None
         _assert_same_weights(_part(tensors, f"teacher-{peer}."), published, f"rank {info['rank']} teacher")
     assert _max_diff(final[0], final[1]) > 1e-3, "the two replicas ended with the same weights"
 
-    vocab = final[0]["embed.weight"].shape[0] if "embed.weight" in final[0] else None
     for r in (0, 1):
-        manifest = json.loads((ex / f"replica-{r}" / f"{STEPS:010d}.json").read_text())
-        _check_exchange_files(ex, r, _spec(r, manifest["meta"]["model"]["vocab_size"]))
-        if vocab is not None:
-            assert manifest["meta"]["model"]["vocab_size"] == vocab
+        _check_exchange_files(ex, r, _spec(run, r))
         # The last version published is the replica's final weights.
         published = load_file(str(ex / f"replica-{r}" / f"{STEPS:010d}.safetensors"))
         _assert_same_weights(published, final[r], f"replica {r} published vs final")
@@ -319,11 +320,10 @@ def test_2x2_directory_exchange_lockstep(cfg_path: Path, tmp_path: Path) -> None
         rows = _rows(run, r)
         _check_refresh_schedule(rows, r, sync=True)
         last = _by_step(rows, "train", r)[STEPS]
-        size = (ex / f"replica-{r}" / f"{STEPS:010d}.safetensors").stat().st_size
         peer_size = (ex / f"replica-{1 - r}" / f"{STEPS:010d}.safetensors").stat().st_size
         nparams = sum(t.numel() * t.element_size() for t in final[r].values())
         assert last["bytes_published"] == len(EXCHANGE_STEPS) * nparams
-        assert last["bytes_read"] == len(EXCHANGE_STEPS) * peer_size, (last["bytes_read"], size)
+        assert last["bytes_read"] == len(EXCHANGE_STEPS) * peer_size, last["bytes_read"]
         assert sorted(_by_step(rows, "eval", r)) == [0, 10, 20, 30, 40]
 
         summary = _summary(run, r)
@@ -363,8 +363,7 @@ def test_2x2_directory_exchange_async_slow_publish(cfg_path: Path, tmp_path: Pat
         rows = _rows(run, r)
         _check_refresh_schedule(rows, r, sync=False)
         assert _by_step(rows, "train", r)[STEPS]["teacher_versions"][str(peer)] == v
-        _check_exchange_files(ex, r, _spec(r, json.loads(
-            (ex / f"replica-{r}" / f"{STEPS:010d}.json").read_text())["meta"]["model"]["vocab_size"]))
+        _check_exchange_files(ex, r, _spec(run, r))
 
 
 # -- 2. one torchrun world with W=1 matches the one-process engine ---------------------------
@@ -434,12 +433,12 @@ def test_one_job_per_replica_survives_a_killed_peer(cfg_path: Path, tmp_path: Pa
                                             "--exchange", str(ex), *sets, *extra)]
 
     def train_rows(r: int) -> list[dict[str, Any]]:
+        """Replica ``r``'s train rows so far (the file is being written: complete lines only)."""
         path = run / f"metrics-replica{r}.jsonl"
         if not path.exists():
             return []
-        lines = path.read_text().splitlines()
-        return [json.loads(x) for x in lines[:-1] + [lines[-1]] if x.strip().endswith("}")
-                and json.loads(x)["kind"] == "train"] if lines else []
+        rows = [json.loads(x) for x in path.read_text().split("\n")[:-1] if x.strip()]
+        return [x for x in rows if x["kind"] == "train"]
 
     j0, j1 = Job(job(0), tmp_path, "replica0"), Job(job(1), tmp_path, "replica1")
     try:
@@ -566,5 +565,4 @@ def test_bad_launches_name_the_problem(cfg_path: Path, tmp_path: Path) -> None:
         assert "codistill: error:" in err, job.report()
         for needle in needles:
             assert needle in err, f"{needle!r} not in the error\n{job.report()}"
-        assert "Traceback" not in err.split("codistill: error:")[0][-2000:] or True
     assert not list(out.glob("*/replica-*/model.safetensors"))
