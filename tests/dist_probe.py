@@ -13,11 +13,17 @@ ranks of one replica agree.)
 
 Fault injection for the tests, through the environment:
 
-* ``CODISTILL_PROBE_SLOW_PUBLISH=STEP:SECONDS``: writing any replica's version STEP into the
-  exchange directory takes SECONDS longer (a slow shared filesystem; training goes on, as
-  the write runs on the background publisher's thread).
-* ``CODISTILL_PROBE_SLOW_WORKERS=STEP:SECONDS``: the ranks other than a replica's first
-  reach the exchange of STEP SECONDS late (a slow worker).
+* ``CODISTILL_PROBE_SLOW_PUBLISH=STEP:SECONDS[:REPLICA]``: writing a replica's version STEP
+  into the exchange directory takes SECONDS longer (a slow shared filesystem; training goes
+  on, as the write runs on the background publisher's thread).
+* ``CODISTILL_PROBE_SLOW_WORKERS=STEP:SECONDS[:REPLICA]``: the ranks other than a replica's
+  first reach the exchange of STEP SECONDS late (a slow worker).
+
+* ``CODISTILL_PROBE_GATES=R:STEP:PEER:PEER_STEP,...``: the ranks of replica R wait before
+  their exchange of STEP until PEER has published a version >= PEER_STEP in the exchange
+  directory (at most 60 s); this pins down how far one replica runs ahead of another.
+
+Without REPLICA the fault hits every replica.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from codistill import trainer as trainer_mod
 from codistill.exchange.directory import DirectoryExchange
 
 
-def _delay(var: str) -> tuple[int, float] | None:
+def _delay(var: str) -> tuple[int, float, int | None] | None:
+    """``STEP:SECONDS[:REPLICA]`` from the environment."""
     raw = os.environ.get(var)
     if not raw:
         return None
-    step, seconds = raw.split(":")
-    return int(step), float(seconds)
+    step, seconds, *replica = raw.split(":")
+    return int(step), float(seconds), (int(replica[0]) if replica else None)
 
 
 def _install_faults() -> None:
@@ -49,21 +56,30 @@ def _install_faults() -> None:
         orig_publish = DirectoryExchange.publish
 
         def publish(self, replica, step, state, meta):  # type: ignore[no-untyped-def]
-            if step == slow_publish[0]:
+            if step == slow_publish[0] and slow_publish[2] in (None, replica):
                 time.sleep(slow_publish[1])
             return orig_publish(self, replica, step, state, meta)
 
         DirectoryExchange.publish = publish  # type: ignore[method-assign]
     slow_workers = _delay("CODISTILL_PROBE_SLOW_WORKERS")
-    if slow_workers is not None:
-        orig_exchange_step = trainer_mod.ReplicaTrainer.exchange_step
+    gates = [tuple(int(x) for x in g.split(":"))
+             for g in os.environ.get("CODISTILL_PROBE_GATES", "").split(",") if g]
+    orig_exchange_step = trainer_mod.ReplicaTrainer.exchange_step
 
-        def exchange_step(self, done):  # type: ignore[no-untyped-def]
-            if not self.topo.is_leader and done == slow_workers[0]:
-                time.sleep(slow_workers[1])
-            return orig_exchange_step(self, done)
+    def exchange_step(self, done):  # type: ignore[no-untyped-def]
+        for replica, step, peer, peer_step in gates:
+            if replica == self.topo.replica and step == done:
+                ex = DirectoryExchange(self.cfg.codistill.exchange)
+                deadline = time.monotonic() + 60
+                while (time.monotonic() < deadline
+                       and not any(v >= peer_step for v in ex.versions(peer))):
+                    time.sleep(0.01)
+        if (slow_workers is not None and not self.topo.is_leader and done == slow_workers[0]
+                and slow_workers[2] in (None, self.topo.replica)):
+            time.sleep(slow_workers[1])
+        return orig_exchange_step(self, done)
 
-        trainer_mod.ReplicaTrainer.exchange_step = exchange_step  # type: ignore[method-assign]
+    trainer_mod.ReplicaTrainer.exchange_step = exchange_step  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:
