@@ -333,7 +333,8 @@ def test_2x2_directory_exchange_lockstep(cfg_path: Path, tmp_path: Path) -> None
         peer_size = (ex / f"replica-{1 - r}" / f"{STEPS:010d}.safetensors").stat().st_size
         nparams = sum(t.numel() * t.element_size() for t in final[r].values())
         assert last["bytes_published"] == len(EXCHANGE_STEPS) * nparams
-        assert last["bytes_read"] == len(EXCHANGE_STEPS) * peer_size, last["bytes_read"]
+        assert last["bytes_read"] == len(EXCHANGE_STEPS) * nparams, last["bytes_read"]  # same arch
+        assert peer_size > nparams  # the file adds the safetensors header
         assert sorted(_by_step(rows, "eval", r)) == [0, 10, 20, 30, 40]
 
         summary = _summary(run, r)

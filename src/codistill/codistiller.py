@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange
+from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange, state_nbytes
 from .losses import AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
 
@@ -136,7 +136,9 @@ class Codistiller:
     def publish(self, step: int) -> int:
         """Publish this replica's current weights as its version at ``step``."""
         meta = {"replica": self.replica, "model": self.model_spec}
-        n = self.exchange.publish(self.replica, step, cpu_state(self.model), meta)
+        state = cpu_state(self.model)
+        self.exchange.publish(self.replica, step, state, meta)
+        n = state_nbytes(state)  # tensor bytes, the same unit as bytes_read
         self.bytes_published += n
         return n
 
@@ -171,7 +173,7 @@ class Codistiller:
             teacher = Teacher(published.replica, self.teacher_factory(published.meta))
             self.teachers[published.replica] = teacher
         teacher.load(published)
-        self.bytes_read += published.nbytes
+        self.bytes_read += state_nbytes(published.state)
         log.debug("replica %d loaded peer %d at step %d", self.replica, published.replica,
                   published.step)
 

@@ -35,6 +35,7 @@ class Teacher:
         self.peer = peer
         self.module = freeze(module)
         self.version: int | None = None  # step at which the loaded weights were published
+        self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec)
 
     def load(self, published: Published) -> None:
         """Copy ``published`` weights into the preallocated module (no rebuild)."""
@@ -47,6 +48,13 @@ class Teacher:
             ) from e
         freeze(self.module)
         self.version = published.step
+        self.meta = published.meta
+
+    def published(self) -> Published:
+        """The loaded weights as a :class:`Published` version (to pass on to other ranks)."""
+        if self.version is None:
+            raise RuntimeError(f"teacher of replica {self.peer} has no weights loaded")
+        return Published(self.peer, self.version, self.module.state_dict(), self.meta)
 
     def staleness(self, step: int) -> int | None:
         """Steps since the loaded weights were published (None before the first load)."""

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from .checkpoint import latest_valid_step, list_checkpoints, load_checkpoint, replica_dir, save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .engine import build_corpus, save_weights, val_batches
-from .exchange import BackgroundExchange, MemoryExchange, cpu_state, make_exchange
-from .exchange.collective import CollectiveExchange
+from .exchange import BackgroundExchange, MemoryExchange, Published, cpu_state, make_exchange
+from .exchange.collective import CollectiveExchange, share_in_replica
 from .metrics import MetricsWriter, RunDirError, evaluate_replicas
 from .replica import Replica, build_replica, next_batch, replica_step
 from .topology import Groups, Topology, env_world, make_groups, make_topology
@@ -93,23 +93,19 @@ class ReplicaTrainer:
                 cd.load_teacher(published)
             cd.bytes_published = self.collective.bytes_sent
             return
+        # The first rank publishes, picks each peer's newest valid version (in sync mode: this
+        # step's) and passes the teachers it loaded on inside the replica, so every rank of a
+        # replica distils from identical teachers even if the exchange changes meanwhile.
+        changed: dict[int, Published] | None = None
         if self.topo.is_leader:
             cd.publish(done)
-            if self.cfg.codistill.sync:
-                versions = self._wait_for_peers(done)
-                cd.refresh_teachers(versions)
-            else:
-                cd.refresh_teachers()
-            versions = cd.teacher_versions()
-        else:
-            versions = None
-        versions = _broadcast(versions, self.topo, self.groups)
-        if not self.topo.is_leader:
-            cd.refresh_teachers({p: v for p, v in versions.items() if v is not None})
-            got = cd.teacher_versions()
-            if got != versions:
-                raise RuntimeError(f"replica {self.topo.replica} worker {self.topo.worker}: could "
-                                   f"not load teacher versions {versions} (have {got})")
+            before = cd.teacher_versions()
+            cd.refresh_teachers(self._wait_for_peers(done) if self.cfg.codistill.sync else None)
+            changed = {p: cd.teachers[p].published() for p, v in cd.teacher_versions().items()
+                       if v is not None and v != before[p]}
+        for published in share_in_replica(changed, self.topo, self.groups, "cpu").values():
+            if not self.topo.is_leader:
+                cd.load_teacher(published)
 
     def _wait_for_peers(self, step: int) -> dict[int, int]:
         """Sync mode: block until every peer has published its version ``step``."""
@@ -166,8 +162,6 @@ class ReplicaTrainer:
         torch.set_rng_state(ck.worker_state["torch_rng"])
         cd.bytes_published = ck.trainer_state["bytes_published"]
         cd.bytes_read = ck.trainer_state["bytes_read"]
-        from .exchange import Published
-
         for key, version in ck.trainer_state["teacher_versions"].items():
             peer = int(key)
             if version is not None and peer in ck.teacher_states:

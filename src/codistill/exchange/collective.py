@@ -63,22 +63,35 @@ class CollectiveExchange:
                 if r != topo.replica:
                     self.bytes_received += buf.numel() * 4
                     peers[r] = Published(r, step, _unflatten(buf.cpu(), r_layout), r_meta, buf.numel() * 4)
-        if topo.workers == 1:
-            return peers
-        # Inside the replica: the first rank passes every peer's weights on to its workers.
-        box: list[Any] = [{r: (p.meta, [(k, list(v.shape), str(v.dtype).removeprefix("torch."))
-                                        for k, v in p.state.items()]) for r, p in peers.items()}]
-        dist.broadcast_object_list(box, src=topo.leader_rank(), group=self.groups.replica)
-        for r, (r_meta, r_layout) in sorted(box[0].items()):
-            if topo.is_leader:
-                buf = _flatten(peers[r].state).to(self.device)
-            else:
-                buf = torch.empty(sum(_numel(s) for _, s, _ in r_layout), device=self.device)
-            dist.broadcast(buf, src=topo.leader_rank(), group=self.groups.replica)
-            if not topo.is_leader:
-                self.bytes_received += buf.numel() * 4
-                peers[r] = Published(r, step, _unflatten(buf.cpu(), r_layout), r_meta, buf.numel() * 4)
-        return peers
+        return share_in_replica(peers if topo.is_leader else None, topo, self.groups, self.device,
+                                self)
+
+
+def share_in_replica(
+    peers: dict[int, Published] | None, topo: Topology, groups: Groups, device: str = "cpu",
+    counter: CollectiveExchange | None = None,
+) -> dict[int, Published]:
+    """The replica's first rank passes ``peers`` (its chosen teacher versions) on to every
+    rank of the replica, so all ranks of one replica hold identical teachers."""
+    if topo.workers == 1 or not dist.is_initialized():
+        return peers or {}
+    out = dict(peers or {})
+    box: list[Any] = [None]
+    if topo.is_leader:
+        box = [{r: (p.step, p.meta, [(k, list(v.shape), str(v.dtype).removeprefix("torch."))
+                                     for k, v in p.state.items()]) for r, p in out.items()}]
+    dist.broadcast_object_list(box, src=topo.leader_rank(), group=groups.replica)
+    for r, (step, r_meta, r_layout) in sorted(box[0].items()):
+        if topo.is_leader:
+            buf = _flatten(out[r].state).to(device)
+        else:
+            buf = torch.empty(sum(_numel(s) for _, s, _ in r_layout), device=device)
+        dist.broadcast(buf, src=topo.leader_rank(), group=groups.replica)
+        if not topo.is_leader:
+            if counter is not None:
+                counter.bytes_received += buf.numel() * 4
+            out[r] = Published(r, step, _unflatten(buf.cpu(), r_layout), r_meta, buf.numel() * 4)
+    return out
 
 
 def _numel(shape: list[int]) -> int:
