@@ -56,3 +56,48 @@ def test_memory_string_is_shared_by_the_codistillers_of_a_process():
     assert cds[0].teacher_versions() == {41: 1}
     t = cds[0].teachers[41].module
     assert torch.equal(t.weight, models[1].weight)
+
+
+def test_a_fresh_run_refuses_leftover_versions_in_its_exchange(tiny_config_factory, tmp_path):
+    ex = tmp_path / "exchange"
+    cfg = from_dict(tiny_config_factory(steps=15, **{"codistill": {
+        "burn_in": 5, "exchange_every": 5, "exchange": str(ex)}}))
+    run(cfg, str(tmp_path / "a"), progress=False)
+    left = sorted(p.name for p in (ex / "replica-1").iterdir())
+    assert left  # the run published into the directory
+    with pytest.raises(RunDirError, match="replica 0 from an earlier run"):
+        run(cfg, str(tmp_path / "b"), progress=False)
+    assert sorted(p.name for p in (ex / "replica-1").iterdir()) == left  # nothing deleted
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # and no half-started run dir
+    run(cfg, str(tmp_path / "b"), progress=False, overwrite=True)
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("optimizer", {"lr": float("nan")}, "optimizer.lr"),
+    ("codistill", {"alpha": float("inf")}, "codistill.alpha"),
+    ("device", "gpu", "device"),
+    ("data", {"max_chars": -5}, "data.max_chars"),
+    ("model", {"name": "transformer", "max_len": 16}, "max_len"),
+    ("backend", "nccl", "nccl"),
+])
+def test_more_bad_values_are_named(tiny_config_factory, key, value, field):
+    from codistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        from_dict(tiny_config_factory(**{key: value}))
+
+
+def test_churn_between_runs(tiny_config_factory, tmp_path):
+    from codistill.churn import churn_between
+
+    outs = []
+    for seed in (0, 1):
+        out = str(tmp_path / f"seed{seed}")
+        run(from_dict(tiny_config_factory(steps=10, replicas=1, seed=seed)), out, progress=False)
+        outs.append(out)
+    res = churn_between([(outs[0], 0), (outs[1], 0)])
+    same = churn_between([(outs[0], 0), (outs[0], 0)])
+    assert same["churn_prob"] == pytest.approx(0.0, abs=1e-6) and same["churn_top1"] == 0.0
+    assert 0.0 < res["churn_prob"] < 1.0 and 0.0 < res["churn_top1"] <= 1.0
+    final = json.loads((tmp_path / "seed0" / "summary.json").read_text())["final"]["loss"][0]
+    assert res["loss"][0] == pytest.approx(final, rel=1e-5)  # the run's own validation subset

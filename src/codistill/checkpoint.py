@@ -160,9 +160,12 @@ def _verify(folder: str, worker: int) -> str | None:
     return None
 
 
-def latest_valid_step(root: str, replica: int, worker: int = 0) -> int | None:
-    """The newest checkpoint step of ``replica`` that passes verification."""
+def latest_valid_step(root: str, replica: int, worker: int = 0, max_step: int | None = None
+                      ) -> int | None:
+    """The newest checkpoint step of ``replica`` (at most ``max_step``) that passes verification."""
     for step in reversed(list_checkpoints(root, replica)):
+        if max_step is not None and step > max_step:
+            continue
         folder = os.path.join(replica_dir(root, replica), f"{step:010d}")
         problem = _verify(folder, worker)
         if problem is None:

@@ -1,8 +1,9 @@
-"""Command line: ``codistill train | report | demo``."""
+"""Command line: ``codistill train | report | churn | demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -85,6 +86,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _churn(args: argparse.Namespace) -> int:
+    from .churn import churn_between, parse_run
+
+    res = churn_between([parse_run(r) for r in args.runs], args.max_batches)
+    for name, loss in zip(res["runs"], res["loss"]):
+        print(f"{name}: validation loss {loss:.4f}")
+    print(f"churn over {res['tokens']} validation tokens: mean total-variation distance "
+          f"{res['churn_prob']:.4f}, top-1 disagreement {res['churn_top1']:.4f}; "
+          f"ensemble loss {res['ensemble_loss']:.4f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codistill", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -111,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target", type=float, help="loss for steps-to-target (default: baseline's final)")
     r.add_argument("--out", help="where report.png/report.md go (default: the first RUN_DIR)")
     r.set_defaults(func=_report)
+
+    c = sub.add_parser("churn", help="prediction churn between the final models of separate runs")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR[#REPLICA]",
+                   help="run directories (replica 0 unless #R is given)")
+    c.add_argument("--max-batches", type=int, help="evaluate on this many validation batches only")
+    c.add_argument("--json", help="also write the result to this JSON file")
+    c.set_defaults(func=_churn)
 
     d = sub.add_parser("demo", help="baseline, independent and codistilled replicas on the Bible LM, "
                                     "then a report")

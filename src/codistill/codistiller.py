@@ -43,8 +43,9 @@ class Codistiller:
         temperature: softmax temperature for teachers and student in ψ.
         model_spec: ``{"name": ..., **settings}`` written into the manifest so that peers
             can build a teacher of this replica's architecture.
-        teacher_factory: builds an empty teacher module from a peer's manifest meta; the
-            default builds from the peer's ``model`` spec, or copies ``model`` if none.
+        teacher_factory: ``f(peer, meta) -> module`` builds an empty teacher for ``peer``
+            (``meta``: the peer's manifest meta); the default builds from the peer's
+            published ``model`` spec, or copies ``model`` if there is none.
         peers: which replicas to distil from (default: all others).
     """
 
@@ -61,7 +62,7 @@ class Codistiller:
         distill: str = "kl",
         temperature: float = 1.0,
         model_spec: dict[str, Any] | None = None,
-        teacher_factory: Callable[[dict[str, Any]], nn.Module] | None = None,
+        teacher_factory: Callable[[int, dict[str, Any]], nn.Module] | None = None,
         peers: list[int] | None = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
@@ -82,7 +83,12 @@ class Codistiller:
         self.temperature = temperature
         self.model_spec = model_spec
         self.teacher_factory = teacher_factory or self._default_teacher_factory
-        self.peers = [p for p in range(num_replicas) if p != replica] if peers is None else peers
+        self.peers = [p for p in range(num_replicas) if p != replica] if peers is None else list(peers)
+        bad = [p for p in self.peers if p == replica or not 0 <= p < num_replicas]
+        if bad:
+            raise ValueError(f"peers must be other replicas in [0, {num_replicas}), got {bad}")
+        if alpha < 0 or burn_in < 0 or ramp < 0:
+            raise ValueError(f"alpha, burn_in and ramp must be >= 0, got {alpha}, {burn_in}, {ramp}")
         self.teachers: dict[int, Teacher] = {}
         self.bytes_published = 0
         self.bytes_read = 0
@@ -142,11 +148,14 @@ class Codistiller:
         self.bytes_published += n
         return n
 
-    def refresh_teachers(self, versions: dict[int, int] | None = None) -> dict[int, int | None]:
+    def refresh_teachers(
+        self, versions: dict[int, int] | None = None, strict: bool = False
+    ) -> dict[int, int | None]:
         """Load each peer's newest valid version (or the given ``{peer: step}``) if new.
 
-        Returns ``{peer: loaded step}``; a peer with nothing valid published keeps its
-        previous weights (or stays absent from the average).
+        Returns ``{peer: loaded step}``; a peer with nothing valid published, or whose
+        version does not fit its teacher, keeps its previous weights (or stays absent from
+        the average). With ``strict``, a requested version that cannot be loaded raises.
         """
         for peer in self.peers:
             teacher = self.teachers.get(peer)
@@ -160,8 +169,17 @@ class Codistiller:
                 continue
             else:
                 published = self.exchange.load(peer, want)
+                if published is None and strict:
+                    raise RuntimeError(f"replica {self.replica}: version {want} of peer {peer} is "
+                                       "missing or invalid in the exchange")
             if published is not None:
-                self.load_teacher(published)
+                try:
+                    self.load_teacher(published)
+                except ValueError as e:  # a peer's bad version must not stop this replica
+                    if strict:
+                        raise
+                    log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
+                                published.step, e)
         return self.teacher_versions()
 
     def load_teacher(self, published: Published) -> None:
@@ -170,7 +188,12 @@ class Codistiller:
         if teacher is not None and teacher.version == published.step:
             return
         if teacher is None:
-            teacher = Teacher(published.replica, self.teacher_factory(published.meta))
+            try:
+                with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG
+                    module = self.teacher_factory(published.replica, published.meta)
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot build a teacher from its manifest: {e}") from e
+            teacher = Teacher(published.replica, module)
             self.teachers[published.replica] = teacher
         teacher.load(published)
         self.bytes_read += state_nbytes(published.state)
@@ -185,9 +208,11 @@ class Codistiller:
         """``{peer: steps since its loaded weights were published}``."""
         return {p: (t.staleness(step) if (t := self.teachers.get(p)) else None) for p in self.peers}
 
-    def _default_teacher_factory(self, meta: dict[str, Any]) -> nn.Module:
+    def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
         spec = meta.get("model")
         if spec:
+            if not isinstance(spec, dict):
+                raise ValueError(f"model spec must be a mapping, got {spec!r}")
             from .models import build_model
 
             module = build_model(spec)

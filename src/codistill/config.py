@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -175,9 +180,31 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and cross-field rules; raise :class:`ConfigError` naming the field."""
+    if "name" not in cfg.model:
+        raise ConfigError("model.name is required")
+    if cfg.replica_models is not None and len(cfg.replica_models) != cfg.replicas:
+        raise ConfigError(
+            f"replica_models has {len(cfg.replica_models)} entries but replicas is {cfg.replicas}"
+        )
     for name, choices in _CHOICES.items():
         if _get(cfg, name) not in choices:
             raise ConfigError(f"{name} must be one of {list(choices)}, got {_get(cfg, name)!r}")
+    for name in sorted(_POSITIVE | _NON_NEGATIVE | {"data.val_fraction"}):
+        value = _get(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if cfg.backend == "nccl" and not cfg.device.startswith("cuda"):
+        raise ConfigError("backend 'nccl' needs device: cuda (use gloo on CPU)")
+    if cfg.data.max_chars is not None and cfg.data.max_chars < 1:
+        raise ConfigError(f"data.max_chars must be > 0, got {cfg.data.max_chars}")
+    for name, spec in [("model", cfg.model)] + [
+        (f"replica_models[{i}]", cfg.replica_model(i)) for i in range(len(cfg.replica_models or []))
+    ]:
+        if spec.get("name") == "transformer" and cfg.data.seq_len > spec.get("max_len", 256):
+            raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds {name}.max_len "
+                              f"({spec.get('max_len', 256)})")
     for name in _POSITIVE:
         if not _get(cfg, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {_get(cfg, name)!r}")
@@ -186,12 +213,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{name} must be >= 0, got {_get(cfg, name)!r}")
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
-    if "name" not in cfg.model:
-        raise ConfigError("model.name is required")
-    if cfg.replica_models is not None and len(cfg.replica_models) != cfg.replicas:
-        raise ConfigError(
-            f"replica_models has {len(cfg.replica_models)} entries but replicas is {cfg.replicas}"
-        )
+    if cfg.replicas > 1 and cfg.codistill.alpha > 0 and cfg.codistill.burn_in >= cfg.steps:
+        log.warning("codistill.burn_in (%d) >= steps (%d): distillation never switches on",
+                    cfg.codistill.burn_in, cfg.steps)
     if cfg.codistill.distill == "bce":
         raise ConfigError("codistill.distill 'bce' is for binary outputs; the LM needs kl or ce")
     if cfg.codistill.keep < 2 and cfg.codistill.exchange not in ("memory", "collective"):

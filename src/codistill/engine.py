@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from .config import RunConfig, dump_config
 from .data import TextCorpus, build_text_corpus
-from .exchange import make_exchange
-from .metrics import MetricsWriter, evaluate_replicas
+from .exchange import Exchange, cpu_state, make_exchange
+from .metrics import MetricsWriter, RunDirError, evaluate_replicas
 from .replica import Replica, build_replica, next_batch, replica_step
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,13 @@ def build_corpus(cfg: RunConfig) -> TextCorpus:
 def val_batches(corpus: TextCorpus, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed validation batches (all of the split unless ``eval.max_batches``)."""
     bs = cfg.eval.batch_size
-    n = corpus.val.shape[0]
-    if cfg.eval.max_batches:
-        n = min(n, cfg.eval.max_batches * bs)
+    val = corpus.val
+    if cfg.eval.max_batches and cfg.eval.max_batches * bs < val.shape[0]:
+        # An evenly spaced subset, so a partial evaluation still spans every held-out block.
+        val = val[torch.linspace(0, val.shape[0] - 1, cfg.eval.max_batches * bs).long()]
     out = []
-    for i in range(0, n, bs):
-        seqs = corpus.val[i : i + bs].to(cfg.device)
+    for i in range(0, val.shape[0], bs):
+        seqs = val[i : i + bs].to(cfg.device)
         out.append((seqs[:, :-1], seqs[:, 1:]))
     return out
 
@@ -63,11 +64,24 @@ def evaluate(
     return res
 
 
+def check_fresh_exchange(exchange: Exchange, replica: int, overwrite: bool) -> None:
+    """A replica starting afresh must not find versions of its own from an earlier run in
+    the exchange (its peers would distil from them); ``overwrite`` deletes them."""
+    old = exchange.versions(replica)
+    if not old:
+        return
+    if not overwrite:
+        raise RunDirError(f"the exchange already holds versions {old} of replica {replica} from an "
+                          "earlier run: pass --resume to continue it, --overwrite to delete them, "
+                          "or use another exchange location")
+    log.warning("deleting versions %s of replica %d from the exchange (--overwrite)", old, replica)
+    exchange.clear(replica)
+
+
 def save_weights(rep: Replica, out_dir: str) -> str:
     folder = os.path.join(out_dir, f"replica-{rep.index}")
     os.makedirs(folder, exist_ok=True)
-    module = getattr(rep.model, "module", rep.model)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    state = cpu_state(rep.model)  # separate copies: tied weights would share memory
     path = os.path.join(folder, "model.safetensors")
     save_file(state, path, metadata={"model": json.dumps(rep.spec)})
     return path
@@ -79,14 +93,16 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     Returns a summary with the final evaluation.
     """
     os.makedirs(out_dir, exist_ok=True)
+    # In one process every exchange is equivalent; a directory is still written if given.
+    spec = "memory" if cfg.codistill.exchange == "collective" else cfg.codistill.exchange
+    exchange = make_exchange(spec, keep=cfg.codistill.keep)
+    for r in range(cfg.replicas):
+        check_fresh_exchange(exchange, r, overwrite)
     writer = MetricsWriter(out_dir, overwrite=overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dump_config(cfg, os.path.join(out_dir, "config.yaml"))
     corpus = build_corpus(cfg)
-    # In one process every exchange is equivalent; a directory is still written if given.
-    spec = "memory" if cfg.codistill.exchange == "collective" else cfg.codistill.exchange
-    exchange = make_exchange(spec, keep=cfg.codistill.keep)
     batch = cfg.workers * cfg.batch_size
     replicas = [build_replica(cfg, r, corpus, exchange, batch) for r in range(cfg.replicas)]
     batches = val_batches(corpus, cfg)

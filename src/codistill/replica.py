@@ -90,10 +90,16 @@ def build_replica(
     shard = shard[worker::num_workers]
     sampler = ShardSampler(shard, batch_size, seed=cfg.seed * 7919 + replica * 131 + worker)
     c = cfg.codistill
+
+    def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:
+        # Teachers follow this run's config, not the spec a file in the exchange claims.
+        return build_model({**cfg.replica_model(peer), "vocab_size": corpus.vocab_size}).to(cfg.device)
+
     cd = Codistiller(
         model, exchange, replica=replica, num_replicas=cfg.replicas,
         exchange_every=c.exchange_every, burn_in=c.burn_in, alpha=c.alpha, ramp=c.ramp,
         distill=c.distill, temperature=c.temperature, model_spec=spec,
+        teacher_factory=teacher_factory,
     )
     return Replica(replica, model, optimizer, scheduler, sampler, cd, spec)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_valid_step, list_checkpoints, load_checkpoint, replica_dir, save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
-from .engine import build_corpus, save_weights, val_batches
+from .engine import build_corpus, check_fresh_exchange, save_weights, val_batches
 from .exchange import BackgroundExchange, MemoryExchange, Published, cpu_state, make_exchange
 from .exchange.collective import CollectiveExchange, share_in_replica
 from .metrics import MetricsWriter, RunDirError, evaluate_replicas
@@ -56,7 +56,7 @@ class ReplicaTrainer:
         spec = cfg.codistill.exchange
         self.collective = None
         if spec == "collective":
-            self.collective = CollectiveExchange(topo, groups, "cpu")
+            self.collective = CollectiveExchange(topo, groups, device)
             exchange = MemoryExchange()  # teachers are loaded straight from the collective
         elif spec == "memory":
             if topo.world_size > 1 or not topo.one_world:
@@ -76,7 +76,8 @@ class ReplicaTrainer:
             wrap = lambda m: DDP(m, device_ids=ids, process_group=groups.replica)  # noqa: E731
         self.rep: Replica = build_replica(cfg, topo.replica, self.corpus, exchange, cfg.batch_size,
                                           topo.worker, topo.workers, wrap)
-        torch.manual_seed(cfg.seed * 100_003 + topo.rank)  # dropout etc.: distinct per rank
+        # dropout etc.: a distinct stream per (replica, worker), in both launch modes
+        torch.manual_seed(cfg.seed * 100_003 + topo.replica * 1_009 + topo.worker)
         self.ckpt_root = os.path.join(out_dir, "checkpoints")
         self.step = 0
         self.writer: MetricsWriter | None = None
@@ -100,10 +101,13 @@ class ReplicaTrainer:
         if self.topo.is_leader:
             cd.publish(done)
             before = cd.teacher_versions()
-            cd.refresh_teachers(self._wait_for_peers(done) if self.cfg.codistill.sync else None)
+            if self.cfg.codistill.sync:
+                cd.refresh_teachers(self._wait_for_peers(done), strict=True)
+            else:
+                cd.refresh_teachers()
             changed = {p: cd.teachers[p].published() for p, v in cd.teacher_versions().items()
                        if v is not None and v != before[p]}
-        for published in share_in_replica(changed, self.topo, self.groups, "cpu").values():
+        for published in share_in_replica(changed, self.topo, self.groups, self.device).values():
             if not self.topo.is_leader:
                 cd.load_teacher(published)
 
@@ -129,8 +133,12 @@ class ReplicaTrainer:
         rep, leader = self.rep, self.topo.is_leader
         cd = rep.codistiller
         worker_state = {"sampler": rep.sampler.state(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.startswith("cuda"):
+            worker_state["cuda_rng"] = torch.cuda.get_rng_state()
         trainer_state = teachers = model_state = None
         if leader:
+            if isinstance(self.exchange, BackgroundExchange):
+                self.exchange.flush()  # the checkpoint's own published version is on disk
             model_state = cpu_state(rep.model)
             trainer_state = {
                 "step": done, "optimizer": rep.optimizer.state_dict(),
@@ -138,17 +146,33 @@ class ReplicaTrainer:
                 "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
                 "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
             }
-            teachers = {p: t.module.state_dict() for p, t in cd.teachers.items() if t.version is not None}
+            teachers = {p: {k: v.detach().cpu().clone() for k, v in t.module.state_dict().items()}
+                        for p, t in cd.teachers.items() if t.version is not None}
         save_checkpoint(self.ckpt_root, self.topo.replica, done, self.topo.worker, self.topo.workers,
                         worker_state, model_state, trainer_state, teachers, self.groups.replica,
                         keep=self.cfg.checkpoint.keep)
         if leader:
             log.info("replica %d: checkpoint at step %d", self.topo.replica, done)
 
+    def _resume_step(self) -> int | None:
+        """The checkpoint step to resume from, agreed inside the replica (and, in one-world
+        mode, across replicas: the newest step every replica has a valid checkpoint of)."""
+        topo, step = self.topo, None
+        if topo.is_leader:
+            valid = [s for s in list_checkpoints(self.ckpt_root, topo.replica)
+                     if s == latest_valid_step(self.ckpt_root, topo.replica, max_step=s)]
+            if topo.one_world and topo.num_replicas > 1 and dist.is_initialized():
+                every: list[Any] = [None] * topo.num_replicas
+                dist.all_gather_object(every, valid, group=self.groups.leaders)
+                common = set(every[0]).intersection(*every[1:])
+                step = max(common) if common else None
+            else:
+                step = valid[-1] if valid else None
+        return _broadcast(step, topo, self.groups)
+
     def resume(self) -> int:
         """Restore the latest valid checkpoint; return its step (0 if there is none)."""
-        step = latest_valid_step(self.ckpt_root, self.topo.replica) if self.topo.is_leader else None
-        step = _broadcast(step, self.topo, self.groups)
+        step = self._resume_step()
         if step is None:
             log.warning("replica %d: --resume found no valid checkpoint; starting at step 0",
                         self.topo.replica)
@@ -159,15 +183,19 @@ class ReplicaTrainer:
         rep.optimizer.load_state_dict(ck.trainer_state["optimizer"])
         rep.scheduler.load_state_dict(ck.trainer_state["scheduler"])
         rep.sampler.load_state(ck.worker_state["sampler"])
-        torch.set_rng_state(ck.worker_state["torch_rng"])
-        cd.bytes_published = ck.trainer_state["bytes_published"]
-        cd.bytes_read = ck.trainer_state["bytes_read"]
         for key, version in ck.trainer_state["teacher_versions"].items():
             peer = int(key)
             if version is not None and peer in ck.teacher_states:
-                # The teacher's meta (its model spec) comes from the exchange if it is there.
-                meta = {"model": self.cfg.replica_model(peer) | {"vocab_size": self.corpus.vocab_size}}
-                cd.load_teacher(Published(peer, version, ck.teacher_states[peer], meta, 0))
+                cd.load_teacher(Published(peer, version, ck.teacher_states[peer], {}, 0))
+        # Counters and RNG last: loading teachers above must not change them.
+        cd.bytes_published = ck.trainer_state["bytes_published"]
+        cd.bytes_read = ck.trainer_state["bytes_read"]
+        torch.set_rng_state(ck.worker_state["torch_rng"])
+        if "cuda_rng" in ck.worker_state and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(ck.worker_state["cuda_rng"])
+        if (self.topo.is_leader and self.collective is None and cd.exchange_due(step)
+                and step not in self.exchange.versions(self.topo.replica)):
+            cd.publish(step)  # killed before the background write of this version landed
         log.info("replica %d worker %d: resumed at step %d", self.topo.replica, self.topo.worker, step)
         return step
 
@@ -189,6 +217,8 @@ class ReplicaTrainer:
         leader = topo.is_leader
         if leader:
             os.makedirs(self.out_dir, exist_ok=True)
+            if not resume and self.collective is None:
+                check_fresh_exchange(self.exchange, topo.replica, overwrite)
             self.writer = MetricsWriter(self.out_dir, f"metrics-replica{topo.replica}.jsonl",
                                         tb_subdir=f"replica-{topo.replica}", overwrite=overwrite,
                                         resume_step=start if resume else None)

@@ -60,6 +60,10 @@ class BackgroundExchange(Exchange):
     def load(self, replica: int, step: int) -> Published | None:
         return self.inner.load(replica, step)
 
+    def clear(self, replica: int) -> None:
+        self.flush()
+        self.inner.clear(replica)
+
     def close(self) -> None:
         try:
             self.flush()

@@ -57,5 +57,9 @@ class Exchange(ABC):
                 return published
         return None
 
+    def clear(self, replica: int) -> None:
+        """Delete every published version of ``replica`` (a fresh start of that replica)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot clear versions")
+
     def close(self) -> None:
         """Wait for pending writes and release resources."""

@@ -159,6 +159,13 @@ class DirectoryExchange(Exchange):
             self.store.remove(f"{folder}/{name}.json")
             self.store.remove(f"{folder}/{name}.safetensors")
 
+    def clear(self, replica: int) -> None:
+        folder = self._folder(replica)
+        for step in self.versions(replica):
+            name = _version_name(step)
+            self.store.remove(f"{folder}/{name}.json")  # manifest first: never a half version
+            self.store.remove(f"{folder}/{name}.safetensors")
+
     def versions(self, replica: int) -> list[int]:
         steps = []
         for fname in self.store.list(self._folder(replica)):

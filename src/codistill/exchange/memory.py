@@ -35,3 +35,6 @@ class MemoryExchange(Exchange):
 
     def load(self, replica: int, step: int) -> Published | None:
         return self._store.get(replica, {}).get(step)
+
+    def clear(self, replica: int) -> None:
+        self._store.pop(replica, None)

@@ -1,0 +1,66 @@
+"""Churn between retrains: how differently two independently trained runs predict.
+
+The paper's reproducibility claim compares two *retrains* (different seeds) of the same
+recipe: codistilled retrains should disagree far less than baseline retrains. Churn between
+the replicas of one codistillation run is biased low (they are trained to agree); this
+module compares the final weights of separate runs on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+from .config import load_config
+from .engine import build_corpus, val_batches
+from .metrics import evaluate_replicas
+from .models import build_model
+
+
+def load_final_model(run_dir: str, replica: int = 0) -> nn.Module:
+    """The final weights of ``replica`` in ``run_dir``, built from the spec stored with them."""
+    path = os.path.join(run_dir, f"replica-{replica}", "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no final weights (did the run finish?)")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if "model" not in meta:
+        raise ValueError(f"{path}: no model spec in its metadata")
+    model = build_model(json.loads(meta["model"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def churn_between(runs: list[tuple[str, int]], max_batches: int | None = None) -> dict[str, Any]:
+    """Validation loss of each ``(run_dir, replica)`` and the churn among them.
+
+    The data settings (and so the validation split) come from the first run's config.
+    """
+    if len(runs) < 2:
+        raise ValueError("churn needs at least two runs")
+    cfg = load_config(os.path.join(runs[0][0], "config.yaml"))
+    if max_batches is not None:
+        cfg.eval.max_batches = max_batches
+    models = [load_final_model(d, r) for d, r in runs]
+    corpus = build_corpus(cfg)
+    res = evaluate_replicas(models, val_batches(corpus, cfg))
+    return {"runs": [f"{d}#replica-{r}" for d, r in runs], "loss": res["loss"],
+            "churn_prob": res["churn_prob"], "churn_top1": res["churn_top1"],
+            "ensemble_loss": res["ensemble_loss"], "tokens": res["count"]}
+
+
+def parse_run(spec: str) -> tuple[str, int]:
+    """``RUN_DIR`` or ``RUN_DIR#R`` (replica R, default 0)."""
+    path, _, replica = spec.partition("#")
+    try:
+        return path, int(replica) if replica else 0
+    except ValueError:
+        raise ValueError(f"{spec!r}: expected RUN_DIR or RUN_DIR#REPLICA") from None
+
+
+__all__ = ["churn_between", "load_final_model", "parse_run"]
