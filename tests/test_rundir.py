@@ -101,3 +101,19 @@ def test_churn_between_runs(tiny_config_factory, tmp_path):
     assert 0.0 < res["churn_prob"] < 1.0 and 0.0 < res["churn_top1"] <= 1.0
     final = json.loads((tmp_path / "seed0" / "summary.json").read_text())["final"]["loss"][0]
     assert res["loss"][0] == pytest.approx(final, rel=1e-5)  # the run's own validation subset
+
+
+def test_resume_with_changed_settings_names_them(tiny_config_factory, tmp_path):
+    from codistill.config import ConfigError
+    from codistill.trainer import run_distributed
+
+    values = tiny_config_factory(steps=20, replicas=1)
+    values["codistill"]["exchange"] = str(tmp_path / "ex")
+    out = str(tmp_path / "run")
+    first = run_distributed(from_dict(values), out, replica=0, stop_at=10, progress=False)
+    assert (first["start"], first["end"]) == (0, 10)
+    with pytest.raises(ConfigError, match="batch_size"):
+        run_distributed(from_dict({**values, "batch_size": 4}), out, replica=0, resume=True,
+                        progress=False)
+    done = run_distributed(from_dict(values), out, replica=0, resume=True, progress=False)
+    assert (done["start"], done["end"]) == (10, 20)

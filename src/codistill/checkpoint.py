@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from safetensors.torch import save as st_save
 log = logging.getLogger(__name__)
 
 FORMAT = "codistill-checkpoint/1"
+_FILE = re.compile(r"model\.safetensors|trainer\.pt|worker-\d+\.pt|teacher-\d+\.safetensors")
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -152,6 +154,8 @@ def _verify(folder: str, worker: int) -> str | None:
             return (f"it was written by {manifest.get('workers')} workers per replica; "
                     f"worker {worker} has no state in it")
         for name, digest in manifest["sha256"].items():
+            if not _FILE.fullmatch(name):
+                return f"unexpected file name {name!r} in the manifest"
             with open(os.path.join(folder, name), "rb") as f:
                 if hashlib.sha256(f.read()).hexdigest() != digest:
                     return f"{name} fails its checksum"

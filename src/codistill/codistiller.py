@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange, state_nbytes
+from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange, state_nbytes, unwrap
 from .losses import AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
 
@@ -217,6 +217,6 @@ class Codistiller:
 
             module = build_model(spec)
         else:
-            module = copy.deepcopy(getattr(self.model, "module", self.model))
+            module = copy.deepcopy(unwrap(self.model))
         device = next(iter(self.model.parameters()), torch.empty(0)).device
         return module.to(device)

@@ -13,6 +13,7 @@ with W=1, the same seeds and ``codistill.sync`` on, both paths give the same num
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import latest_valid_step, list_checkpoints, load_checkpoint, replica_dir, save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .engine import build_corpus, check_fresh_exchange, save_weights, val_batches
-from .exchange import BackgroundExchange, MemoryExchange, Published, cpu_state, make_exchange
+from .exchange import BackgroundExchange, MemoryExchange, Published, cpu_state, make_exchange, unwrap
 from .exchange.collective import CollectiveExchange, share_in_replica
 from .metrics import MetricsWriter, RunDirError, evaluate_replicas
 from .replica import Replica, build_replica, next_batch, replica_step
@@ -145,6 +146,7 @@ class ReplicaTrainer:
                 "scheduler": rep.scheduler.state_dict(),
                 "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
                 "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
+                "fingerprint": self.fingerprint(),
             }
             teachers = {p: {k: v.detach().cpu().clone() for k, v in t.module.state_dict().items()}
                         for p, t in cd.teachers.items() if t.version is not None}
@@ -153,6 +155,12 @@ class ReplicaTrainer:
                         keep=self.cfg.checkpoint.keep)
         if leader:
             log.info("replica %d: checkpoint at step %d", self.topo.replica, done)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint's data position and weights depend on."""
+        c = self.cfg
+        return {"seed": c.seed, "replicas": c.replicas, "workers": self.topo.workers,
+                "batch_size": c.batch_size, "data": dataclasses.asdict(c.data), "model": self.rep.spec}
 
     def _resume_step(self) -> int | None:
         """The checkpoint step to resume from, agreed inside the replica (and, in one-world
@@ -178,8 +186,15 @@ class ReplicaTrainer:
                         self.topo.replica)
             return 0
         ck = load_checkpoint(self.ckpt_root, self.topo.replica, step, self.topo.worker)
+        saved = ck.trainer_state.get("fingerprint", {})
+        now = self.fingerprint()
+        changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+        if changed:
+            raise ConfigError(f"--resume: the checkpoint at step {step} was written with different "
+                              f"{', '.join(changed)} ({', '.join(f'{k}={saved[k]}' for k in changed)}); "
+                              "resume with the same settings or start a new run")
         rep, cd = self.rep, self.rep.codistiller
-        getattr(rep.model, "module", rep.model).load_state_dict(ck.model_state)
+        unwrap(rep.model).load_state_dict(ck.model_state)
         rep.optimizer.load_state_dict(ck.trainer_state["optimizer"])
         rep.scheduler.load_state_dict(ck.trainer_state["scheduler"])
         rep.sampler.load_state(ck.worker_state["sampler"])
@@ -201,7 +216,7 @@ class ReplicaTrainer:
 
     # -- metrics ----------------------------------------------------------------------
     def evaluate(self, done: int) -> dict[str, Any]:
-        model = getattr(self.rep.model, "module", self.rep.model)
+        model = unwrap(self.rep.model)
         res = evaluate_replicas([model], self.batches)
         loss = res["loss"][0]
         assert self.writer is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .background import BackgroundExchange
-from .base import Exchange, Published, cpu_state, state_nbytes
+from .base import Exchange, Published, cpu_state, state_nbytes, unwrap
 from .directory import DirectoryExchange
 from .memory import MemoryExchange
 
@@ -16,6 +16,7 @@ __all__ = [
     "cpu_state",
     "make_exchange",
     "state_nbytes",
+    "unwrap",
 ]
 
 

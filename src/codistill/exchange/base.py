@@ -24,9 +24,18 @@ def state_nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DataParallel wrappers (other modules are returned as they are)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(module, (DistributedDataParallel, DataParallel)):
+        module = module.module
+    return module
+
+
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of ``module``'s state (unwraps DDP)."""
-    module = getattr(module, "module", module)
+    module = unwrap(module)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 

@@ -1,9 +1,10 @@
 """Exchange through torch.distributed collectives (one-world mode).
 
 At an exchange step every rank calls :meth:`CollectiveExchange.exchange`: each replica's
-first rank broadcasts its flattened weights to the other first ranks (the leaders group),
-then every first rank broadcasts its peers' weights inside its own replica. Replicas may
-have different architectures: shapes travel first as small objects.
+first rank broadcasts its weights to the other first ranks (the leaders group), then every
+first rank passes its peers' weights on inside its own replica (:func:`share_in_replica`).
+Replicas may have different architectures: names, shapes and dtypes travel first as small
+objects, then one flat buffer per dtype, so every value arrives bit for bit.
 """
 
 from __future__ import annotations
@@ -16,20 +17,44 @@ import torch.distributed as dist
 from ..topology import Groups, Topology
 from .base import Published
 
-
-def _flatten(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in state.values()])
+Layout = list[tuple[str, list[int], str]]  # (name, shape, dtype) in state order
 
 
-def _unflatten(flat: torch.Tensor, layout: list[tuple[str, list[int], str]]) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for name, shape, dtype in layout:
-        n = 1
-        for d in shape:
-            n *= d
-        out[name] = flat[i : i + n].reshape(shape).to(getattr(torch, dtype)).clone()
-        i += n
-    return out
+def layout_of(state: dict[str, torch.Tensor]) -> Layout:
+    return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def broadcast_state(
+    state: dict[str, torch.Tensor] | None, layout: Layout, src: int, group: Any, device: str
+) -> dict[str, torch.Tensor]:
+    """Broadcast ``state`` (given on rank ``src``) with the known ``layout``; return it on
+    every rank as CPU tensors. One collective per dtype."""
+    dtypes = sorted({d for _, _, d in layout})
+    out: dict[str, torch.Tensor] = {}
+    for dtype in dtypes:
+        names = [(k, s) for k, s, d in layout if d == dtype]
+        if state is not None:
+            buf = torch.cat([state[k].detach().reshape(-1) for k, _ in names]).to(device)
+        else:
+            buf = torch.empty(sum(_numel(s) for _, s in names), dtype=getattr(torch, dtype),
+                              device=device)
+        dist.broadcast(buf, src=src, group=group)
+        buf, i = buf.cpu(), 0
+        for k, s in names:
+            out[k] = buf[i : i + _numel(s)].reshape(s).clone()
+            i += _numel(s)
+    return {k: out[k] for k, _, _ in layout}
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 class CollectiveExchange:
@@ -49,20 +74,18 @@ class CollectiveExchange:
         peers: dict[int, Published] = {}
         if topo.is_leader:
             assert state is not None
-            layout = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
             infos: list[Any] = [None] * topo.num_replicas
-            dist.all_gather_object(infos, (layout, meta), group=self.groups.leaders)
+            dist.all_gather_object(infos, (layout_of(state), meta), group=self.groups.leaders)
             for r in range(topo.num_replicas):
                 r_layout, r_meta = infos[r]
-                if r == topo.replica:
-                    buf = _flatten(state).to(self.device)
-                    self.bytes_sent += buf.numel() * 4
+                mine = r == topo.replica
+                got = broadcast_state(state if mine else None, r_layout, topo.leader_rank(r),
+                                      self.groups.leaders, self.device)
+                if mine:
+                    self.bytes_sent += _nbytes(got)
                 else:
-                    buf = torch.empty(sum(_numel(s) for _, s, _ in r_layout), device=self.device)
-                dist.broadcast(buf, src=topo.leader_rank(r), group=self.groups.leaders)
-                if r != topo.replica:
-                    self.bytes_received += buf.numel() * 4
-                    peers[r] = Published(r, step, _unflatten(buf.cpu(), r_layout), r_meta, buf.numel() * 4)
+                    self.bytes_received += _nbytes(got)
+                    peers[r] = Published(r, step, got, r_meta, _nbytes(got))
         return share_in_replica(peers if topo.is_leader else None, topo, self.groups, self.device,
                                 self)
 
@@ -78,24 +101,13 @@ def share_in_replica(
     out = dict(peers or {})
     box: list[Any] = [None]
     if topo.is_leader:
-        box = [{r: (p.step, p.meta, [(k, list(v.shape), str(v.dtype).removeprefix("torch."))
-                                     for k, v in p.state.items()]) for r, p in out.items()}]
+        box = [{r: (p.step, p.meta, layout_of(p.state)) for r, p in out.items()}]
     dist.broadcast_object_list(box, src=topo.leader_rank(), group=groups.replica)
     for r, (step, r_meta, r_layout) in sorted(box[0].items()):
-        if topo.is_leader:
-            buf = _flatten(out[r].state).to(device)
-        else:
-            buf = torch.empty(sum(_numel(s) for _, s, _ in r_layout), device=device)
-        dist.broadcast(buf, src=topo.leader_rank(), group=groups.replica)
+        state = out[r].state if topo.is_leader else None
+        got = broadcast_state(state, r_layout, topo.leader_rank(), groups.replica, device)
         if not topo.is_leader:
             if counter is not None:
-                counter.bytes_received += buf.numel() * 4
-            out[r] = Published(r, step, _unflatten(buf.cpu(), r_layout), r_meta, buf.numel() * 4)
+                counter.bytes_received += _nbytes(got)
+            out[r] = Published(r, step, got, r_meta, _nbytes(got))
     return out
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
