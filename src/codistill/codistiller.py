@@ -17,9 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange, state_nbytes, unwrap
+from .exchange.collective import share_teachers
 from .losses import AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
 
@@ -47,6 +49,9 @@ class Codistiller:
             (``meta``: the peer's manifest meta); the default builds from the peer's
             published ``model`` spec, or copies ``model`` if there is none.
         peers: which replicas to distil from (default: all others).
+        process_group: under DDP, the replica's process group: its first rank then publishes
+            and loads the teachers and broadcasts them, so every rank of the replica distils
+            from identical teachers. Without it every rank acts on its own.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class Codistiller:
         model_spec: dict[str, Any] | None = None,
         teacher_factory: Callable[[int, dict[str, Any]], nn.Module] | None = None,
         peers: list[int] | None = None,
+        process_group: Any = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -93,6 +99,7 @@ class Codistiller:
         self.bytes_published = 0
         self.bytes_read = 0
         self.last_distill_loss: float | None = None
+        self.process_group = process_group
 
     # -- schedule ---------------------------------------------------------------------
     def alpha(self, step: int) -> float:
@@ -124,8 +131,33 @@ class Codistiller:
     # -- exchange ---------------------------------------------------------------------
     def after_step(self, step: int) -> None:
         """Call once ``step`` optimizer steps are done: publish and refresh when due."""
-        self.publish_if_due(step)
-        self.refresh_if_due(step)
+        group = self._group()
+        if group is None:
+            self.publish_if_due(step)
+            self.refresh_if_due(step)
+            return
+        if not self.exchange_due(step):
+            return
+        leader, src = group
+        changed: dict[int, Published] | None = None
+        if leader:
+            self.publish(step)
+            before = self.teacher_versions()
+            self.refresh_teachers()
+            changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
+                       if v is not None and v != before[p]}
+        device = str(next(iter(self.model.parameters()), torch.empty(0)).device)
+        for published in share_teachers(changed, leader, src, self.process_group, device).values():
+            if not leader:
+                self.load_teacher(published)
+
+    def _group(self) -> tuple[bool, int] | None:
+        """``(this rank leads the replica, the leader's global rank)`` under a process group."""
+        if self.process_group is None or not dist.is_initialized():
+            return None
+        if dist.get_world_size(self.process_group) == 1:
+            return None
+        return dist.get_rank(self.process_group) == 0, dist.get_global_rank(self.process_group, 0)
 
     def publish_if_due(self, step: int) -> bool:
         if self.exchange_due(step):

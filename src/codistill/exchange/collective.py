@@ -98,16 +98,24 @@ def share_in_replica(
     rank of the replica, so all ranks of one replica hold identical teachers."""
     if topo.workers == 1 or not dist.is_initialized():
         return peers or {}
-    out = dict(peers or {})
+    out = share_teachers(peers, topo.is_leader, topo.leader_rank(), groups.replica, device)
+    if counter is not None and not topo.is_leader:
+        counter.bytes_received += sum(_nbytes(p.state) for p in out.values())
+    return out
+
+
+def share_teachers(
+    peers: dict[int, Published] | None, is_source: bool, src: int, group: Any, device: str = "cpu"
+) -> dict[int, Published]:
+    """Broadcast ``peers`` from global rank ``src`` to every rank of ``group``."""
+    out = dict(peers or {}) if is_source else {}
     box: list[Any] = [None]
-    if topo.is_leader:
+    if is_source:
         box = [{r: (p.step, p.meta, layout_of(p.state)) for r, p in out.items()}]
-    dist.broadcast_object_list(box, src=topo.leader_rank(), group=groups.replica)
+    dist.broadcast_object_list(box, src=src, group=group)
     for r, (step, r_meta, r_layout) in sorted(box[0].items()):
-        state = out[r].state if topo.is_leader else None
-        got = broadcast_state(state, r_layout, topo.leader_rank(), groups.replica, device)
-        if not topo.is_leader:
-            if counter is not None:
-                counter.bytes_received += _nbytes(got)
+        state = out[r].state if is_source else None
+        got = broadcast_state(state, r_layout, src, group, device)
+        if not is_source:
             out[r] = Published(r, step, got, r_meta, _nbytes(got))
     return out
