@@ -1,0 +1,96 @@
+"""Per-step cost of codistillation against its floor, in one process.
+
+The floor of a codistilled step is a plain training step plus one no-grad forward pass per
+teacher. This measures, interleaved and repeated: the plain step, a teacher forward alone,
+and the Codistiller step with 1..3 teachers, and prints medians and the ratios
+``codistilled / plain`` and ``codistilled / (plain + k·forward)`` (overhead over the floor).
+
+    .venv/bin/python benchmarks/step_cost.py [--repeats 7] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from codistill import Codistiller, MemoryExchange, task_loss
+from codistill.models import build_model
+
+SPEC = {"name": "lstm", "vocab_size": 256, "embed_dim": 64, "hidden_dim": 256}
+
+
+def timed(fn, steps: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (a.batch, a.seq_len))
+    y = torch.randint(0, 256, (a.batch, a.seq_len))
+    model = build_model(SPEC)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def plain() -> None:
+        loss = task_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    peer = build_model(SPEC).eval()
+
+    @torch.no_grad()
+    def forward() -> None:
+        peer(x)
+
+    steps_with: dict[int, Callable[[], None]] = {}
+    for k in (1, 2, 3):
+        ex = MemoryExchange()
+        cd = Codistiller(model, ex, replica=0, num_replicas=k + 1, exchange_every=1, model_spec=SPEC)
+        for r in range(1, k + 1):
+            ex.publish(r, 1, build_model(SPEC).state_dict(), {"model": SPEC})
+        cd.refresh_teachers()
+
+        def step(cd: Codistiller = cd) -> None:
+            logits = model(x)
+            loss = task_loss(logits, y) + cd.distill_loss(x, logits, 10)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps_with[k] = step
+
+    samples: dict[str, list[float]] = {"plain": [], "forward": [], **{f"k{k}": [] for k in steps_with}}
+    for _ in range(a.repeats):  # interleaved, so drift in machine load hits every variant
+        samples["plain"].append(timed(plain, a.steps))
+        samples["forward"].append(timed(forward, a.steps))
+        for k, fn in steps_with.items():
+            samples[f"k{k}"].append(timed(fn, a.steps))
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    print(f"LSTM {SPEC['embed_dim']}/{SPEC['hidden_dim']}, batch {a.batch}x{a.seq_len}, "
+          f"{a.threads} threads, medians of {a.repeats} x {a.steps} steps")
+    print(f"plain training step: {med['plain'] * 1e3:.1f} ms; teacher forward (no grad): "
+          f"{med['forward'] * 1e3:.1f} ms")
+    for k in steps_with:
+        floor = med["plain"] + k * med["forward"]
+        print(f"{k} teacher(s): {med[f'k{k}'] * 1e3:.1f} ms/step = {med[f'k{k}'] / med['plain']:.2f}x plain, "
+              f"{med[f'k{k}'] / floor:.2f}x its floor (plain + {k} forward)")
+
+
+if __name__ == "__main__":
+    main()
