@@ -440,7 +440,7 @@ def test_collective_exchange_w1_matches_engine(cfg_path: Path, engine_run: Path,
 
 # -- 4. one job per replica; one dies, the other goes on; the dead one resumes ---------------
 def test_one_job_per_replica_survives_a_killed_peer(cfg_path: Path, tmp_path: Path) -> None:
-    steps = 300
+    steps = 1500  # long enough that neither replica can finish during the other's start-up
     run, ex = tmp_path / "run", tmp_path / "run" / "exchange"
     sets = ["--set", f"steps={steps}", "--set", "checkpoint.every=20", "--set", "log_every=5",
             "--set", "eval.every=100"]
@@ -460,19 +460,19 @@ def test_one_job_per_replica_survives_a_killed_peer(cfg_path: Path, tmp_path: Pa
     j0, j1 = Job(job(0), tmp_path, "replica0"), Job(job(1), tmp_path, "replica1")
     try:
         deadline = time.monotonic() + TIMEOUT
-        # Kill replica 1 once it has a checkpoint and replica 0 has distilled from it.
+        # Kill replica 1 as soon as it has a checkpoint (waiting for more lets it finish first on
+        # a loaded machine); replica 0 distils from whatever replica 1 last published.
         while True:
             if j0.proc.poll() is not None or j1.proc.poll() is not None:
                 pytest.fail(f"a replica exited early\n{j0.report()}\n{j1.report()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"replica 1 wrote no checkpoint in {TIMEOUT}s\n{j1.report()}")
-            seen = [r["teacher_versions"]["1"] for r in train_rows(0)]
-            if _checkpoints(run, 1) and any(v is not None for v in seen):
+            if _checkpoints(run, 1):
                 break
             time.sleep(0.05)
         os.kill(j1.proc.pid, signal.SIGKILL)
         assert j1.proc.wait(timeout=30) == -signal.SIGKILL
-        at_kill = max(r["step"] for r in train_rows(0))
+        at_kill = max((r["step"] for r in train_rows(0)), default=0)
         published = _exchange_versions(ex, 1)
         ckpts = _checkpoints(run, 1)
         assert at_kill < steps, "replica 0 finished before replica 1 was killed: raise `steps`"
@@ -495,7 +495,7 @@ def test_one_job_per_replica_survives_a_killed_peer(cfg_path: Path, tmp_path: Pa
     assert loaded == sorted(loaded), versions
     assert rows0[steps]["teacher_versions"]["1"] == v_last
     assert rows0[steps]["staleness"]["1"] == steps - v_last
-    after = [rows0[s]["teacher_versions"]["1"] for s in sorted(rows0) if s > at_kill + K]
+    after = [rows0[s]["teacher_versions"]["1"] for s in sorted(rows0) if s > max(at_kill, BURN_IN) + K]
     assert after and set(after) == {v_last}, "replica 0's teacher for replica 1 advanced after the kill"
     assert not (run / "replica-1" / "model.safetensors").exists()
 
