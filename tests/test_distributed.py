@@ -8,6 +8,7 @@ The model is a tiny byte-level LSTM so that a 40-step run takes a few seconds on
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import TINY_CONFIG
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -38,19 +40,8 @@ EXCHANGE_STEPS = list(range(FIRST_EXCHANGE, STEPS + 1, K))
 ATOL = 1e-6  # "same numbers" between the one-process engine and the distributed path
 
 CONFIG: dict[str, Any] = {
-    "name": "dist",
-    "seed": 0,
-    "steps": STEPS,
-    "replicas": 2,
-    "workers": 1,
-    "batch_size": 8,
-    "threads": 1,
-    "log_every": 1,
-    "model": {"name": "lstm", "embed_dim": 16, "hidden_dim": 32},
-    "data": {"name": "bible", "level": "byte", "seq_len": 32, "max_chars": 200000},
-    "optimizer": {"name": "adam", "lr": 0.003},
+    **copy.deepcopy(TINY_CONFIG), "name": "dist", "steps": STEPS, "log_every": 1,
     "codistill": {"alpha": 1.0, "burn_in": BURN_IN, "exchange_every": K, "distill": "kl"},
-    "eval": {"every": 10, "batch_size": 16, "max_batches": 4},
     "checkpoint": {"every": 10, "keep": 2},
 }
 

@@ -164,18 +164,17 @@ def _verify(folder: str, worker: int) -> str | None:
     return None
 
 
-def latest_valid_step(root: str, replica: int, worker: int = 0, max_step: int | None = None
-                      ) -> int | None:
-    """The newest checkpoint step of ``replica`` (at most ``max_step``) that passes verification."""
-    for step in reversed(list_checkpoints(root, replica)):
-        if max_step is not None and step > max_step:
-            continue
+def valid_steps(root: str, replica: int, worker: int = 0) -> list[int]:
+    """Steps of ``replica``'s checkpoints that pass verification, oldest first."""
+    out = []
+    for step in list_checkpoints(root, replica):
         folder = os.path.join(replica_dir(root, replica), f"{step:010d}")
         problem = _verify(folder, worker)
         if problem is None:
-            return step
-        log.warning("skipping checkpoint %s: %s", folder, problem)
-    return None
+            out.append(step)
+        else:
+            log.warning("skipping checkpoint %s: %s", folder, problem)
+    return out
 
 
 def load_checkpoint(root: str, replica: int, step: int, worker: int) -> Checkpoint:

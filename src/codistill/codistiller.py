@@ -131,23 +131,32 @@ class Codistiller:
     # -- exchange ---------------------------------------------------------------------
     def after_step(self, step: int) -> None:
         """Call once ``step`` optimizer steps are done: publish and refresh when due."""
+        if self.exchange_due(step):
+            self.exchange_now(step)
+
+    def exchange_now(
+        self, step: int, wait_for: Callable[[int], dict[int, int]] | None = None
+    ) -> None:
+        """Publish this replica's version ``step`` and refresh the teachers.
+
+        ``wait_for(step)`` (run after publishing) returns the exact ``{peer: version}`` to
+        load, which must then load. Under a process group the group's first rank does all
+        this and broadcasts the teachers it loaded, so every rank holds identical teachers.
+        """
         group = self._group()
-        if group is None:
-            self.publish_if_due(step)
-            self.refresh_if_due(step)
-            return
-        if not self.exchange_due(step):
-            return
-        leader, src = group
+        leader = group is None or group[0]
         changed: dict[int, Published] | None = None
         if leader:
             self.publish(step)
             before = self.teacher_versions()
-            self.refresh_teachers()
+            versions = wait_for(step) if wait_for is not None else None
+            self.refresh_teachers(versions, strict=versions is not None)
             changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
                        if v is not None and v != before[p]}
+        if group is None:
+            return
         device = str(next(iter(self.model.parameters()), torch.empty(0)).device)
-        for published in share_teachers(changed, leader, src, self.process_group, device).values():
+        for published in share_teachers(changed, leader, group[1], self.process_group, device).values():
             if not leader:
                 self.load_teacher(published)
 

@@ -70,12 +70,14 @@ def build_replica(
     worker: int = 0,
     num_workers: int = 1,
     wrap: Any = None,
+    process_group: Any = None,
 ) -> Replica:
     """Build replica ``replica``: model (seeded per replica), optimizer, shard sampler.
 
     ``batch_size`` is the batch one process draws per step (W×b in the engine, b per worker
     in the distributed path, where ``worker``/``num_workers`` pick this rank's slice).
-    ``wrap`` (e.g. a DDP constructor) wraps the model after it is built.
+    ``wrap`` (e.g. a DDP constructor) wraps the model after it is built; ``process_group``
+    (the replica's group) lets its first rank hand the teachers to the other ranks.
     """
     spec = {**cfg.replica_model(replica), "vocab_size": corpus.vocab_size}
     torch.manual_seed(model_seed(cfg.seed, replica))
@@ -99,7 +101,7 @@ def build_replica(
         model, exchange, replica=replica, num_replicas=cfg.replicas,
         exchange_every=c.exchange_every, burn_in=c.burn_in, alpha=c.alpha, ramp=c.ramp,
         distill=c.distill, temperature=c.temperature, model_spec=spec,
-        teacher_factory=teacher_factory,
+        teacher_factory=teacher_factory, process_group=process_group,
     )
     return Replica(replica, model, optimizer, scheduler, sampler, cd, spec)
 

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import latest_valid_step, list_checkpoints, load_checkpoint, replica_dir, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, replica_dir, save_checkpoint, valid_steps
 from .config import ConfigError, RunConfig, dump_config
 from .engine import build_corpus, check_fresh_exchange, save_weights, val_batches
 from .exchange import BackgroundExchange, MemoryExchange, Published, cpu_state, make_exchange, unwrap
-from .exchange.collective import CollectiveExchange, share_in_replica
+from .exchange.collective import CollectiveExchange
 from .metrics import MetricsWriter, RunDirError, evaluate_replicas
 from .replica import Replica, build_replica, next_batch, replica_step
 from .topology import Groups, Topology, env_world, make_groups, make_topology
@@ -76,11 +76,11 @@ class ReplicaTrainer:
             ids = [torch.device(device).index] if device.startswith("cuda") else None
             wrap = lambda m: DDP(m, device_ids=ids, process_group=groups.replica)  # noqa: E731
         self.rep: Replica = build_replica(cfg, topo.replica, self.corpus, exchange, cfg.batch_size,
-                                          topo.worker, topo.workers, wrap)
+                                          topo.worker, topo.workers, wrap,
+                                          groups.replica if topo.workers > 1 else None)
         # dropout etc.: a distinct stream per (replica, worker), in both launch modes
         torch.manual_seed(cfg.seed * 100_003 + topo.replica * 1_009 + topo.worker)
         self.ckpt_root = os.path.join(out_dir, "checkpoints")
-        self.step = 0
         self.writer: MetricsWriter | None = None
         self.batches = val_batches(self.corpus, cfg) if topo.is_leader else []
         self.sync_wait_s = 0.0
@@ -95,22 +95,9 @@ class ReplicaTrainer:
                 cd.load_teacher(published)
             cd.bytes_published = self.collective.bytes_sent
             return
-        # The first rank publishes, picks each peer's newest valid version (in sync mode: this
-        # step's) and passes the teachers it loaded on inside the replica, so every rank of a
-        # replica distils from identical teachers even if the exchange changes meanwhile.
-        changed: dict[int, Published] | None = None
-        if self.topo.is_leader:
-            cd.publish(done)
-            before = cd.teacher_versions()
-            if self.cfg.codistill.sync:
-                cd.refresh_teachers(self._wait_for_peers(done), strict=True)
-            else:
-                cd.refresh_teachers()
-            changed = {p: cd.teachers[p].published() for p, v in cd.teacher_versions().items()
-                       if v is not None and v != before[p]}
-        for published in share_in_replica(changed, self.topo, self.groups, self.device).values():
-            if not self.topo.is_leader:
-                cd.load_teacher(published)
+        # The first rank publishes, loads each peer's newest valid version (in sync mode: this
+        # step's) and hands those teachers to the replica's other ranks.
+        cd.exchange_now(done, self._wait_for_peers if self.cfg.codistill.sync else None)
 
     def _wait_for_peers(self, step: int) -> dict[int, int]:
         """Sync mode: block until every peer has published its version ``step``."""
@@ -148,8 +135,7 @@ class ReplicaTrainer:
                 "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
                 "fingerprint": self.fingerprint(),
             }
-            teachers = {p: {k: v.detach().cpu().clone() for k, v in t.module.state_dict().items()}
-                        for p, t in cd.teachers.items() if t.version is not None}
+            teachers = {p: cpu_state(t.module) for p, t in cd.teachers.items() if t.version is not None}
         save_checkpoint(self.ckpt_root, self.topo.replica, done, self.topo.worker, self.topo.workers,
                         worker_state, model_state, trainer_state, teachers, self.groups.replica,
                         keep=self.cfg.checkpoint.keep)
@@ -167,8 +153,7 @@ class ReplicaTrainer:
         mode, across replicas: the newest step every replica has a valid checkpoint of)."""
         topo, step = self.topo, None
         if topo.is_leader:
-            valid = [s for s in list_checkpoints(self.ckpt_root, topo.replica)
-                     if s == latest_valid_step(self.ckpt_root, topo.replica, max_step=s)]
+            valid = valid_steps(self.ckpt_root, topo.replica)
             if topo.one_world and topo.num_replicas > 1 and dist.is_initialized():
                 every: list[Any] = [None] * topo.num_replicas
                 dist.all_gather_object(every, valid, group=self.groups.leaders)
