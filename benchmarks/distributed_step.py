@@ -57,8 +57,8 @@ def launch(replicas: int, workers: int, steps: int, k: int, root: str) -> dict:
     return {
         "s_per_step": max(s["wall_time_s"] for s in summaries) / steps,
         "compute_s_per_step": statistics.median(step_times),
-        "bytes_published": sum(s["bytes_published"] for s in summaries),
-        "bytes_read": sum(s["bytes_read"] for s in summaries),
+        "bytes_published": sum(n for s in summaries for n in s["bytes_published"].values()),
+        "bytes_read": sum(n for s in summaries for n in s["bytes_read"].values()),
         "param_bytes": os.path.getsize(os.path.join(run, "replica-0", "model.safetensors")),
     }
 

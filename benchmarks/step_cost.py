@@ -64,7 +64,8 @@ def main() -> None:
         cd = Codistiller(model, ex, replica=0, num_replicas=k + 1, exchange_every=1, model_spec=SPEC)
         for r in range(1, k + 1):
             ex.publish(r, 1, build_model(SPEC).state_dict(), {"model": SPEC})
-        cd.refresh_teachers()
+        if cd.refresh() != dict.fromkeys(range(1, k + 1), 1):
+            raise RuntimeError("the teachers were not loaded")
 
         def step(cd: Codistiller = cd) -> None:
             logits = model(x)

@@ -7,9 +7,13 @@ Launched by tests/test_distributed.py as::
 The arguments are those of ``codistill train``; the real CLI runs them unchanged. Afterwards
 every rank writes ``RUN_DIR/probe/rank-{RANK}.safetensors``: its replica's model weights
 (``model.NAME``) and its teachers' weights (``teacher-PEER.NAME``), with the rank's replica,
-worker and teacher versions as JSON in the file's metadata. (The run's own checkpoints and
-final weights are written by a replica's first rank only, so they cannot show that the
-ranks of one replica agree.)
+worker, whether it leads its replica, teacher versions and exchange (type, byte counters) as
+JSON in the file's metadata. (The run's own checkpoints and final weights are written by a
+replica's first rank only, so they cannot show that the ranks of one replica agree.)
+
+Hooks: ``codistill.loop.Loop.run`` is wrapped to capture the rank's loop (its one replica),
+and ``Loop.exchange`` (called on every rank after every step) to inject the faults below at
+exchange steps.
 
 Fault injection for the tests, through the environment:
 
@@ -37,8 +41,9 @@ import torch
 from safetensors.torch import save_file
 
 from codistill import cli
-from codistill import trainer as trainer_mod
+from codistill.exchange import unwrap
 from codistill.exchange.directory import DirectoryExchange
+from codistill.loop import Loop
 
 
 def _delay(var: str) -> tuple[int, float, int | None] | None:
@@ -64,52 +69,64 @@ def _install_faults() -> None:
     slow_workers = _delay("CODISTILL_PROBE_SLOW_WORKERS")
     gates = [tuple(int(x) for x in g.split(":"))
              for g in os.environ.get("CODISTILL_PROBE_GATES", "").split(",") if g]
-    orig_exchange_step = trainer_mod.ReplicaTrainer.exchange_step
+    orig_exchange = Loop.exchange
 
-    def exchange_step(self, done):  # type: ignore[no-untyped-def]
-        for replica, step, peer, peer_step in gates:
-            if replica == self.topo.replica and step == done:
-                ex = DirectoryExchange(self.cfg.codistill.exchange)
-                deadline = time.monotonic() + 60
-                while (time.monotonic() < deadline
-                       and not any(v >= peer_step for v in ex.versions(peer))):
-                    time.sleep(0.01)
-        if (slow_workers is not None and not self.topo.is_leader and done == slow_workers[0]
-                and slow_workers[2] in (None, self.topo.replica)):
-            time.sleep(slow_workers[1])
-        return orig_exchange_step(self, done)
+    def exchange(self, done):  # type: ignore[no-untyped-def]
+        # Loop.exchange runs on every rank after every step; faults hit exchange steps only.
+        (rep,) = self.replicas  # one replica per rank under torchrun
+        if rep.codistiller.exchange_due(done):
+            for replica, step, peer, peer_step in gates:
+                if replica == rep.index and step == done:
+                    ex = DirectoryExchange(self.cfg.codistill.exchange)
+                    deadline = time.monotonic() + 60
+                    while (time.monotonic() < deadline
+                           and not any(v >= peer_step for v in ex.versions(peer))):
+                        time.sleep(0.01)
+            if (slow_workers is not None and not self.leader and done == slow_workers[0]
+                    and slow_workers[2] in (None, rep.index)):
+                time.sleep(slow_workers[1])
+        return orig_exchange(self, done)
 
-    trainer_mod.ReplicaTrainer.exchange_step = exchange_step  # type: ignore[method-assign]
+    Loop.exchange = exchange  # type: ignore[method-assign]
+
+
+def _out_dir(argv: list[str]) -> str:
+    return argv[argv.index("--out") + 1]
 
 
 def main(argv: list[str]) -> int:
-    captured: dict[str, trainer_mod.ReplicaTrainer] = {}
-    orig_train = trainer_mod.ReplicaTrainer.train
+    captured: dict[str, Loop] = {}
+    orig_run = Loop.run
 
-    def train(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        captured["trainer"] = self
-        return orig_train(self, *args, **kwargs)
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        captured["loop"] = self
+        return orig_run(self, *args, **kwargs)
 
-    trainer_mod.ReplicaTrainer.train = train  # type: ignore[method-assign]
+    Loop.run = run  # type: ignore[method-assign]
     _install_faults()
     rc = cli.main(["train", *argv])
     if rc:
         return rc
-    tr = captured["trainer"]
-    model = getattr(tr.rep.model, "module", tr.rep.model)
+    loop = captured["loop"]
+    (rep,) = loop.replicas
     tensors: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
+    for name, value in unwrap(rep.model).state_dict().items():
         tensors[f"model.{name}"] = value.detach().cpu().contiguous()
     versions = {}
-    for peer, teacher in tr.rep.codistiller.teachers.items():
+    for peer, teacher in rep.codistiller.teachers.items():
         versions[str(peer)] = teacher.version
         for name, value in teacher.module.state_dict().items():
             tensors[f"teacher-{peer}.{name}"] = value.detach().cpu().contiguous()
-    folder = os.path.join(tr.out_dir, "probe")
+    folder = os.path.join(_out_dir(argv), "probe")
     os.makedirs(folder, exist_ok=True)
-    info = {"rank": tr.topo.rank, "replica": tr.topo.replica, "worker": tr.topo.worker,
-            "teacher_versions": versions}
-    save_file(tensors, os.path.join(folder, f"rank-{tr.topo.rank}.safetensors"),
+    rank = int(os.environ["RANK"])
+    ex = rep.codistiller.exchange
+    info = {"rank": rank, "replica": rep.index, "worker": loop.checkpointers[0].worker,
+            "leader": loop.leader, "teacher_versions": versions,
+            "exchange": {"type": type(ex).__name__, "durable": ex.durable,
+                         "bytes_sent": getattr(ex, "bytes_sent", None),
+                         "bytes_received": getattr(ex, "bytes_received", None)}}
+    save_file(tensors, os.path.join(folder, f"rank-{rank}.safetensors"),
               metadata={"probe": json.dumps(info)})
     return 0
 

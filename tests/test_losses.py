@@ -71,7 +71,7 @@ def test_bce_codistiller_target_is_mean_of_peer_sigmoids():
            for r, m in enumerate(models)]
     for cd in cds:
         cd.publish(1)
-    cds[0].refresh_teachers()
+    assert cds[0].refresh() == {1: 1, 2: 1}
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = (torch.sigmoid(models[1](x)) + torch.sigmoid(models[2](x))) / 2
@@ -87,7 +87,7 @@ def test_teacher_parameters_get_no_gradient(make_lm, tokens):
     student, peer = make_lm(0), make_lm(1)
     cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=1)
     Codistiller(peer, ex, replica=1, num_replicas=2, exchange_every=1).publish(1)
-    cd.refresh_teachers()
+    assert cd.refresh() == {1: 1}
     teacher = cd.teachers[1].module
     assert teacher is not peer and teacher is not student
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -95,8 +95,9 @@ def test_teacher_parameters_get_no_gradient(make_lm, tokens):
     target = average_predictions(list(cd.teachers.values()), tokens, "kl")
     assert not target.requires_grad
     logits = student(tokens)
-    loss = task_loss(logits[:, :-1], tokens[:, 1:]) + cd.distill_loss(tokens, logits, 1)
-    assert cd.last_distill_loss is not None and cd.last_distill_loss > 0
+    psi = cd.distill_loss(tokens, logits, 1)  # α = 1: the term is ψ itself
+    assert psi.requires_grad and float(psi.detach()) > 0
+    loss = task_loss(logits[:, :-1], tokens[:, 1:]) + psi
     loss.backward()
 
     assert not teacher.training
@@ -116,7 +117,7 @@ def test_distill_loss_alone_gives_student_gradient_only(make_lm, tokens):
     student, peer = make_lm(0), make_lm(1)
     cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=1)
     Codistiller(peer, ex, replica=1, num_replicas=2, exchange_every=1).publish(1)
-    cd.refresh_teachers()
+    assert cd.refresh() == {1: 1}
     cd.distill_loss(tokens, student(tokens), 3).backward()
     assert float(student.head.weight.grad.abs().sum()) > 0
     assert all(p.grad is None for p in cd.teachers[1].module.parameters())
@@ -173,11 +174,13 @@ def test_codistiller_scales_psi_by_alpha_and_is_zero_in_burn_in(make_lm, tokens)
     cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=1, burn_in=4,
                      alpha=0.25, temperature=2.0)
     Codistiller(peer, ex, replica=1, num_replicas=2, exchange_every=1).publish(1)
-    cd.refresh_teachers()
+    assert cd.refresh() == {1: 1}
     logits = student(tokens)
-    assert float(cd.distill_loss(tokens, logits, 3).detach()) == 0.0
-    assert cd.last_distill_loss is None
+    assert cd.alpha(3) == 0.0 and cd.alpha(4) == 0.25
+    zero = cd.distill_loss(tokens, logits, 3)
+    assert float(zero.detach()) == 0.0 and not zero.requires_grad  # adds nothing in burn-in
     with torch.no_grad():
         psi = distill_loss(logits, predict_probs(peer(tokens), "kl", 2.0), "kl", 2.0)
-    assert float(cd.distill_loss(tokens, logits, 4).detach()) == pytest.approx(0.25 * float(psi), rel=1e-5)
-    assert cd.last_distill_loss == pytest.approx(float(psi), rel=1e-5)
+    term = cd.distill_loss(tokens, logits, 4)
+    assert float(term.detach()) == pytest.approx(0.25 * float(psi), rel=1e-5)
+    assert float(term.detach()) / cd.alpha(4) == pytest.approx(float(psi), rel=1e-5)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -26,18 +27,22 @@ def _load(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         return json.loads(f.metadata()["probe"]), {k: f.get_tensor(k) for k in f.keys()}
 
 
-def test_replica_ranks_share_the_leaders_teachers(tmp_path):
+@pytest.mark.parametrize("sync", [False, True], ids=["newest", "lock-step"])
+def test_replica_ranks_share_the_leaders_teachers(tmp_path, sync):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.run([TORCHRUN, "--nproc-per-node=4", f"--master-port={_port()}", PROBE,
-                          str(tmp_path / "ex"), str(tmp_path / "out")],
+                          str(tmp_path / "ex"), str(tmp_path / "out"), *(["--sync"] if sync else [])],
                          capture_output=True, text=True, timeout=180, env=env)
     assert job.returncode == 0, job.stderr[-3000:]
     ranks = [_load(str(tmp_path / "out" / f"rank-{r}.safetensors")) for r in range(4)]
     for a, b in ((0, 1), (2, 3)):  # the two ranks of each replica
         (meta_a, ta), (meta_b, tb) = ranks[a], ranks[b]
         assert meta_a["versions"] == meta_b["versions"]
-        # teachers were loaded: a replica sees its peer's version of the step before at least
+        # teachers were loaded: a replica sees its peer's version of the step before at least;
+        # in lock-step mode exactly the peer's version of the last exchange step (12)
         assert list(meta_a["versions"].values())[0] >= 9
+        if sync:
+            assert meta_a["versions"] == {str(1 - a // 2): 12}
         assert ta.keys() == tb.keys() and any(k.startswith("teacher-") for k in ta)
         for k in ta:
             assert torch.equal(ta[k], tb[k]), k  # identical model (DDP) and teachers

@@ -10,6 +10,7 @@ import torch
 from codistill import Codistiller
 from codistill.config import from_dict, load_config
 from codistill.engine import run
+from codistill.exchange import MemoryExchange
 from codistill.metrics import MetricsWriter, RunDirError, read_metrics
 
 
@@ -44,18 +45,23 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     assert load_config(str(path)).optimizer.lr == pytest.approx(1e-3)
 
 
-def test_memory_string_is_shared_by_the_codistillers_of_a_process():
+def test_one_memory_exchange_object_is_shared_by_the_codistillers_of_a_process():
     torch.manual_seed(0)
     models = [torch.nn.Linear(3, 4) for _ in range(2)]
-    cds = [Codistiller(m, "memory", replica=r + 40, num_replicas=42, exchange_every=1,
+    # The string "memory" cannot reach another Codistiller: it is refused, not silently private.
+    with pytest.raises(ValueError, match="MemoryExchange"):
+        Codistiller(models[0], "memory", replica=40, num_replicas=42, exchange_every=1)
+    ex = MemoryExchange()
+    cds = [Codistiller(m, ex, replica=r + 40, num_replicas=42, exchange_every=1,
                        peers=[41 - r]) for r, m in enumerate(models)]
+    assert all(cd.exchange is ex for cd in cds)
     for cd in cds:
-        cd.publish_if_due(1)
-    for cd in cds:
-        cd.refresh_if_due(1)
-    assert cds[0].teacher_versions() == {41: 1}
-    t = cds[0].teachers[41].module
-    assert torch.equal(t.weight, models[1].weight)
+        cd.after_step(1)  # replica 40 refreshes before 41 publishes: nothing to load yet
+    assert cds[0].teacher_versions() == {41: None} and cds[1].teacher_versions() == {40: 1}
+    assert cds[0].refresh() == {41: 1}
+    for cd, peer in zip(cds, models[::-1]):
+        t = next(iter(cd.teachers.values())).module
+        assert torch.equal(t.weight, peer.weight) and torch.equal(t.bias, peer.bias)
 
 
 def test_a_fresh_run_refuses_leftover_versions_in_its_exchange(tiny_config_factory, tmp_path):
@@ -99,13 +105,13 @@ def test_churn_between_runs(tiny_config_factory, tmp_path):
     same = churn_between([(outs[0], 0), (outs[0], 0)])
     assert same["churn_prob"] == pytest.approx(0.0, abs=1e-6) and same["churn_top1"] == 0.0
     assert 0.0 < res["churn_prob"] < 1.0 and 0.0 < res["churn_top1"] <= 1.0
-    final = json.loads((tmp_path / "seed0" / "summary.json").read_text())["final"]["loss"][0]
+    final = json.loads((tmp_path / "seed0" / "summary.json").read_text())["final"]["models"][0]["loss"]
     assert res["loss"][0] == pytest.approx(final, rel=1e-5)  # the run's own validation subset
 
 
 def test_resume_with_changed_settings_names_them(tiny_config_factory, tmp_path):
     from codistill.config import ConfigError
-    from codistill.trainer import run_distributed
+    from codistill.launch import run_distributed
 
     values = tiny_config_factory(steps=20, replicas=1)
     values["codistill"]["exchange"] = str(tmp_path / "ex")
@@ -117,3 +123,36 @@ def test_resume_with_changed_settings_names_them(tiny_config_factory, tmp_path):
                         progress=False)
     done = run_distributed(from_dict(values), out, replica=0, resume=True, progress=False)
     assert (done["start"], done["end"]) == (10, 20)
+
+
+def test_check_fresh_exchange_refuses_then_clears_only_that_replica(tmp_path):
+    from codistill.exchange import DirectoryExchange
+    from codistill.rundir import check_fresh_exchange
+
+    ex = DirectoryExchange(str(tmp_path / "ex"))
+    state = {"w": torch.zeros(3)}
+    for step in (5, 10):
+        ex.publish(0, step, state, {})
+    ex.publish(1, 5, state, {})
+    check_fresh_exchange(ex, 2, overwrite=False)  # nothing of replica 2: fine
+    with pytest.raises(RunDirError, match=r"versions \[5, 10\] of replica 0"):
+        check_fresh_exchange(ex, 0, overwrite=False)
+    assert ex.versions(0) == [5, 10]
+    check_fresh_exchange(ex, 0, overwrite=True)
+    assert ex.versions(0) == [] and ex.versions(1) == [5]
+
+
+def test_overwrite_replaces_an_earlier_runs_checkpoints(tiny_config_factory, tmp_path):
+    out = tmp_path / "run"
+    values = tiny_config_factory(steps=10, replicas=1, checkpoint={"every": 4, "keep": 5})
+    run(from_dict(values), str(out), progress=False)
+    folder = out / "checkpoints" / "replica-0"
+    assert sorted(int(p.name) for p in folder.iterdir()) == [4, 8, 10]
+    values["steps"] = 6
+    with pytest.raises(RunDirError, match="checkpoints of replica 0"):
+        # metrics removed by hand: the checkpoints alone still mark the directory as taken
+        (out / "metrics.jsonl").unlink()
+        run(from_dict(values), str(out), progress=False)
+    run(from_dict(values), str(out), progress=False, overwrite=True)
+    assert sorted(int(p.name) for p in folder.iterdir()) == [4, 6]
+    assert json.loads((out / "summary.json").read_text())["end"] == 6

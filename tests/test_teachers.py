@@ -20,11 +20,12 @@ def _replicas(make_lm, n, exchange, **kw):
 
 
 def _step_all(cds, step):
-    """What the engine does after a step: every replica publishes, then every one refreshes."""
-    for cd in cds:
-        cd.publish_if_due(step)
-    for cd in cds:
-        cd.refresh_if_due(step)
+    """What the engine does after a step: every due replica publishes, then every one refreshes."""
+    due = [cd for cd in cds if cd.exchange_due(step)]
+    for cd in due:
+        cd.publish(step)
+    for cd in due:
+        cd.refresh(step)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -33,7 +34,7 @@ def test_average_over_the_other_replicas_for_n3(make_lm, tokens, temperature):
     models, cds = _replicas(make_lm, 3, ex, exchange_every=5, temperature=temperature)
     cds[1].publish(5)
     cds[2].publish(5)
-    assert cds[0].refresh_teachers() == {1: 5, 2: 5}
+    assert cds[0].refresh() == {1: 5, 2: 5}
     assert cds[0].peers == [1, 2] and sorted(cds[0].teachers) == [1, 2]
 
     with torch.no_grad():
@@ -55,7 +56,7 @@ def test_only_loaded_teachers_are_averaged(make_lm, tokens):
     ex = MemoryExchange()
     models, cds = _replicas(make_lm, 3, ex, exchange_every=5)
     cds[2].publish(5)  # replica 1 has published nothing yet
-    assert cds[0].refresh_teachers() == {1: None, 2: 5}
+    assert cds[0].refresh() == {1: None, 2: 5}
     with torch.no_grad():
         want = torch.softmax(models[2](tokens), -1)
     torch.testing.assert_close(average_predictions(list(cds[0].teachers.values()), tokens, "kl"), want)
@@ -91,7 +92,7 @@ def test_staleness_when_a_peer_publishes_late(make_lm):
     cds[0].after_step(10)  # replica 1 has not reached step 10 yet
     assert cds[0].staleness(12) == {1: 7}
     cds[1].after_step(10)
-    cds[0].refresh_teachers()
+    assert cds[0].refresh() == {1: 10}
     assert cds[0].staleness(12) == {1: 2}
 
 
@@ -131,15 +132,28 @@ def test_refresh_to_a_given_version_and_byte_accounting(make_lm):
     with torch.no_grad():
         models[1].head.bias.fill_(3.0)
     cds[1].publish(10)
-    assert cds[0].refresh_teachers({1: 5}) == {1: 5}
-    assert float(cds[0].teachers[1].module.head.bias.abs().max()) != 3.0
-    assert cds[0].refresh_teachers() == {1: 10}
+    # Lock-step mode (sync_timeout) loads exactly the version of the given step.
+    lock = Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5, sync_timeout=1.0)
+    assert lock.refresh(5) == {1: 5}
+    assert float(lock.teachers[1].module.head.bias.abs().max()) != 3.0
+    assert lock.refresh(10) == {1: 10}
+    assert torch.all(lock.teachers[1].module.head.bias == 3.0)
+    assert lock.refresh(5) == {1: 5} and float(lock.teachers[1].module.head.bias.abs().max()) != 3.0
+    with pytest.raises(TimeoutError, match="replicas \\[1\\] did not publish step 15"):
+        Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5,
+                    sync_timeout=0.05).refresh(15)
+    assert lock.sync_wait_s >= 0.0
+    # Otherwise a refresh loads the newest version.
+    assert cds[0].refresh() == {1: 10}
     assert torch.all(cds[0].teachers[1].module.head.bias == 3.0)
     nbytes = state_nbytes(models[1].state_dict())
     assert cds[1].bytes_published == 2 * nbytes
-    assert cds[0].bytes_read == 2 * nbytes
-    cds[0].refresh_teachers()  # nothing new: nothing read
-    assert cds[0].bytes_read == 2 * nbytes
+    assert lock.bytes_read == 3 * nbytes
+    assert cds[0].bytes_read == nbytes
+    assert cds[0].refresh() == {1: 10}  # nothing new: nothing read
+    assert cds[0].bytes_read == nbytes
+    assert lock.refresh(5) == {1: 5}  # the version already loaded: nothing read
+    assert lock.bytes_read == 3 * nbytes
 
 
 def test_exchange_and_distillation_only_after_burn_in(make_lm, tokens):
@@ -173,7 +187,7 @@ def test_teacher_built_from_the_peer_model_spec(make_lm, lstm_spec, transformer_
     cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=5, model_spec=lstm_spec)
     Codistiller(peer, ex, replica=1, num_replicas=2, exchange_every=5,
                 model_spec=transformer_spec).publish(5)
-    cd.refresh_teachers()
+    assert cd.refresh() == {1: 5}
     teacher = cd.teachers[1].module
     assert isinstance(student, LSTMLM) and isinstance(teacher, TransformerLM)
     for k, v in peer.state_dict().items():
@@ -206,3 +220,63 @@ def test_teacher_rejects_weights_that_do_not_fit(make_lm, lstm_spec, transformer
     with pytest.raises(ValueError, match="replica 1 at step 5"):
         teacher.load(ex.latest(1))
     assert teacher.version is None
+
+
+def test_state_dict_restores_teachers_exactly(make_lm, lstm_spec, transformer_spec, tokens):
+    """A Codistiller restored from state_dict() into a fresh model copy and a fresh (empty)
+    exchange distils exactly as the original: same teachers, versions, meta and counters."""
+    import copy
+
+    ex = MemoryExchange()
+    student = make_lm(0, lstm_spec)
+    peers = {1: make_lm(1, lstm_spec), 2: make_lm(2, transformer_spec)}
+    specs = {1: lstm_spec, 2: transformer_spec}
+    cd = Codistiller(student, ex, replica=0, num_replicas=3, exchange_every=5, temperature=2.0,
+                     model_spec=lstm_spec)
+    others = {p: Codistiller(m, ex, replica=p, num_replicas=3, exchange_every=5, model_spec=specs[p])
+              for p, m in peers.items()}
+    others[1].publish(5)
+    others[2].publish(10)
+    cd.publish(10)
+    assert cd.refresh(10) == {1: 5, 2: 10}
+    state = cd.state_dict()
+    assert {p: t["version"] for p, t in state["teachers"].items()} == {1: 5, 2: 10}
+    assert state["teachers"][2]["meta"]["model"] == transformer_spec
+
+    fresh = Codistiller(copy.deepcopy(student), MemoryExchange(), replica=0, num_replicas=3,
+                        exchange_every=5, temperature=2.0, model_spec=lstm_spec)
+    fresh.load_state_dict(state)
+    assert fresh.teacher_versions() == cd.teacher_versions() == {1: 5, 2: 10}
+    assert fresh.staleness(12) == cd.staleness(12) == {1: 7, 2: 2}
+    assert isinstance(fresh.teachers[2].module, TransformerLM)  # built from the saved meta
+    assert (fresh.bytes_published, fresh.bytes_read, fresh.last_exchange) == (
+        cd.bytes_published, cd.bytes_read, 10)
+    assert fresh.bytes_read > 0 and fresh.sync_wait_s == cd.sync_wait_s
+    want = cd.distill_loss(tokens, student(tokens), 12)
+    got = fresh.distill_loss(tokens, fresh.model(tokens), 12)
+    assert float(want.detach()) > 0 and torch.equal(got, want)
+    for p in (1, 2):
+        assert not fresh.teachers[p].module.training
+        assert all(not q.requires_grad for q in fresh.teachers[p].module.parameters())
+    # Nothing came from the fresh exchange, and the state holds copies, not the live teachers.
+    assert fresh.exchange.versions(1) == []
+    with torch.no_grad():
+        cd.teachers[1].module.head.bias.add_(1.0)
+    assert not torch.equal(fresh.teachers[1].module.head.bias, cd.teachers[1].module.head.bias)
+
+
+def test_lock_step_refuses_a_damaged_version_that_newest_mode_skips(make_lm, tmp_path):
+    ex = DirectoryExchange(str(tmp_path))
+    models, cds = _replicas(make_lm, 2, ex, exchange_every=5)
+    cds[1].publish(5)
+    cds[1].publish(10)
+    path = tmp_path / "replica-1" / f"{10:010d}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
+    path.write_bytes(bytes(data))
+    lock = Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5, sync_timeout=1.0)
+    with pytest.raises(RuntimeError, match="version 10 of peer 1 is missing or invalid"):
+        lock.refresh(10)
+    assert cds[0].refresh() == {1: 5}  # newest valid version instead
+    for k, v in cds[0].teachers[1].module.state_dict().items():
+        assert torch.equal(v, ex.load(1, 5).state[k]), k

@@ -193,3 +193,67 @@ def load_checkpoint(root: str, replica: int, step: int, worker: int) -> Checkpoi
             with open(os.path.join(folder, name), "rb") as f:
                 teachers[int(name[len("teacher-") : -len(".safetensors")])] = st_load(f.read())
     return Checkpoint(step, model_state, trainer_state, worker_state, teachers)
+
+
+class Checkpointer:
+    """Saves and restores one replica's full training state (every rank of the replica
+    calls :meth:`save` together; each restores its own worker state)."""
+
+    def __init__(self, root: str, replica: int, worker: int = 0, num_workers: int = 1,
+                 group: Any = None, keep: int = 2, fingerprint: dict[str, Any] | None = None) -> None:
+        self.root, self.replica, self.worker, self.num_workers = root, replica, worker, num_workers
+        self.group, self.keep = group, keep
+        self.fingerprint = fingerprint or {}
+
+    def steps(self) -> list[int]:
+        """Checkpoint steps on disk, valid or not."""
+        return list_checkpoints(self.root, self.replica)
+
+    def valid_steps(self) -> list[int]:
+        return valid_steps(self.root, self.replica, self.worker)
+
+    def clear(self) -> None:
+        """Delete every checkpoint of this replica (a fresh start with --overwrite)."""
+        shutil.rmtree(replica_dir(self.root, self.replica), ignore_errors=True)
+
+    def save(self, step: int, rep: Any) -> str:
+        """Write ``rep`` (a :class:`~codistill.replica.Replica`) as its checkpoint at ``step``."""
+        from .exchange import cpu_state
+
+        worker_state = {"sampler": rep.sampler.state(), "torch_rng": rep.rng_state,
+                        "generator": rep.generator.get_state()}
+        model_state = trainer_state = teachers = None
+        if self.worker == 0:
+            cd = rep.codistiller
+            cd.exchange.flush()  # the version published at this step is readable before we record it
+            cd_state = cd.state_dict()
+            teachers = {p: t.pop("state") for p, t in cd_state["teachers"].items()}
+            model_state = cpu_state(rep.model)
+            trainer_state = {"step": step, "optimizer": rep.optimizer.state_dict(),
+                             "scheduler": rep.scheduler.state_dict(), "codistiller": cd_state,
+                             "fingerprint": self.fingerprint}
+        return save_checkpoint(self.root, self.replica, step, self.worker, self.num_workers,
+                               worker_state, model_state, trainer_state, teachers, self.group, self.keep)
+
+    def restore(self, step: int, rep: Any) -> None:
+        """Load the checkpoint at ``step`` into ``rep``; a changed setting is a ConfigError."""
+        from .config import ConfigError
+        from .exchange import unwrap
+
+        ck = load_checkpoint(self.root, self.replica, step, self.worker)
+        saved = ck.trainer_state.get("fingerprint", {})
+        changed = sorted(k for k, v in self.fingerprint.items() if k in saved and saved[k] != v)
+        if changed:
+            raise ConfigError(f"--resume: the checkpoint at step {step} was written with different "
+                              f"{', '.join(changed)} ({', '.join(f'{k}={saved[k]}' for k in changed)}); "
+                              "resume with the same settings or start a new run")
+        unwrap(rep.model).load_state_dict(ck.model_state)
+        rep.optimizer.load_state_dict(ck.trainer_state["optimizer"])
+        rep.scheduler.load_state_dict(ck.trainer_state["scheduler"])
+        cd_state = ck.trainer_state["codistiller"]
+        for peer, t in cd_state["teachers"].items():
+            t["state"] = ck.teacher_states[int(peer)]
+        rep.codistiller.load_state_dict(cd_state)
+        rep.sampler.load_state(ck.worker_state["sampler"])
+        rep.rng_state = ck.worker_state["torch_rng"]
+        rep.generator.set_state(ck.worker_state["generator"])

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from safetensors import safe_open
 from torch import nn
 
 from .config import load_config
-from .engine import build_corpus, val_batches
-from .metrics import evaluate_replicas
+from .metrics import evaluate_models
 from .models import build_model
+from .tasks import build_task
 
 
-def load_final_model(run_dir: str, replica: int = 0) -> nn.Module:
-    """The final weights of ``replica`` in ``run_dir``, built from the spec stored with them."""
+def load_final_model(run_dir: str, replica: int = 0,
+                     build: Callable[[dict[str, Any]], nn.Module] = build_model) -> nn.Module:
+    """The final weights of ``replica`` in ``run_dir``, built (by ``build``) from the spec
+    stored with them."""
     path = os.path.join(run_dir, f"replica-{replica}", "model.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no final weights (did the run finish?)")
@@ -31,7 +34,7 @@ def load_final_model(run_dir: str, replica: int = 0) -> nn.Module:
         state = {k: f.get_tensor(k) for k in f.keys()}
     if "model" not in meta:
         raise ValueError(f"{path}: no model spec in its metadata")
-    model = build_model(json.loads(meta["model"]))
+    model = build(json.loads(meta["model"]))
     model.load_state_dict(state)
     return model.eval()
 
@@ -46,12 +49,13 @@ def churn_between(runs: list[tuple[str, int]], max_batches: int | None = None) -
     cfg = load_config(os.path.join(runs[0][0], "config.yaml"))
     if max_batches is not None:
         cfg.eval.max_batches = max_batches
-    models = [load_final_model(d, r) for d, r in runs]
-    corpus = build_corpus(cfg)
-    res = evaluate_replicas(models, val_batches(corpus, cfg))
-    return {"runs": [f"{d}#replica-{r}" for d, r in runs], "loss": res["loss"],
-            "churn_prob": res["churn_prob"], "churn_top1": res["churn_top1"],
-            "ensemble_loss": res["ensemble_loss"], "tokens": res["count"]}
+    task = build_task(cfg)
+    models = [load_final_model(d, r, task.build_model) for d, r in runs]
+    res = evaluate_models(models, task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, "cpu"),
+                          task.output)
+    return {"runs": [f"{d}#replica-{r}" for d, r in runs], "task": cfg.task,
+            "models": res["models"], "loss": [m["loss"] for m in res["models"]], **res["churn"],
+            "ensemble": res["ensemble"], "ensemble_loss": res["ensemble"]["loss"], "count": res["count"]}
 
 
 def parse_run(spec: str) -> tuple[str, int]:

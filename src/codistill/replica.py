@@ -1,26 +1,25 @@
-"""One replica: its model, optimizer, data shard and codistiller, and the replica step.
+"""One replica: its model, optimizer, data shard, RNG and codistiller, and the replica step.
 
-The one-process engine and the distributed trainer both build replicas here and train them
-with :func:`replica_step`, so both paths run the same numbers.
+Both launch paths build replicas here and train them with :func:`replica_step`, so both
+run the same numbers. Nothing here knows what the task is.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .codistiller import Codistiller
 from .config import RunConfig
-from .data import ShardSampler, TextCorpus, shard_indices
+from .data import ShardSampler, shard_indices
 from .exchange import Exchange
-from .losses import task_loss
-from .models import build_model
+from .tasks import Batch, Task
+from .teachers import call_model
 
 
 @dataclass
@@ -31,7 +30,12 @@ class Replica:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: ShardSampler
     codistiller: Codistiller
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # the complete model spec (saved with the weights)
+    generator: torch.Generator  # data randomness (augmentation)
+    rng_state: torch.Tensor = field(repr=False)  # torch's CPU RNG (dropout) while it is not stepping
+
+    def next_batch(self, task: Task, device: str) -> Batch:
+        return task.train_batch(self.sampler.next_batch(), self.generator, device)
 
 
 def model_seed(seed: int, replica: int) -> int:
@@ -63,8 +67,8 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optim
 
 def build_replica(
     cfg: RunConfig,
+    task: Task,
     replica: int,
-    corpus: TextCorpus,
     exchange: Exchange,
     batch_size: int,
     worker: int = 0,
@@ -72,67 +76,67 @@ def build_replica(
     wrap: Any = None,
     process_group: Any = None,
 ) -> Replica:
-    """Build replica ``replica``: model (seeded per replica), optimizer, shard sampler.
+    """Build replica ``replica``: model (seeded per replica), optimizer, shard sampler, RNG.
 
     ``batch_size`` is the batch one process draws per step (W×b in the engine, b per worker
     in the distributed path, where ``worker``/``num_workers`` pick this rank's slice).
     ``wrap`` (e.g. a DDP constructor) wraps the model after it is built; ``process_group``
     (the replica's group) lets its first rank hand the teachers to the other ranks.
     """
-    spec = {**cfg.replica_model(replica), "vocab_size": corpus.vocab_size}
+    spec = task.model_spec(cfg.replica_model(replica))
     torch.manual_seed(model_seed(cfg.seed, replica))
     try:
-        model: nn.Module = build_model(spec).to(cfg.device)
+        model: nn.Module = task.build_model(spec).to(cfg.device)
     except (TypeError, ValueError) as e:
         raise ValueError(f"replica {replica}: {e}") from e
     if wrap is not None:
         model = wrap(model)
     optimizer, scheduler = build_optimizer(cfg, model)
-    shard = shard_indices(len(corpus.train), cfg.replicas, replica, cfg.seed, cfg.data.shards)
+    shard = shard_indices(task.train_size, cfg.replicas, replica, cfg.seed, cfg.data.shards)
     shard = shard[worker::num_workers]
+    stream = cfg.seed * 100_003 + replica * 1_009 + worker  # one stream per (replica, worker)
     sampler = ShardSampler(shard, batch_size, seed=cfg.seed * 7919 + replica * 131 + worker)
     c = cfg.codistill
 
     def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:
         # Teachers follow this run's config, not the spec a file in the exchange claims.
-        return build_model({**cfg.replica_model(peer), "vocab_size": corpus.vocab_size}).to(cfg.device)
+        return task.build_model(task.model_spec(cfg.replica_model(peer))).to(cfg.device)
 
     cd = Codistiller(
         model, exchange, replica=replica, num_replicas=cfg.replicas,
         exchange_every=c.exchange_every, burn_in=c.burn_in, alpha=c.alpha, ramp=c.ramp,
         distill=c.distill, temperature=c.temperature, model_spec=spec,
         teacher_factory=teacher_factory, process_group=process_group,
+        sync_timeout=c.sync_timeout if c.sync else None,
     )
-    return Replica(replica, model, optimizer, scheduler, sampler, cd, spec)
+    rng = torch.Generator().manual_seed(stream).get_state()
+    return Replica(replica, model, optimizer, scheduler, sampler, cd, spec,
+                   torch.Generator().manual_seed(stream + 7), rng)
 
 
-def next_batch(rep: Replica, corpus: TextCorpus, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.from_numpy(np.asarray(rep.sampler.next_batch()))
-    seqs = corpus.train[idx].to(device)
-    return seqs[:, :-1], seqs[:, 1:]
-
-
-def replica_step(
-    rep: Replica, batch: tuple[torch.Tensor, torch.Tensor], step: int, grad_clip: float
-) -> dict[str, float]:
-    """One optimizer step of φ + α·ψ on ``batch``; returns the step's scalars."""
+def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float) -> dict[str, Any]:
+    """One optimizer step of φ + α·ψ on ``batch``; returns the step's scalars (losses as
+    0-d tensors on the device, read only when logged: no host synchronisation here)."""
     t0 = time.perf_counter()
     x, y = batch
+    torch.set_rng_state(rep.rng_state)
     rep.model.train()
-    logits = rep.model(x)
-    phi = task_loss(logits, y)
-    psi = rep.codistiller.distill_loss(x, logits, step)
-    loss = phi + psi
+    outputs = call_model(rep.model, x)
+    phi = task.loss(outputs, y)
+    alpha = rep.codistiller.alpha(step)
+    term = rep.codistiller.distill_loss(x, outputs, step)
+    loss = phi + term
     rep.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(rep.model.parameters(), grad_clip)
     rep.optimizer.step()
     rep.scheduler.step()
+    rep.rng_state = torch.get_rng_state()
     return {
-        "loss": float(loss.detach()),
-        "task_loss": float(phi.detach()),
-        "distill_loss": rep.codistiller.last_distill_loss or 0.0,
-        "alpha": rep.codistiller.alpha(step),
+        "loss": loss.detach(),
+        "task_loss": phi.detach(),
+        "distill_loss": term.detach() / alpha if alpha > 0 else term.detach(),
+        "alpha": alpha,
         "step_time": time.perf_counter() - t0,
     }

@@ -9,6 +9,8 @@ import yaml
 
 from .metrics import eval_curve, read_metrics, steps_to_target
 
+EXTRA_METRICS = {"bpb": "bits/byte", "acc": "acc", "auc": "AUC", "calibration": "calibration"}
+
 
 def _run_info(run_dir: str) -> dict[str, Any]:
     rows = read_metrics(run_dir)
@@ -44,11 +46,12 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
     os.makedirs(out_dir, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    lines = ["| run | model | final val loss | best val loss | final bits/byte | final acc "
-             f"| steps to {target:.4f} | churn (TV) | top-1 disagreement |" if target is not None
-             else "| run | model | final val loss | best val loss | final bits/byte | final acc "
-             "| steps to target | churn (TV) | top-1 disagreement |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    extras = [k for k in EXTRA_METRICS
+              if any(k in r for run in runs for r in run["rows"] if r.get("kind") == "eval")]
+    reach_head = f"steps to {target:.4f}" if target is not None else "steps to target"
+    heads = ["run", "model", "final val loss", "best val loss",
+             *(f"final {EXTRA_METRICS[k]}" for k in extras), reach_head, "churn (TV)", "top-1 disagreement"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for run in runs:
         rows = run["rows"]
         churn = [r for r in rows if r.get("kind") == "churn"]
@@ -60,22 +63,19 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
             label = f"{run['name']} / {'ensemble' if who == 'ensemble' else f'replica {who}'}"
             ax.plot([s for s, _ in curve], [v for _, v in curve], label=label,
                     linestyle="--" if who == "ensemble" else "-")
-            bpb = dict(eval_curve(rows, who, "bpb"))
-            accs = dict(eval_curve(rows, who, "acc"))
             last_step, last = curve[-1]
+            extra_cells = [f"{dict(eval_curve(rows, who, k)).get(last_step, float('nan')):.4f}"
+                           for k in extras]
             reach = steps_to_target(curve, target) if target is not None else None
-            churn_cells = (f"{last_churn['churn_prob']:.4f} | {last_churn['churn_top1']:.4f}"
-                           if last_churn and who == "ensemble" else "– | –")
-            lines.append(
-                f"| {run['name']} | {label.split(' / ')[1]} | {last:.4f} | "
-                f"{min(v for _, v in curve):.4f} | {bpb.get(last_step, float('nan')):.4f} | "
-                f"{accs.get(last_step, float('nan')):.4f} | "
-                f"{reach if reach is not None else 'not reached'} | {churn_cells} |"
-            )
+            churn_cells = ([f"{last_churn['churn_prob']:.4f}", f"{last_churn['churn_top1']:.4f}"]
+                           if last_churn and who == "ensemble" else ["–", "–"])
+            cells = [run["name"], label.split(" / ")[1], f"{last:.4f}", f"{min(v for _, v in curve):.4f}",
+                     *extra_cells, str(reach) if reach is not None else "not reached", *churn_cells]
+            lines.append("| " + " | ".join(cells) + " |")
     if target is not None:
         ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"target {target:.3f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("validation cross entropy (nats/token)")
+    ax.set_ylabel("validation loss (cross entropy / log loss, nats)")
     ax.set_title("codistill: validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -98,6 +98,7 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
                     "at or below it).\n\n")
         f.write("\n".join(lines) + "\n\n")
         f.write("Churn: mean total-variation distance between the replicas' predicted "
-                "distributions, and the fraction of positions where their top-1 predictions "
-                "differ (last evaluation).\n\n![validation loss](report.png)\n")
+                "distributions (for clicks: mean absolute difference of the predicted probability), "
+                "and the fraction of predictions whose top-1 class differs (last evaluation).\n\n"
+                "![validation loss](report.png)\n")
     return {"png": png, "md": md}

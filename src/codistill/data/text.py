@@ -40,8 +40,14 @@ def load_text(path: str | None = None) -> str:
     if path:
         if not os.path.exists(path):
             raise FileNotFoundError(f"data.path: no such file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.path {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if not text.strip():
+            raise ValueError(f"data.path {path!r} holds no text")
+        return text
     lines = []
     with open(kjv_path(), encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

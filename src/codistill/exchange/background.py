@@ -24,6 +24,7 @@ class BackgroundExchange(Exchange):
 
     def __init__(self, inner: Exchange) -> None:
         self.inner = inner
+        self.durable = inner.durable
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-publish")
         self._pending: Future | None = None
         self.last_write_seconds = 0.0

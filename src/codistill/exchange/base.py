@@ -42,6 +42,9 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Exchange(ABC):
     """Where replicas publish their weights and read their peers'."""
 
+    durable = True  # versions outlive the process (a resumed replica republishes a lost one)
+    wait_seconds = 0.0  # time the training thread spent waiting for writes
+
     @abstractmethod
     def publish(
         self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict[str, Any]
@@ -69,6 +72,9 @@ class Exchange(ABC):
     def clear(self, replica: int) -> None:
         """Delete every published version of ``replica`` (a fresh start of that replica)."""
         raise NotImplementedError(f"{type(self).__name__} cannot clear versions")
+
+    def flush(self) -> None:
+        """Wait until every version published so far is readable."""
 
     def close(self) -> None:
         """Wait for pending writes and release resources."""

@@ -1,8 +1,9 @@
 """Exchange through torch.distributed collectives (one-world mode).
 
-At an exchange step every rank calls :meth:`CollectiveExchange.exchange`: each replica's
-first rank broadcasts its weights to the other first ranks (the leaders group), then every
-first rank passes its peers' weights on inside its own replica (:func:`share_in_replica`).
+:class:`CollectiveExchange` is an :class:`Exchange` on the replicas' first ranks: ``publish``
+is a collective among them (every first rank calls it at the same exchange step), after
+which every peer's version of that step is held in memory for ``versions`` / ``load``.
+:func:`share_teachers` passes a first rank's chosen teachers on inside its replica.
 Replicas may have different architectures: names, shapes and dtypes travel first as small
 objects, then one flat buffer per dtype, so every value arrives bit for bit.
 """
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ..topology import Groups, Topology
-from .base import Published
+from .base import Published, state_nbytes
+from .memory import MemoryExchange
 
 Layout = list[tuple[str, list[int], str]]  # (name, shape, dtype) in state order
 
@@ -53,55 +55,40 @@ def broadcast_state(
     return {k: out[k] for k, _, _ in layout}
 
 
-def _nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+class CollectiveExchange(MemoryExchange):
+    """Synchronous weight exchange among the first ranks of all replicas of one world.
 
+    Counts the bytes it sends (``bytes_sent``) and receives (``bytes_received``).
+    """
 
-class CollectiveExchange:
-    """Synchronous weight exchange among all replicas of one torch.distributed world."""
-
-    def __init__(self, topo: Topology, groups: Groups, device: str = "cpu") -> None:
+    def __init__(self, topo: Topology, groups: Groups, device: str = "cpu", keep: int = 2) -> None:
         if not topo.one_world:
             raise ValueError("the collective exchange needs every replica in one world (one torchrun job)")
+        super().__init__(keep=keep)
         self.topo, self.groups, self.device = topo, groups, device
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def exchange(self, step: int, state: dict[str, torch.Tensor] | None, meta: dict[str, Any]
-                 ) -> dict[int, Published]:
-        """Give this replica's weights (``state`` on its first rank); get every peer's."""
+    def publish(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
+        """Give this replica's weights to every other first rank; receive theirs."""
         topo = self.topo
-        peers: dict[int, Published] = {}
-        if topo.is_leader:
-            assert state is not None
-            infos: list[Any] = [None] * topo.num_replicas
-            dist.all_gather_object(infos, (layout_of(state), meta), group=self.groups.leaders)
-            for r in range(topo.num_replicas):
-                r_layout, r_meta = infos[r]
-                mine = r == topo.replica
-                got = broadcast_state(state if mine else None, r_layout, topo.leader_rank(r),
-                                      self.groups.leaders, self.device)
-                if mine:
-                    self.bytes_sent += _nbytes(got)
-                else:
-                    self.bytes_received += _nbytes(got)
-                    peers[r] = Published(r, step, got, r_meta, _nbytes(got))
-        return share_in_replica(peers if topo.is_leader else None, topo, self.groups, self.device,
-                                self)
-
-
-def share_in_replica(
-    peers: dict[int, Published] | None, topo: Topology, groups: Groups, device: str = "cpu",
-    counter: CollectiveExchange | None = None,
-) -> dict[int, Published]:
-    """The replica's first rank passes ``peers`` (its chosen teacher versions) on to every
-    rank of the replica, so all ranks of one replica hold identical teachers."""
-    if topo.workers == 1 or not dist.is_initialized():
-        return peers or {}
-    out = share_teachers(peers, topo.is_leader, topo.leader_rank(), groups.replica, device)
-    if counter is not None and not topo.is_leader:
-        counter.bytes_received += sum(_nbytes(p.state) for p in out.values())
-    return out
+        if not topo.is_leader or replica != topo.replica:
+            raise RuntimeError("CollectiveExchange.publish runs on a replica's first rank, for its replica")
+        infos: list[Any] = [None] * topo.num_replicas
+        dist.all_gather_object(infos, (step, layout_of(state), meta), group=self.groups.leaders)
+        for r, (r_step, r_layout, r_meta) in enumerate(infos):
+            if r_step != step:
+                raise RuntimeError(f"collective exchange: replica {r} published step {r_step} while "
+                                   f"replica {replica} published step {step}")
+            mine = r == replica
+            got = broadcast_state(state if mine else None, r_layout, topo.leader_rank(r),
+                                  self.groups.leaders, self.device)
+            if mine:
+                self.bytes_sent += state_nbytes(got)
+            else:
+                self.bytes_received += state_nbytes(got)
+                super().publish(r, step, got, r_meta)
+        return state_nbytes(state)
 
 
 def share_teachers(
@@ -117,5 +104,5 @@ def share_teachers(
         state = out[r].state if is_source else None
         got = broadcast_state(state, r_layout, src, group, device)
         if not is_source:
-            out[r] = Published(r, step, got, r_meta, _nbytes(got))
+            out[r] = Published(r, step, got, r_meta, state_nbytes(got))
     return out

@@ -13,6 +13,8 @@ from .base import Exchange, Published, state_nbytes
 class MemoryExchange(Exchange):
     """Keeps the last ``keep`` versions of each replica in a dict."""
 
+    durable = False
+
     def __init__(self, keep: int = 2) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")

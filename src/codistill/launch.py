@@ -1,0 +1,146 @@
+"""Distributed codistillation under torchrun: one training loop per rank.
+
+Two launch modes:
+
+* one world: ``torchrun --nproc-per-node=N*W -m codistill train CONFIG`` splits the world
+  into N replicas of W ranks, each replica DDP over its own process group;
+* one job per replica: ``codistill train CONFIG --replica R --num-replicas N --exchange DIR``
+  (under torchrun for W > 1); replicas share only the exchange location.
+
+This module only decides topology, process groups, DDP wrapping and the exchange; the loop,
+replica step, losses and teachers are the engine's, so with W=1, the same seeds and
+``codistill.sync`` on, both paths give the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, RunConfig
+from .exchange import BackgroundExchange, Exchange, MemoryExchange, make_exchange
+from .exchange.collective import CollectiveExchange
+from .loop import Loop, make_checkpointer, set_threads
+from .replica import build_replica
+from .rundir import RunDir
+from .tasks import build_task
+from .topology import Groups, Topology, env_world, make_groups, make_topology
+
+log = logging.getLogger(__name__)
+
+
+def _exchange(cfg: RunConfig, topo: Topology, groups: Groups, device: str) -> Exchange:
+    spec = cfg.codistill.exchange
+    if spec == "collective":
+        return CollectiveExchange(topo, groups, device)
+    if spec == "memory":
+        if topo.world_size > 1 or not topo.one_world:
+            raise ConfigError("codistill.exchange 'memory' cannot cross processes: give a "
+                              "directory, a URL or 'collective'")
+        return MemoryExchange(keep=cfg.codistill.keep)
+    exchange = make_exchange(spec, keep=cfg.codistill.keep)
+    return BackgroundExchange(exchange) if topo.is_leader else exchange
+
+
+def _wrap(topo: Topology, groups: Groups, device: str) -> Any:
+    if topo.workers == 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return lambda m: DDP(m, device_ids=ids, process_group=groups.replica)
+
+
+def _resume_step(loop: Loop, topo: Topology, groups: Groups) -> int | None:
+    """The checkpoint step to resume from, agreed inside the replica (and, in one-world
+    mode, across replicas: the newest step every replica has a valid checkpoint of)."""
+    step = None
+    if topo.is_leader:
+        valid = loop.valid_steps()
+        if topo.one_world and topo.num_replicas > 1 and dist.is_initialized():
+            every: list[Any] = [None] * topo.num_replicas
+            dist.all_gather_object(every, valid, group=groups.leaders)
+            common = set(every[0]).intersection(*every[1:])
+            step = max(common) if common else None
+        else:
+            step = valid[-1] if valid else None
+    if topo.workers > 1 and dist.is_initialized():
+        box = [step]
+        dist.broadcast_object_list(box, src=topo.leader_rank(), group=groups.replica)
+        step = box[0]
+    return step
+
+
+def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, device: str,
+               resume: bool = False, stop_at: int | None = None, progress: bool = True,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Build this rank's replica and loop, resume if asked, train; return the summary."""
+    task = build_task(cfg)
+    exchange = _exchange(cfg, topo, groups, device)
+    in_group = groups.replica if topo.workers > 1 else None
+    rep = build_replica(cfg, task, topo.replica, exchange, cfg.batch_size, topo.worker, topo.workers,
+                        _wrap(topo, groups, device), in_group)
+    ck = make_checkpointer(cfg, out_dir, rep, topo.worker, topo.workers, groups.replica)
+    rundir = RunDir(out_dir, f"-replica{topo.replica}") if topo.is_leader else None
+    loop = Loop(cfg, task, [rep], [ck], rundir, device, leader=topo.is_leader,
+                progress=progress and topo.replica == 0, desc=f"{cfg.name} replica {topo.replica}")
+    restored = _resume_step(loop, topo, groups) if resume else None
+    if resume and restored is None:
+        log.warning("replica %d: --resume found no valid checkpoint; starting afresh, replacing "
+                    "its earlier metrics and exchange versions", topo.replica)
+    if restored is not None:
+        loop.restore(restored)
+    start = restored or 0
+    if rundir is not None:
+        rundir.open(cfg, [ck], exchange, [topo.replica], restored, overwrite or resume,
+                    write_config=topo.replica == 0)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    try:
+        summary = loop.run(start, end, topo.worker)
+    finally:
+        if rundir is not None:
+            rundir.close()
+        exchange.close()
+    return summary
+
+
+def _device(cfg: RunConfig, local_rank: int) -> str:
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return cfg.device
+
+
+def run_distributed(
+    cfg: RunConfig,
+    out_dir: str,
+    replica: int | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Entry point on every rank (reads torchrun's environment; works without it as W=1)."""
+    rank, world, local_rank = env_world()
+    topo = make_topology(rank, world, cfg.replicas, replica)
+    set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    device = _device(cfg, local_rank)
+    own_pg = False
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend)
+        own_pg = True
+    try:
+        groups = make_groups(topo)
+        if rank == 0:
+            where = "" if topo.one_world else f" (replica {topo.replica} of {cfg.replicas})"
+            log.info("world %d: %d replica(s) x %d worker(s)%s", world,
+                     topo.num_replicas if topo.one_world else 1, topo.workers, where)
+        return train_rank(cfg, out_dir, topo, groups, device, resume, stop_at, progress, overwrite)
+    finally:
+        if own_pg:
+            dist.destroy_process_group()

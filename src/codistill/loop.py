@@ -1,0 +1,180 @@
+"""The training loop of the replicas one process trains: step, exchange, log, evaluate,
+checkpoint, summary.
+
+The one-process engine runs it over all N replicas (stepped round-robin: the paper's
+Algorithm 1, every replica publishing before any refreshes); each torchrun rank runs it over
+its own replica. Nothing here knows the task or the launch mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpointer
+from .config import RunConfig
+from .exchange import unwrap
+from .metrics import evaluate_models
+from .replica import Replica, replica_step
+from .rundir import RunDir
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+class Loop:
+    """Trains ``replicas`` (this process's) from a start step to an end step.
+
+    ``leader``: this process is the first rank of its replica(s): it evaluates and writes
+    metrics into ``rundir``. Every process checkpoints (each rank its own worker state).
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task, replicas: list[Replica],
+                 checkpointers: list[Checkpointer], rundir: RunDir | None, device: str,
+                 leader: bool = True, progress: bool = True, desc: str | None = None) -> None:
+        self.cfg, self.task, self.replicas, self.checkpointers = cfg, task, replicas, checkpointers
+        self.rundir, self.device, self.leader = rundir, device, leader
+        self.progress, self.desc = progress, desc or cfg.name
+        self.batches = (task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, device)
+                        if leader else [])
+        self.final: dict[str, Any] | None = None
+
+    # -- resume -----------------------------------------------------------------------
+    def valid_steps(self) -> list[int]:
+        """Checkpoint steps every local replica has a valid checkpoint of."""
+        sets = [set(ck.valid_steps()) for ck in self.checkpointers]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def restore(self, step: int) -> None:
+        """Load every local replica's checkpoint at ``step``; republish a version whose
+        background write a crash may have lost."""
+        for rep, ck in zip(self.replicas, self.checkpointers):
+            ck.restore(step, rep)
+            cd = rep.codistiller
+            if (cd.exchange.durable and cd.exchange_due(step)
+                    and step not in cd.exchange.versions(rep.index)):
+                cd.publish(step)
+        log.info("replica(s) %s: resumed at step %d", [r.index for r in self.replicas], step)
+
+    # -- one step ---------------------------------------------------------------------
+    def exchange(self, done: int) -> float:
+        """Every due replica publishes, then every one refreshes (so replicas in one process
+        see each other's weights of this very step). Returns the seconds it took."""
+        due = [r.codistiller for r in self.replicas if r.codistiller.exchange_due(done)]
+        t0 = time.perf_counter()
+        for cd in due:
+            cd.publish(done)
+        for cd in due:
+            cd.refresh(done)
+        return time.perf_counter() - t0 if due else 0.0
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        res = evaluate_models([unwrap(r.model) for r in self.replicas], self.batches, self.task.output)
+        assert self.rundir is not None
+        for rep, metrics in zip(self.replicas, res["models"]):
+            self.rundir.write({"step": step, "kind": "eval", "replica": rep.index, **metrics,
+                               **self.task.derived_metrics(metrics)})
+        if "ensemble" in res:
+            ens = res["ensemble"]
+            self.rundir.write({"step": step, "kind": "ensemble", "replica": "ensemble", **ens,
+                               **self.task.derived_metrics(ens)})
+            self.rundir.write({"step": step, "kind": "churn", "replica": "pairs", **res["churn"]})
+        self.final = res
+        return res
+
+    def _train_row(self, rep: Replica, done: int, acc: dict[str, Any], n: int) -> dict[str, Any]:
+        cd = rep.codistiller
+        stale = cd.staleness(done)
+        return {"step": done, "kind": "train", "replica": rep.index,
+                **{k: float(v) / n for k, v in acc.items()},
+                "lr": rep.scheduler.get_last_lr()[0],
+                "staleness": {str(p): s for p, s in stale.items()},
+                "staleness_max": max((s for s in stale.values() if s is not None), default=None),
+                "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
+                "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
+                "publish_wait_s": cd.exchange.wait_seconds, "sync_wait_s": cd.sync_wait_s}
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self, start: int, end: int, worker: int = 0) -> dict[str, Any]:
+        """Train from step ``start`` to ``end``; return a summary (``worker``: this rank's
+        index inside its replica, recorded in it)."""
+        cfg = self.cfg
+        if self.leader and start == 0:
+            self.evaluate(0)
+        acc: dict[int, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
+        nacc = 0
+        t_start = time.perf_counter()
+        bar = tqdm(range(start, end), desc=self.desc, initial=start, total=end,
+                   disable=not (self.progress and self.leader), dynamic_ncols=True)
+        for step in bar:
+            for rep in self.replicas:
+                out = replica_step(rep, self.task, rep.next_batch(self.task, self.device), step,
+                                   cfg.optimizer.grad_clip)
+                for k, v in out.items():
+                    acc[rep.index][k] = acc[rep.index][k] + v
+            nacc += 1
+            done = step + 1
+            seconds = self.exchange(done)
+            if seconds:
+                for rep in self.replicas:
+                    acc[rep.index]["exchange_time"] += seconds / len(self.replicas)
+            if self.leader and (done % cfg.log_every == 0 or done == end):
+                assert self.rundir is not None
+                for rep in self.replicas:
+                    self.rundir.write(self._train_row(rep, done, acc[rep.index], nacc))
+                bar.set_postfix(loss=f"{float(acc[self.replicas[0].index]['task_loss']) / nacc:.3f}")
+                acc.clear()
+                nacc = 0
+            if self.leader and (done % cfg.eval.every == 0 or done == cfg.steps):
+                res = self.evaluate(done)
+                bar.set_postfix(val=" ".join(f"{m['loss']:.3f}" for m in res["models"]))
+            # Last: a checkpoint at this step holds every row written up to it.
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
+                for rep, ck in zip(self.replicas, self.checkpointers):
+                    ck.save(done, rep)
+        bar.close()
+        wall = time.perf_counter() - t_start
+        for rep in self.replicas:
+            rep.codistiller.exchange.flush()
+        summary: dict[str, Any] = {
+            "name": cfg.name, "replicas": [r.index for r in self.replicas], "start": start, "end": end,
+            "steps": cfg.steps, "wall_time_s": wall,
+            "steps_per_s": (end - start) / wall if wall > 0 else None,
+            "bytes_published": {r.index: r.codistiller.bytes_published for r in self.replicas},
+            "bytes_read": {r.index: r.codistiller.bytes_read for r in self.replicas},
+            "final": self.final, "worker": worker,
+        }
+        if self.leader and self.rundir is not None:
+            if end == cfg.steps:
+                summary["weights"] = [self.rundir.save_weights(r.index, r.model, r.spec)
+                                      for r in self.replicas]
+            self.rundir.write_summary(summary)
+        return summary
+
+
+def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, worker: int = 0, workers: int = 1,
+                      group: Any = None) -> Checkpointer:
+    """The checkpointer of ``rep`` under ``RUN_DIR/checkpoints``, fingerprinted with the
+    settings its data position and weights depend on (a resume with others is refused)."""
+    import dataclasses
+    import os
+
+    fingerprint = {"task": cfg.task, "seed": cfg.seed, "replicas": cfg.replicas, "workers": workers,
+                   "batch_size": cfg.batch_size, "data": dataclasses.asdict(cfg.data), "model": rep.spec}
+    return Checkpointer(os.path.join(run_dir, "checkpoints"), rep.index, worker, workers, group,
+                        cfg.checkpoint.keep, fingerprint)
+
+
+def set_threads(cfg: RunConfig, local_processes: int = 1) -> None:
+    """torch intra-op threads: ``cfg.threads``, else the cores shared among local processes."""
+    import os
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif local_processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))

@@ -1,0 +1,89 @@
+"""A task owns what differs between problems; everything else in codistill is task-agnostic.
+
+A :class:`Task` gives the training examples (by index, so they can be sharded across
+replicas and workers), the validation batches, the model built from a spec, the task loss
+φ, the kind of output (which decides ψ and the metrics) and the predictions churn is
+measured on. Built-in tasks: ``lm``, ``image``, ``click``; a config may name a task of its
+own as ``task: package.module:Class``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import DataSettings
+from ..losses import predict_probs, task_loss
+from ..models import build_model
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+Batch = tuple[Any, torch.Tensor]  # (model inputs: a tensor, a tuple or a dict; targets)
+
+
+class Task(ABC):
+    """One problem: data, model, φ, output kind, metrics, predictions for churn.
+
+    Subclasses set ``Data`` (the dataclass of the config's ``data:`` section, a subclass of
+    :class:`DataSettings`), ``output`` (``"categorical"``: logits ``[..., C]`` with integer
+    targets; ``"binary"``: one logit per example with 0/1 targets) and ``default_model``,
+    and load their data in ``__init__`` (errors name the file or the ``data.*`` field).
+    """
+
+    Data: ClassVar[type[DataSettings]] = DataSettings
+    output: ClassVar[str] = "categorical"
+    default_model: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, data: DataSettings, seed: int = 0) -> None:
+        self.data = data
+        self.seed = seed
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Cross-field rules between ``data`` and ``model``; raise ConfigError naming a field."""
+
+    @property
+    @abstractmethod
+    def train_size(self) -> int:
+        """Number of training examples (indices ``0..train_size-1``)."""
+
+    @abstractmethod
+    def train_batch(self, indices: np.ndarray, generator: torch.Generator, device: str) -> Batch:
+        """The training examples at ``indices``; ``generator`` drives any augmentation."""
+
+    @abstractmethod
+    def val_batches(self, batch_size: int, max_batches: int, device: str) -> list[Batch]:
+        """Fixed validation batches (all of the split when ``max_batches`` is 0, else an evenly
+        spread subset of ``max_batches`` batches)."""
+
+    def model_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``spec`` completed with what the data decides (vocabulary, classes, fields)."""
+        return dict(spec)
+
+    def build_model(self, spec: dict[str, Any]) -> nn.Module:
+        """A fresh model from a complete spec (as :meth:`model_spec` returns)."""
+        return build_model(spec)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """φ, the task loss."""
+        return task_loss(outputs, targets, self.output)
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The predictions churn is measured on: class probabilities or a click probability."""
+        return predict_probs(outputs.float(), "bce" if self.output == "binary" else "kl")
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Extra values computed from one model's evaluation (e.g. bits per byte)."""
+        return {}
+
+
+def spread_subset(n: int, batch_size: int, max_batches: int) -> np.ndarray:
+    """Indices of the validation examples to evaluate: all, or an evenly spaced subset."""
+    if max_batches and max_batches * batch_size < n:
+        return np.linspace(0, n - 1, max_batches * batch_size).astype(np.int64)
+    return np.arange(n, dtype=np.int64)
