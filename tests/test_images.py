@@ -147,6 +147,55 @@ def test_install_returns_existing(no_data):
     assert images.install_fashion_mnist(d) == d  # complete: no apt-get
 
 
+def _fake_run(returncodes, calls):
+    """A stand-in for ``images._run``: pops exit codes, records commands, writes nothing."""
+    import subprocess
+
+    def run(cmd, cwd):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncodes.pop(0), "", "E: Unable to locate package\n")
+
+    return run
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_install_apt_failure(no_data, monkeypatch, root):
+    calls = []
+    monkeypatch.setattr(images, "_run", _fake_run([100, 0, 100], calls))
+    monkeypatch.setattr(images.os, "geteuid", lambda: 0 if root else 1000)
+    with pytest.raises(RuntimeError, match="apt-get download dataset-fashion-mnist.*exit 100.*Unable to"):
+        images.install_fashion_mnist(str(no_data / "dest"))
+    expected = [["apt-get", "download", images.DEBIAN_PACKAGE]]
+    if root:  # one `apt-get update`, then one retry
+        expected += [["apt-get", "update"], ["apt-get", "download", images.DEBIAN_PACKAGE]]
+    assert calls == expected
+    assert not (no_data / "dest").exists()
+
+
+def test_install_no_deb(no_data, monkeypatch):
+    monkeypatch.setattr(images, "_run", _fake_run([0], []))
+    with pytest.raises(RuntimeError, match="produced no dataset-fashion-mnist_"):
+        images.install_fashion_mnist(str(no_data / "dest"))
+
+
+def test_place_new_and_existing_dir(tmp_path):
+    src = _fake_set(tmp_path / "src")
+    dest = tmp_path / "cache" / "fashion-mnist"
+    images._place(src, str(dest))
+    assert sorted(os.listdir(dest)) == sorted(FASHION_MNIST_FILES.values())
+    assert not [p for p in os.listdir(dest.parent) if ".tmp-" in p]
+    copied, original = load_fashion_mnist(str(dest)), load_fashion_mnist(src)
+    np.testing.assert_array_equal(copied["train_x"], original["train_x"])
+    other = tmp_path / "mine"  # an existing directory with other files: they stay
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    (other / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+    images._place(src, str(other))
+    assert (other / "notes.txt").read_text() == "keep"
+    assert sorted(os.listdir(other)) == sorted([*FASHION_MNIST_FILES.values(), "notes.txt"])
+    assert load_fashion_mnist(str(other))["train_x"].shape == (12, 28, 28)
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_load_fake_set(tmp_path, gz):
     d = _fake_set(tmp_path / "fm", gz=gz)
@@ -158,6 +207,8 @@ def test_load_fake_set(tmp_path, gz):
     assert x.shape == (12, 1, 28, 28) and x.dtype == torch.float32
     ref = (data["train_x"][3, 5, 7] / 255 - 0.2860) / 0.3530
     assert x[3, 0, 5, 7].item() == pytest.approx(ref, abs=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        to_float(x[:, 0])
 
 
 def test_load_mismatched_counts_and_bad_labels(tmp_path):
@@ -167,6 +218,10 @@ def test_load_mismatched_counts_and_bad_labels(tmp_path):
         load_fashion_mnist(d)
     d = _fake_set(tmp_path / "fm2", labels_max=10)
     with pytest.raises(ValueError, match="train-labels-idx1-ubyte.*0..9"):
+        load_fashion_mnist(d)
+    d = _fake_set(tmp_path / "fm3")
+    write_idx(os.path.join(d, "t10k-images-idx3-ubyte.gz"), np.zeros((5, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"train-images.*\(28, 28\).*t10k-images.*\(32, 32\)"):
         load_fashion_mnist(d)
 
 
@@ -220,6 +275,16 @@ def test_augment_crop(flip):
         assert flip or not all(m for _, _, m in hits)
         offsets.add(hits[0][:2])
     assert len(offsets) > 3  # per-example offsets
+
+
+def test_augment_uint8_and_bad_input():
+    x = torch.randint(0, 256, (8, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = augment(x, torch.Generator().manual_seed(0), pad=1)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    with pytest.raises(ValueError, match="pad"):
+        augment(x, torch.Generator(), pad=-1)
+    with pytest.raises(ValueError, match=r"\[B,C,H,W\]"):
+        augment(x[:, 0], torch.Generator())
 
 
 def test_augment_reproducible():

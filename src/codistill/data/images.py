@@ -181,71 +181,110 @@ def load_fashion_mnist(data_dir: str | None = None) -> dict[str, np.ndarray]:
         if nx != ny:
             raise ValueError(f"{paths[f'{split}_x']} has {nx} images but {paths[f'{split}_y']} "
                              f"has {ny} labels")
+    if out["train_x"].shape[1:] != out["test_x"].shape[1:]:
+        raise ValueError(f"{paths['train_x']} holds {out['train_x'].shape[1:]} images but "
+                         f"{paths['test_x']} holds {out['test_x'].shape[1:]} images")
     return out
+
+
+APT_TIMEOUT = 900  # seconds for one apt-get/dpkg command
 
 
 def _run(cmd: list[str], cwd: str) -> subprocess.CompletedProcess[str]:
     log.info("running: %s", " ".join(cmd))
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError as e:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(f"`{' '.join(cmd)}` failed: {e}") from e
 
 
-def _check(proc: subprocess.CompletedProcess[str], cmd: list[str]) -> None:
+def _check(proc: subprocess.CompletedProcess[str], cmd: list[str], hint: str = "") -> None:
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-10:])
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}")
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}{hint}")
+
+
+def _download_deb(tmp: str) -> str:
+    """``apt-get download`` the package into ``tmp`` (as root: ``apt-get update`` once on failure)."""
+    cmd = ["apt-get", "download", DEBIAN_PACKAGE]
+    proc = _run(cmd, tmp)
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if proc.returncode != 0 and root:
+        log.info("apt-get download failed; updating the package lists once and retrying")
+        _check(_run(["apt-get", "update"], tmp), ["apt-get", "update"])
+        proc = _run(cmd, tmp)
+    hint = "" if root else "\n(as root, run `apt-get update` first; or set data.dir to a copy of the files)"
+    _check(proc, cmd, hint)
+    debs = sorted(glob.glob(os.path.join(tmp, f"{DEBIAN_PACKAGE}_*.deb")))
+    if not debs:
+        raise RuntimeError(f"`{' '.join(cmd)}` produced no {DEBIAN_PACKAGE}_*.deb in {tmp}")
+    return debs[-1]
+
+
+def _extract(deb: str, tmp: str) -> str:
+    """``dpkg -x`` the package under ``tmp``; return the directory holding the four files."""
+    cmd = ["dpkg", "-x", deb, os.path.join(tmp, "x")]
+    _check(_run(cmd, tmp), cmd)
+    src = os.path.join(tmp, "x", DEBIAN_DIR.lstrip("/"))
+    missing = [n for n in FASHION_MNIST_FILES.values() if not os.path.isfile(os.path.join(src, n))]
+    if missing:
+        raise RuntimeError(f"{os.path.basename(deb)} lacks {', '.join(missing)} under {DEBIAN_DIR}")
+    return src
+
+
+def _place(src: str, dest: str) -> None:
+    """Copy the four files from ``src`` into ``dest`` so that readers never see a partial file.
+
+    A new ``dest`` is filled under ``dest.tmp-XXXX`` and renamed; into an existing directory
+    (which may hold other files, never deleted) each file is copied to a temporary name and renamed.
+    """
+    names = list(FASHION_MNIST_FILES.values())
+    dest = os.path.abspath(dest)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if not os.path.exists(dest):
+        staging = tempfile.mkdtemp(prefix=os.path.basename(dest) + ".tmp-", dir=os.path.dirname(dest))
+        try:
+            for name in names:
+                shutil.copyfile(os.path.join(src, name), os.path.join(staging, name))
+            os.rename(staging, dest)
+            return
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.isdir(dest):  # not lost to a concurrent installer: a real error
+                raise
+    for name in names:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=dest)
+        os.close(fd)
+        try:
+            shutil.copyfile(os.path.join(src, name), tmp)
+            os.replace(tmp, os.path.join(dest, name))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def install_fashion_mnist(dest: str | None = None) -> str:
     """Set-up step: unpack Debian's ``dataset-fashion-mnist`` into ``dest`` (no root needed).
 
-    Returns the directory already holding the files if there is one; otherwise downloads the
-    .deb with ``apt-get download``, extracts it with ``dpkg -x`` and moves the four files into
-    ``dest`` (default ``default_cache_dir()/fashion-mnist``) atomically.
+    Without ``dest``, returns the directory already holding the files (:func:`fashion_mnist_dir`)
+    if there is one; with ``dest``, returns it at once if it holds them. Otherwise downloads the
+    .deb with ``apt-get download``, extracts it with ``dpkg -x`` and copies the four files into
+    ``dest`` (default ``default_cache_dir()/fashion-mnist``). Failures raise ``RuntimeError``.
     """
-    if dest is not None:
-        if os.path.isdir(dest) and not _missing(dest):
-            log.info("Fashion-MNIST already in %s", dest)
-            return dest
-    else:
+    if dest is None:
         try:
             found = fashion_mnist_dir()
             log.info("Fashion-MNIST already in %s", found)
             return found
         except FileNotFoundError:
-            pass
-        dest = os.path.join(default_cache_dir(), "fashion-mnist")
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
+            dest = os.path.join(default_cache_dir(), "fashion-mnist")
+    elif os.path.isdir(dest) and not _missing(dest):
+        log.info("Fashion-MNIST already in %s", dest)
+        return dest
     with tempfile.TemporaryDirectory(prefix="codistill-fmnist-") as tmp:
-        cmd = ["apt-get", "download", DEBIAN_PACKAGE]
-        proc = _run(cmd, tmp)
-        if proc.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-            log.info("apt-get download failed; updating the package lists once and retrying")
-            _check(_run(["apt-get", "update"], tmp), ["apt-get", "update"])
-            proc = _run(cmd, tmp)
-        _check(proc, cmd)
-        debs = sorted(glob.glob(os.path.join(tmp, f"{DEBIAN_PACKAGE}_*.deb")))
-        if not debs:
-            raise RuntimeError(f"`{' '.join(cmd)}` produced no .deb in {tmp}")
-        xcmd = ["dpkg", "-x", debs[-1], "x"]
-        _check(_run(xcmd, tmp), xcmd)
-        src = os.path.join(tmp, "x", DEBIAN_DIR.lstrip("/"))
-        missing = [n for n in FASHION_MNIST_FILES.values() if not os.path.isfile(os.path.join(src, n))]
-        if missing:
-            raise RuntimeError(f"{os.path.basename(debs[-1])} lacks {', '.join(missing)} under {DEBIAN_DIR}")
-        staging = tempfile.mkdtemp(prefix=".fashion-mnist-", dir=parent)
-        try:
-            for name in FASHION_MNIST_FILES.values():
-                shutil.copy2(os.path.join(src, name), os.path.join(staging, name))
-            if os.path.isdir(dest):  # incomplete earlier attempt: replace it
-                shutil.rmtree(dest)
-            os.rename(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        src = _extract(_download_deb(tmp), tmp)
+        _place(src, dest)
     log.info("Fashion-MNIST installed in %s", dest)
     return dest
 
@@ -255,6 +294,8 @@ def install_fashion_mnist(dest: str | None = None) -> str:
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,H,W] → normalised float [B,1,H,W]."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"to_float expects uint8 images, got {images.dtype}")
     return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
@@ -267,6 +308,8 @@ def augment(
     """
     if images.dim() != 4:
         raise ValueError(f"augment expects [B,C,H,W] images, got shape {tuple(images.shape)}")
+    if pad < 0:
+        raise ValueError(f"augment: pad must be >= 0, got {pad}")
     if pad == 0 and not flip:
         return images.clone()
     b, c, h, w = images.shape

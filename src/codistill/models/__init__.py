@@ -7,12 +7,13 @@ from typing import Any
 
 from torch import nn
 
+from .click import ClickModel
 from .lstm import LSTMLM
 from .transformer import TransformerLM
 from .vision import ResNet, SmallCNN
 
 MODELS: dict[str, type[nn.Module]] = {"lstm": LSTMLM, "transformer": TransformerLM, "cnn": SmallCNN,
-                                      "resnet": ResNet}
+                                      "resnet": ResNet, "click": ClickModel}
 
 
 def register_model(name: str, cls: type[nn.Module]) -> None:
@@ -35,4 +36,5 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return cls(**spec)
 
 
-__all__ = ["LSTMLM", "MODELS", "ResNet", "SmallCNN", "TransformerLM", "build_model", "register_model"]
+__all__ = ["ClickModel", "LSTMLM", "MODELS", "ResNet", "SmallCNN", "TransformerLM", "build_model",
+           "register_model"]
