@@ -125,6 +125,18 @@ def test_movielens():
     assert rare.cardinalities[1] < t.cardinalities[1] and (rare.categorical[:, 1] == 0).any()
 
 
+@pytest.mark.skipif(not _has("recbole"), reason="recbole wheel not installed")
+def test_validation_split_is_fixed_across_retrain_seeds():
+    from codistill.tasks.click import ClickData, ClickTask
+
+    a, b = ClickTask(ClickData(), seed=0), ClickTask(ClickData(), seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.val, b.val))
+    other = ClickTask(ClickData(split_seed=1), seed=0)
+    assert not torch.equal(a.val[2], other.val[2])
+    gen = [ClickTask(ClickData(name="criteo", rows=100, val_rows=50), seed=s).val for s in (0, 3)]
+    assert all(torch.equal(x, y) for x, y in zip(*gen))
+
+
 def test_movielens_dir_without_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_movielens(str(tmp_path))

@@ -26,7 +26,10 @@ class ClickData(DataSettings):
     numeric: list[str] = setting([])  # table: numeric columns
     positive: str | None = None  # table: the label value that means a click (string labels)
     min_count: int = setting(1, gt=0)  # rarer categories share the 'unknown' id 0
-    val_fraction: float = setting(0.1, gt=0, lt=0.5)  # held-out rows (random, seeded by `seed`)
+    val_fraction: float = setting(0.1, gt=0, lt=0.5)  # held-out rows (random, by split_seed)
+    # The validation split and the generator's rows: fixed across retrains with other `seed`s
+    # (which change the init and data order only), so their predictions can be compared.
+    split_seed: int = setting(0, ge=0)
     rows: int = setting(1_000_000, gt=0)  # criteo: training rows streamed by the generator
     val_rows: int = setting(20_000, gt=0)  # criteo: validation rows
     buckets: int = setting(1000, gt=1)  # criteo: hash buckets per categorical field
@@ -45,7 +48,8 @@ class ClickTask(Task):
         super().__init__(data, seed)
         self.generator: CriteoGenerator | None = None
         if data.name == "criteo":
-            self.generator = CriteoGenerator(data.rows + data.val_rows, seed=seed, buckets=data.buckets)
+            self.generator = CriteoGenerator(data.rows + data.val_rows, seed=data.split_seed,
+                                             buckets=data.buckets)
             self.cardinalities = list(self.generator.cardinalities)
             sample = self.generator.batch(np.arange(min(data.rows, 20_000)))[1]
             self._fit_numeric(sample)
@@ -53,7 +57,7 @@ class ClickTask(Task):
             self.val = self._tensors(cat, num, y)
             return
         table = self._load_table(data)
-        perm = np.random.default_rng(seed).permutation(len(table.labels))
+        perm = np.random.default_rng(data.split_seed).permutation(len(table.labels))
         n_val = max(1, int(round(len(perm) * data.val_fraction)))
         val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         self.cardinalities = list(table.cardinalities)
