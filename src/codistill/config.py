@@ -90,6 +90,7 @@ class RunConfig:
     device: str = "cpu"
     threads: int = setting(0, ge=0)  # torch intra-op threads; 0 leaves torch's default
     log_every: int = setting(10, gt=0)
+    label_smoothing: float = setting(0.0, ge=0, lt=1)  # ε: φ toward (1-ε)·labels + ε·uniform
     task: str = "lm"  # lm | image | click | module:Class
     model: dict[str, Any] = field(default_factory=dict)  # empty: the task's default model
     replica_models: list[dict[str, Any]] | None = None  # per replica, merged over `model`

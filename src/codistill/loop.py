@@ -114,7 +114,7 @@ class Loop:
         for step in bar:
             for rep in self.replicas:
                 out = replica_step(rep, self.task, rep.next_batch(self.task, self.device), step,
-                                   cfg.optimizer.grad_clip)
+                                   cfg.optimizer.grad_clip, cfg.label_smoothing)
                 for k, v in out.items():
                     acc[rep.index][k] = acc[rep.index][k] + v
             nacc += 1

@@ -24,6 +24,15 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "categori
     raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
 
 
+def uniform_loss(logits: torch.Tensor, kind: str = "categorical") -> torch.Tensor:
+    """Cross entropy toward the uniform distribution (a click probability of 0.5 for binary
+    outputs). Label smoothing ε is ``(1-ε)·φ + ε·uniform_loss``: cross entropy is linear in
+    its target, so this equals φ toward the smoothed labels."""
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 0.5))
+    return -torch.log_softmax(logits.float(), dim=-1).mean(-1).mean()
+
+
 def predict_probs(logits: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
     """The predicted distribution: softmax over the last axis, or a sigmoid for binary outputs."""
     if kind == "bce":

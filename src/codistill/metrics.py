@@ -8,7 +8,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -213,9 +213,11 @@ def eval_curve(rows: list[dict[str, Any]], replica: int | str, key: str = "loss"
     return sorted(pts.items())
 
 
-def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First evaluated step whose loss is at or below ``target``; None if never."""
+def steps_to_target(curve: Sequence[tuple[int, float]], target: float,
+                    higher_is_better: bool = False) -> int | None:
+    """The first evaluated step whose value reaches ``target`` (at or below it for a loss, at
+    or above it for an accuracy with ``higher_is_better``); None if never."""
     for step, value in curve:
-        if value <= target:
+        if (value >= target) if higher_is_better else (value <= target):
             return step
     return None

@@ -18,6 +18,7 @@ from .codistiller import Codistiller
 from .config import RunConfig
 from .data import ShardSampler, shard_indices
 from .exchange import Exchange
+from .losses import uniform_loss
 from .tasks import Batch, Task
 from .teachers import call_model
 
@@ -114,15 +115,19 @@ def build_replica(
                    torch.Generator().manual_seed(stream + 7), rng)
 
 
-def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float) -> dict[str, Any]:
-    """One optimizer step of φ + α·ψ on ``batch``; returns the step's scalars (losses as
-    0-d tensors on the device, read only when logged: no host synchronisation here)."""
+def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float,
+                 label_smoothing: float = 0.0) -> dict[str, Any]:
+    """One optimizer step of φ + α·ψ on ``batch`` (φ with ``label_smoothing`` ε); returns the
+    step's scalars (losses as 0-d tensors on the device, read only when logged: no host
+    synchronisation here)."""
     t0 = time.perf_counter()
     x, y = batch
     torch.set_rng_state(rep.rng_state)
     rep.model.train()
     outputs = call_model(rep.model, x)
     phi = task.loss(outputs, y)
+    if label_smoothing > 0:
+        phi = (1 - label_smoothing) * phi + label_smoothing * uniform_loss(outputs, task.output)
     alpha = rep.codistiller.alpha(step)
     term = rep.codistiller.distill_loss(x, outputs, step)
     loss = phi + term

@@ -1,0 +1,45 @@
+"""Recipes that measure the paper's claims: ``codistill reproduce NAME``.
+
+Each recipe trains its arms through a :class:`Study` (one run directory per resolved
+config, finished arms skipped) and returns a :class:`Section` of the report; the report,
+``results.md``, is assembled from every section present.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from . import click_churn
+from .results import Section, assemble, save_section
+from .study import ArmResult, Study, make_config
+
+log = logging.getLogger(__name__)
+
+RECIPES: dict[str, Callable[[Study], Section]] = {
+    click_churn.NAME: click_churn.run,
+}
+
+
+def reproduce(names: list[str], out: str, report_dir: str | None = None, seeds: int = 3,
+              quick: bool = False, progress: bool = False) -> str:
+    """Run the recipes ``names`` (``all``: every one) under ``out``; write each one's section
+    and the assembled ``results.md`` into ``report_dir`` (default ``out``); return its path."""
+    if "all" in names:
+        names = list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)} or 'all'")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    study = Study(out, report_dir, seeds=seeds, quick=quick, progress=progress)
+    for name in names:
+        log.info("recipe %s (%s, %d seed(s)) -> %s", name, "quick" if quick else "full", seeds, out)
+        save_section(RECIPES[name](study), os.path.join(out, name))
+    path = assemble(out, study.report_dir, list(RECIPES))
+    log.info("%d arm(s) trained, %d finished earlier; report: %s", study.ran, study.skipped, path)
+    return path
+
+
+__all__ = ["RECIPES", "ArmResult", "Section", "Study", "make_config", "reproduce"]

@@ -1,0 +1,156 @@
+"""Running a study's arms: one run directory per resolved config, finished arms skipped,
+learning rates tuned per arm on one grid, and the statistics the report quotes.
+
+An arm is a normal run directory ``OUT/arms/NAME-KEY`` where KEY hashes the resolved config,
+so rerunning a recipe (or another recipe needing the same run) finds it finished and skips
+it; an arm cut off part-way resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import RunConfig, from_dict
+from ..metrics import eval_curve, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+def arm_key(cfg: RunConfig) -> str:
+    """A short hash of everything that decides the run's numbers (not its name)."""
+    values = cfg.to_dict()
+    for k in ("name", "threads", "log_every"):
+        values.pop(k, None)
+    blob = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+@dataclass
+class ArmResult:
+    """A finished arm: its config, directory and metric rows."""
+
+    cfg: RunConfig
+    dir: str
+    rows: list[dict[str, Any]]
+
+    def curve(self, who: int | str = 0, key: str = "loss") -> list[tuple[int, float]]:
+        """``(step, value)`` of the evaluations of replica ``who`` (or ``"ensemble"``)."""
+        return eval_curve(self.rows, who, key)
+
+    def final(self, who: int | str = 0, key: str = "loss") -> float:
+        curve = self.curve(who, key)
+        return curve[-1][1] if curve else math.nan
+
+    def final_mean(self, key: str = "loss") -> float:
+        """The final ``key`` averaged over the run's replicas."""
+        return statistics.fmean(self.final(r, key) for r in range(self.cfg.replicas))
+
+
+class Study:
+    """Runs arms under ``root`` (sequentially, in this process, with the one-process engine).
+
+    ``seeds``: how many seeds (or retrain pairs) a recipe reports; ``quick``: the smoke-test
+    size; ``report_dir``: where ``results.md`` and its plots go (plots under ``results/``).
+    """
+
+    def __init__(self, root: str, report_dir: str | None = None, seeds: int = 3, quick: bool = False,
+                 progress: bool = False) -> None:
+        self.root, self.report_dir = root, report_dir or root
+        self.seeds, self.quick, self.progress = seeds, quick, progress
+        self.ran = self.skipped = 0
+
+    def plot_path(self, name: str) -> tuple[str, str]:
+        """(file path, path relative to the report) of a plot called ``name``."""
+        rel = f"results/{name}.png"
+        return os.path.join(self.report_dir, rel), rel
+
+    def arm_dir(self, cfg: RunConfig) -> str:
+        """``arms/NAME-KEY``; an arm with the same KEY under another name is the same arm."""
+        key = arm_key(cfg)
+        same = sorted(glob.glob(os.path.join(glob.escape(self.root), "arms", f"*-{key}")),
+                      key=lambda d: not self.finished(d, cfg))
+        if same:
+            return same[0]
+        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", cfg.name)
+        return os.path.join(self.root, "arms", f"{slug}-{key}")
+
+    @staticmethod
+    def finished(run_dir: str, cfg: RunConfig) -> bool:
+        """The run reached its last step and wrote its final weights."""
+        try:
+            with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return summary.get("end") == cfg.steps and len(summary.get("weights") or []) == cfg.replicas
+
+    def run(self, cfg: RunConfig) -> ArmResult:
+        """Train ``cfg`` unless an identical arm already finished; return its results."""
+        from ..engine import run
+
+        out = self.arm_dir(cfg)
+        if self.finished(out, cfg):
+            self.skipped += 1
+            log.info("arm %s: finished earlier (%s), skipped", cfg.name, out)
+        else:
+            resume = os.path.isdir(os.path.join(out, "checkpoints"))
+            log.info("arm %s -> %s%s", cfg.name, out, " (resuming)" if resume else "")
+            run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume)
+            self.ran += 1
+        return ArmResult(cfg, out, read_metrics(out))
+
+    def tune(self, base: dict[str, Any], key: str, grid: Sequence[float], seed: int,
+             name: str, metric: str = "loss", higher_is_better: bool = False
+             ) -> tuple[float, dict[float, float]]:
+        """Pick the value of ``key`` (dotted, e.g. ``optimizer.lr``) from ``grid`` whose run
+        with the tuning ``seed`` ends with the best final ``metric`` (mean over replicas).
+
+        The tuning seed is kept apart from the seeds a recipe reports, so no arm is tuned on
+        the figure that is reported. Returns the chosen value and every value's result.
+        """
+        results: dict[float, float] = {}
+        for value in grid:
+            cfg = make_config(base, {key: value, "seed": seed, "name": f"{name}-tune-{value:g}"})
+            res = self.run(cfg).final_mean(metric)
+            results[value] = res if math.isfinite(res) else (-math.inf if higher_is_better else math.inf)
+        pick = max if higher_is_better else min
+        best = pick(results, key=lambda v: results[v])
+        log.info("%s: %s tuned on seed %d: %s -> %g", name, key, seed,
+                 ", ".join(f"{v:g}: {r:.4f}" for v, r in results.items()), best)
+        return best, results
+
+
+def make_config(base: dict[str, Any], sets: dict[str, Any]) -> RunConfig:
+    """A validated config: ``base`` (plain values) with dotted-key ``sets`` applied."""
+    values = json.loads(json.dumps(base))
+    for dotted, value in sets.items():
+        node = values
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(values)
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value; NaN values are dropped)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def fmt(values: Sequence[float], digits: int = 4) -> str:
+    """``mean ± sd`` of ``values``."""
+    m, s = mean_spread(values)
+    return "–" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"

