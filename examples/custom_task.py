@@ -39,8 +39,8 @@ class BlobsTask(Task):
     default_model = {"name": "mlp", "hidden": 64}
     data: BlobsData
 
-    def __init__(self, data: BlobsData, seed: int = 0) -> None:
-        super().__init__(data, seed)
+    def __init__(self, data: BlobsData) -> None:
+        super().__init__(data)
         rng = np.random.default_rng(12345)  # the problem itself does not change with the seed
         centres = rng.normal(size=(data.classes, data.dim)) * 2
         y = rng.integers(0, data.classes, size=data.examples)

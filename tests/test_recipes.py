@@ -104,3 +104,29 @@ def test_click_churn_quick_fills_every_arm(tmp_path):
     figures = json.load(open(tmp_path / "out" / "click-churn" / "figures.json", encoding="utf-8"))
     single = figures["figures"]["adult"]["single model"]
     assert len(single["values"]["churn"]) == 2 and all(c > 0 for c in single["values"]["churn"])
+
+
+def test_scaling_limit_is_where_doubling_stops_paying():
+    from codistill.recipes.scaling import scaling_limit
+
+    assert scaling_limit({1: 1000, 2: 600, 4: 400, 8: 380, 16: 370}) == 4  # 400 -> 380: -5%
+    assert scaling_limit({1: 1000, 2: 500, 4: 250}) == 4  # still scaling: the largest swept
+    assert scaling_limit({1: 300, 2: 290}) == 1
+
+
+@pytest.mark.parametrize("name", ["lm-scaling", "image-scaling"])
+def test_scaling_quick_fills_every_arm(tmp_path, name):
+    path = reproduce([name], str(tmp_path / "out"), seeds=2, quick=True)
+    text = open(path, encoding="utf-8").read()
+    assert "scaling limit W* =" in text and "Ratio of steps" in text
+    for arm in ("| 1 | ", "| 2 | ", "| baseline, W=", "replica 0, W=", "replica 1, W=", "| ensemble of"):
+        assert arm in text
+    figures = json.load(open(tmp_path / "out" / name / "figures.json", encoding="utf-8"))["figures"]
+    assert set(figures["lrs"]) == {"1", "2"} and len(figures["steps_baseline"]) == 2
+    assert os.path.exists(tmp_path / "out" / "results" / f"{name}-sweep.png")
+    # a rerun trains nothing: every arm is found finished
+    from codistill.recipes import RECIPES, Study
+
+    study = Study(str(tmp_path / "out"), seeds=2, quick=True)
+    RECIPES[name](study)
+    assert study.ran == 0 and study.skipped > 0

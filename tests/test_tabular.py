@@ -127,13 +127,16 @@ def test_movielens():
 
 @pytest.mark.skipif(not _has("recbole"), reason="recbole wheel not installed")
 def test_validation_split_is_fixed_across_retrain_seeds():
-    from codistill.tasks.click import ClickData, ClickTask
+    from codistill.config import from_dict
+    from codistill.tasks import build_task
 
-    a, b = ClickTask(ClickData(), seed=0), ClickTask(ClickData(), seed=5)
-    assert all(torch.equal(x, y) for x, y in zip(a.val, b.val))
-    other = ClickTask(ClickData(split_seed=1), seed=0)
-    assert not torch.equal(a.val[2], other.val[2])
-    gen = [ClickTask(ClickData(name="criteo", rows=100, val_rows=50), seed=s).val for s in (0, 3)]
+    def val(seed: int, **data):
+        return build_task(from_dict({"task": "click", "seed": seed, "data": data})).val
+
+    a, b = val(0), val(5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[2], val(0, split_seed=1)[2])
+    gen = [val(s, name="criteo", rows=100, val_rows=50) for s in (0, 3)]
     assert all(torch.equal(x, y) for x, y in zip(*gen))
 
 

@@ -16,20 +16,22 @@ from .exchange import make_exchange
 from .loop import Loop, make_checkpointer, set_threads
 from .replica import build_replica
 from .rundir import RunDir
-from .tasks import build_task
+from .tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = False,
-        resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+        resume: bool = False, stop_at: int | None = None, task: Task | None = None) -> dict[str, Any]:
     """Train ``cfg.replicas`` replicas in this process; write metrics, checkpoints, weights.
 
     ``resume`` continues from the newest step every replica has a valid checkpoint of;
-    ``stop_at`` checkpoints and stops there. Returns the summary (with the final evaluation).
+    ``stop_at`` checkpoints and stops there; ``task``: the loaded data of ``cfg`` (e.g. shared
+    by a study's runs), else loaded here. Returns the summary (with the final evaluation).
     """
     set_threads(cfg)
-    task = build_task(cfg)  # before anything is written: a bad data path leaves no debris
+    if task is None:
+        task = build_task(cfg)  # before anything is written: a bad data path leaves no debris
     # In one process every exchange is equivalent; a directory is still written if given.
     spec = "memory" if cfg.codistill.exchange == "collective" else cfg.codistill.exchange
     exchange = make_exchange(spec, keep=cfg.codistill.keep)

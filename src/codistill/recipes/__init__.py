@@ -11,13 +11,15 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import click_churn
+from . import click_churn, scaling
 from .results import Section, assemble, save_section
 from .study import ArmResult, Study, make_config
 
 log = logging.getLogger(__name__)
 
-RECIPES: dict[str, Callable[[Study], Section]] = {
+RECIPES: dict[str, Callable[[Study], Section]] = {  # in the report's order
+    scaling.LM.name: scaling.run_lm,
+    scaling.IMAGE.name: scaling.run_image,
     click_churn.NAME: click_churn.run,
 }
 

@@ -8,6 +8,7 @@ it; an arm cut off part-way resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..config import RunConfig, from_dict
 from ..metrics import eval_curve, read_metrics
+from ..tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Study:
         self.root, self.report_dir = root, report_dir or root
         self.seeds, self.quick, self.progress = seeds, quick, progress
         self.ran = self.skipped = 0
+        self._tasks: dict[str, Task] = {}  # loaded data, shared by the arms that use it
 
     def plot_path(self, name: str) -> tuple[str, str]:
         """(file path, path relative to the report) of a plot called ``name``."""
@@ -105,9 +108,18 @@ class Study:
         else:
             resume = os.path.isdir(os.path.join(out, "checkpoints"))
             log.info("arm %s -> %s%s", cfg.name, out, " (resuming)" if resume else "")
-            run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume)
+            run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume, task=self.task(cfg))
             self.ran += 1
         return ArmResult(cfg, out, read_metrics(out))
+
+    def task(self, cfg: RunConfig) -> Task:
+        """The task of ``cfg``, loaded once per data settings (the last few are kept)."""
+        key = json.dumps([cfg.task, dataclasses.asdict(cfg.data)], sort_keys=True, default=str)
+        if key not in self._tasks:
+            while len(self._tasks) >= 3:
+                self._tasks.pop(next(iter(self._tasks)))
+            self._tasks[key] = build_task(cfg)
+        return self._tasks[key]
 
     def tune(self, base: dict[str, Any], key: str, grid: Sequence[float], seed: int,
              name: str, metric: str = "loss", higher_is_better: bool = False

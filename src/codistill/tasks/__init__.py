@@ -62,7 +62,7 @@ def _import(module_name: str) -> ModuleType:
 
 def build_task(cfg: RunConfig) -> Task:
     """Load the data of ``cfg.task`` (errors name the file or the ``data.*`` field)."""
-    return task_class(cfg.task)(cfg.data, cfg.seed)
+    return task_class(cfg.task)(cfg.data)
 
 
 __all__ = ["BUILTIN", "Batch", "Task", "build_task", "task_class"]

@@ -32,16 +32,17 @@ class Task(ABC):
     Subclasses set ``Data`` (the dataclass of the config's ``data:`` section, a subclass of
     :class:`DataSettings`), ``output`` (``"categorical"``: logits ``[..., C]`` with integer
     targets; ``"binary"``: one logit per example with 0/1 targets) and ``default_model``,
-    and load their data in ``__init__`` (errors name the file or the ``data.*`` field).
+    and load their data in ``__init__`` (errors name the file or the ``data.*`` field). The
+    data is a function of the ``data`` settings alone: retrains with another run seed see
+    the same examples (their randomness comes from the generators the loop passes).
     """
 
     Data: ClassVar[type[DataSettings]] = DataSettings
     output: ClassVar[str] = "categorical"
     default_model: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, data: DataSettings, seed: int = 0) -> None:
+    def __init__(self, data: DataSettings) -> None:
         self.data = data
-        self.seed = seed
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

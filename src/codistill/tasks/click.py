@@ -44,8 +44,8 @@ class ClickTask(Task):
     default_model = {"name": "click", "embed_dim": 8, "hidden": [64, 32]}
     data: ClickData
 
-    def __init__(self, data: ClickData, seed: int = 0) -> None:
-        super().__init__(data, seed)
+    def __init__(self, data: ClickData) -> None:
+        super().__init__(data)
         self.generator: CriteoGenerator | None = None
         if data.name == "criteo":
             self.generator = CriteoGenerator(data.rows + data.val_rows, seed=data.split_seed,

@@ -30,8 +30,8 @@ class ImageTask(Task):
     default_model = {"name": "cnn", "width": 16, "hidden": 64}
     data: ImageData
 
-    def __init__(self, data: ImageData, seed: int = 0) -> None:
-        super().__init__(data, seed)
+    def __init__(self, data: ImageData) -> None:
+        super().__init__(data)
         d = load_fashion_mnist(data.dir)
         n = data.max_train or len(d["train_y"])
         self.train_x = torch.from_numpy(d["train_x"][:n])

@@ -35,8 +35,8 @@ class LMTask(Task):
     default_model = {"name": "lstm", "embed_dim": 64, "hidden_dim": 256}
     data: LMData
 
-    def __init__(self, data: LMData, seed: int = 0) -> None:
-        super().__init__(data, seed)
+    def __init__(self, data: LMData) -> None:
+        super().__init__(data)
         self.corpus: TextCorpus = build_text_corpus(data.level, data.seq_len, data.val_fraction,
                                                     data.vocab_size, data.path, data.max_chars)
 
