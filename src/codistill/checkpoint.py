@@ -232,6 +232,8 @@ class Checkpointer:
             trainer_state = {"step": step, "optimizer": rep.optimizer.state_dict(),
                              "scheduler": rep.scheduler.state_dict(), "codistiller": cd_state,
                              "fingerprint": self.fingerprint}
+            if rep.outer is not None:
+                trainer_state["outer"] = rep.outer.state_dict()
         return save_checkpoint(self.root, self.replica, step, self.worker, self.num_workers,
                                worker_state, model_state, trainer_state, teachers, self.group, self.keep)
 
@@ -254,6 +256,8 @@ class Checkpointer:
         for peer, t in cd_state["teachers"].items():
             t["state"] = ck.teacher_states[int(peer)]
         rep.codistiller.load_state_dict(cd_state)
+        if rep.outer is not None:
+            rep.outer.load_state_dict(ck.trainer_state["outer"])
         rep.sampler.load_state(ck.worker_state["sampler"])
         rep.rng_state = ck.worker_state["torch_rng"]
         rep.generator.set_state(ck.worker_state["generator"])

@@ -67,6 +67,16 @@ class CodistillConfig:
 
 
 @dataclass
+class OuterConfig:
+    """Weight averaging across replicas every ``every`` steps (0: off): local SGD with lr 1
+    and momentum 0, DiLoCo with lr 0.7 and Nesterov momentum 0.9. One-process engine only."""
+
+    every: int = setting(0, ge=0)
+    lr: float = setting(1.0, gt=0)
+    momentum: float = setting(0.0, ge=0, lt=1)
+
+
+@dataclass
 class EvalConfig:
     every: int = setting(50, gt=0)
     batch_size: int = setting(64, gt=0)
@@ -97,6 +107,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)  # the task's own dataclass
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     backend: str = setting("auto", choices=("auto", "gloo", "nccl"))  # auto: nccl on CUDA, else gloo
@@ -212,6 +223,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                     c.burn_in, cfg.steps)
     if c.keep < 2 and c.exchange not in ("memory", "collective"):
         raise ConfigError("codistill.keep must be >= 2 for a directory exchange")
+    if cfg.outer.every and cfg.replicas < 2:
+        raise ConfigError("outer.every (weight averaging) needs replicas >= 2")
     task.check_config(cfg)
     return cfg
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .averaging import outer_sync
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .exchange import unwrap
@@ -43,6 +44,7 @@ class Loop:
         self.batches = (task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, device)
                         if leader else [])
         self.final: dict[str, Any] | None = None
+        self.bytes_averaged = 0  # per replica: pseudo-gradients sent for weight averaging
 
     # -- resume -----------------------------------------------------------------------
     def valid_steps(self) -> list[int]:
@@ -97,7 +99,8 @@ class Loop:
                 "staleness_max": max((s for s in stale.values() if s is not None), default=None),
                 "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
                 "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
-                "publish_wait_s": cd.exchange.wait_seconds, "sync_wait_s": cd.sync_wait_s}
+                "publish_wait_s": cd.exchange.wait_seconds, "sync_wait_s": cd.sync_wait_s,
+                **({"bytes_averaged": self.bytes_averaged} if rep.outer is not None else {})}
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, start: int, end: int, worker: int = 0) -> dict[str, Any]:
@@ -123,6 +126,9 @@ class Loop:
             if seconds:
                 for rep in self.replicas:
                     acc[rep.index]["exchange_time"] += seconds / len(self.replicas)
+            if cfg.outer.every and done % cfg.outer.every == 0:
+                sent = outer_sync([r.outer for r in self.replicas if r.outer is not None])
+                self.bytes_averaged += sent
             if self.leader and (done % cfg.log_every == 0 or done == end):
                 assert self.rundir is not None
                 for rep in self.replicas:
@@ -147,6 +153,7 @@ class Loop:
             "steps_per_s": (end - start) / wall if wall > 0 else None,
             "bytes_published": {r.index: r.codistiller.bytes_published for r in self.replicas},
             "bytes_read": {r.index: r.codistiller.bytes_read for r in self.replicas},
+            "bytes_averaged": self.bytes_averaged,
             "final": self.final, "worker": worker,
         }
         if self.leader and self.rundir is not None:
@@ -165,7 +172,8 @@ def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, worker: int = 
     import os
 
     fingerprint = {"task": cfg.task, "seed": cfg.seed, "replicas": cfg.replicas, "workers": workers,
-                   "batch_size": cfg.batch_size, "data": dataclasses.asdict(cfg.data), "model": rep.spec}
+                   "batch_size": cfg.batch_size, "data": dataclasses.asdict(cfg.data), "model": rep.spec,
+                   "outer": dataclasses.asdict(cfg.outer)}
     return Checkpointer(os.path.join(run_dir, "checkpoints"), rep.index, worker, workers, group,
                         cfg.checkpoint.keep, fingerprint)
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .averaging import OuterSync
 from .codistiller import Codistiller
 from .config import RunConfig
 from .data import ShardSampler, shard_indices
@@ -34,6 +35,7 @@ class Replica:
     spec: dict[str, Any]  # the complete model spec (saved with the weights)
     generator: torch.Generator  # data randomness (augmentation)
     rng_state: torch.Tensor = field(repr=False)  # torch's CPU RNG (dropout) while it is not stepping
+    outer: OuterSync | None = None  # weight averaging across replicas (local SGD / DiLoCo)
 
     def next_batch(self, task: Task, device: str) -> Batch:
         return task.train_batch(self.sampler.next_batch(), self.generator, device)
@@ -85,7 +87,8 @@ def build_replica(
     (the replica's group) lets its first rank hand the teachers to the other ranks.
     """
     spec = task.model_spec(cfg.replica_model(replica))
-    torch.manual_seed(model_seed(cfg.seed, replica))
+    # Replicas whose weights are averaged start from one init (replica 0's).
+    torch.manual_seed(model_seed(cfg.seed, 0 if cfg.outer.every else replica))
     try:
         model: nn.Module = task.build_model(spec).to(cfg.device)
     except (TypeError, ValueError) as e:
@@ -111,8 +114,9 @@ def build_replica(
         sync_timeout=c.sync_timeout if c.sync else None,
     )
     rng = torch.Generator().manual_seed(stream).get_state()
+    outer = OuterSync(model, cfg.outer.lr, cfg.outer.momentum) if cfg.outer.every else None
     return Replica(replica, model, optimizer, scheduler, sampler, cd, spec,
-                   torch.Generator().manual_seed(stream + 7), rng)
+                   torch.Generator().manual_seed(stream + 7), rng, outer)
 
 
 def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float,
