@@ -130,3 +130,15 @@ def test_scaling_quick_fills_every_arm(tmp_path, name):
     study = Study(str(tmp_path / "out"), seeds=2, quick=True)
     RECIPES[name](study)
     assert study.ran == 0 and study.skipped > 0
+
+
+def test_vs_local_sgd_quick_fills_every_arm(tmp_path):
+    path = reproduce(["vs-local-sgd"], str(tmp_path / "out"), seeds=2, quick=True)
+    text = open(path, encoding="utf-8").read()
+    for arm in ("sync SGD (N=1)", "2-way codistillation", "local SGD", "DiLoCo"):
+        assert text.count(f"| {arm} |") == 2  # language model and images
+    figures = json.load(open(tmp_path / "out" / "vs-local-sgd" / "figures.json", encoding="utf-8"))["figures"]
+    for task in ("lm", "image"):
+        sent = figures[task]["bytes"]
+        assert sent["sync SGD (N=1)"] == [0, 0]
+        assert all(b > 0 for arm in ("2-way codistillation", "local SGD", "DiLoCo") for b in sent[arm])

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import click_churn, scaling
+from . import click_churn, local_sgd, scaling
 from .results import Section, assemble, save_section
 from .study import ArmResult, Study, make_config
 
@@ -21,6 +21,7 @@ RECIPES: dict[str, Callable[[Study], Section]] = {  # in the report's order
     scaling.LM.name: scaling.run_lm,
     scaling.IMAGE.name: scaling.run_image,
     click_churn.NAME: click_churn.run,
+    local_sgd.NAME: local_sgd.run,
 }
 
 

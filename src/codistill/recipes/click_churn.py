@@ -16,7 +16,7 @@ from typing import Any
 
 from ..churn import churn_between
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread
+from .study import ArmResult, Study, fmt, make_config, mean_spread, tuning_text
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def run_dataset(study: Study, dataset: str) -> tuple[str, dict[str, Any]]:
                       "2-way codistillation (replica 0)": [a.curve(0) for a in co],
                       f"label smoothing ε={eps:g}": [a.curve(0) for a in ls]},
                 "validation log loss", f"{NAME}: {dataset}")
-    tuned = (f"Tuned on seed {TUNE_SEED} by final validation log loss: single lr "
-             f"{lr_single:g} ({_tuning(tune_single)}); codistillation lr {lr_codist:g} "
-             f"({_tuning(tune_codist)}); label smoothing ε {eps:g} at lr {lr_single:g} "
-             f"({_tuning(tune_eps)}).")
+    tuned = (f"Tuned on seed {TUNE_SEED} by final validation log loss (label smoothing's ε at the "
+             f"single model's lr): " + tuning_text({"single model lr": tune_single,
+                                                    "codistillation lr": tune_codist,
+                                                    "label smoothing ε": tune_eps}) + ".")
     text = (f"### {dataset}\n\n" + "\n".join(lines) + f"\n\n{p} retrain pairs (seeds "
             f"{', '.join(f'{2 * i}/{2 * i + 1}' for i in range(p))}; the ensemble arm pairs "
             f"seeds {', '.join(f'{4 * i}+{4 * i + 1} / {4 * i + 2}+{4 * i + 3}' for i in range(p))}). "
@@ -114,10 +114,6 @@ def run_dataset(study: Study, dataset: str) -> tuple[str, dict[str, Any]]:
     figures = {arm: {k: mean_spread(v) for k, v in r.items()} | {"values": r} for arm, r in arms.items()}
     figures["tuning"] = {"single_lr": tune_single, "codistill_lr": tune_codist, "smoothing": tune_eps}
     return text, figures
-
-
-def _tuning(results: dict[float, float]) -> str:
-    return ", ".join(f"{k:g}: {v:.4f}" for k, v in results.items())
 
 
 def run(study: Study) -> Section:

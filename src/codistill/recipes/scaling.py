@@ -21,7 +21,7 @@ from typing import Any
 
 from ..metrics import steps_to_target
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread
+from .study import ArmResult, Study, fmt, make_config, mean_spread, tuning_text
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Setting:
         base["codistill"] = {**base["codistill"], "burn_in": 10, "exchange_every": 5}
         base["model"] = QUICK_MODELS[self.name]
         base["data"] = {**base["data"], **QUICK_DATA[self.name]}
-        return Setting(self.name, self.metric, self.higher_is_better, self.lr_grid[1:], self.workers[:2],
+        return Setting(self.name, self.metric, self.higher_is_better, self.lr_grid[2:], self.workers[:2],
                        base, self.paper)
 
 
@@ -155,8 +155,6 @@ def run_setting(study: Study, s: Setting) -> Section:
                             "codistilled replica 1": [r.curve(1, s.metric) for r in co]},
                 label, f"{s.name}: 2-way codistillation at W={limit}", target)
     cmp = "≥" if s.higher_is_better else "≤"
-    tuned = "; ".join(f"{k}: " + ", ".join(f"{v:g} → {r:.4f}" for v, r in t.items())
-                      for k, t in tuning.items())
     body = (f"Command: `codistill reproduce {s.name}{' --quick' if study.quick else ''} "
             f"--seeds {study.seeds}`.\n\n{(__doc__ or '').split(chr(10) * 2, 1)[1].strip()}\n\n"
             f"Sweep target: {label} {cmp} {sweep_target:.4f}; scaling limit W* = {limit}.\n\n"
@@ -164,7 +162,7 @@ def run_setting(study: Study, s: Setting) -> Section:
             f"{target:.4f} (the baseline's mean final value at W={limit}). Ratio of steps, baseline / "
             f"codistillation (mean over seeds and replicas that reached it): **{ratio:.2f}**.\n\n"
             + "\n".join(claim_lines) + f"\n\n![codistillation]({rel_claim})\n\n"
-            f"Learning-rate tuning on seed {TUNE_SEED} (final {label}): {tuned}.\n")
+            f"Learning-rate tuning on seed {TUNE_SEED} (final {label}): {tuning_text(tuning)}.\n")
     figures = {"sweep_target": sweep_target, "limit": limit, "lrs": lrs, "lr_codistill": lr_co,
                "sweep_steps": sweep, "claim_target": target, "steps_baseline": steps_base,
                "steps_codistill": steps_co, "ratio": ratio, "tuning": tuning}

@@ -166,3 +166,9 @@ def fmt(values: Sequence[float], digits: int = 4) -> str:
     """``mean ± sd`` of ``values``."""
     m, s = mean_spread(values)
     return "–" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def tuning_text(results: dict[str, dict[float, float]]) -> str:
+    """``arm: value → result, ...; arm: ...`` for the report."""
+    return "; ".join(f"{arm}: " + ", ".join(f"{v:g} → {r:.4f}" for v, r in t.items())
+                     for arm, t in results.items())
