@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,3 +77,26 @@ def test_engine_averages_replicas_and_resumes_exactly(tiny_config, tmp_path, out
     last = load_file(str(parted / "replica-0" / "model.safetensors"))
     assert all(torch.equal(w[0][k], last[k]) for k in last)
     assert first < 5.5  # it learned (uniform over 256 bytes is 5.55)
+
+
+def test_offline_distillation_from_a_finished_run(tiny_config, tmp_path):
+    """Phase 1: two independent models; phase 2: a fresh model distilled from their ensemble."""
+    values = {**tiny_config, "codistill": {**tiny_config["codistill"], "alpha": 0.0}}
+    run(from_dict(values), str(tmp_path / "teachers"), progress=False)
+    teachers = str(tmp_path / "teachers")
+    student = {**tiny_config, "replicas": 1,
+               "codistill": {**tiny_config["codistill"], "burn_in": 0, "teachers_from": teachers}}
+    distilled = run(from_dict(student), str(tmp_path / "student"), progress=False)
+    rows = [json.loads(r) for r in open(tmp_path / "student" / "metrics.jsonl")]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["distill_loss"] > 0 for r in train)  # ψ from the first step on
+    assert train[0]["teacher_versions"] == {"1": 30, "2": 30}
+    alone = run(from_dict({**student, "codistill": {**student["codistill"], "alpha": 0.0}}),
+                str(tmp_path / "alone"), progress=False)
+    assert alone["final"]["models"][0]["loss"] != distilled["final"]["models"][0]["loss"]
+    with pytest.raises(ConfigError, match="teachers_from"):
+        from_dict({**student, "replicas": 2})
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        run(from_dict({**student, "codistill": {**student["codistill"], "teachers_from": str(tmp_path)}}),
+            str(tmp_path / "bad"), progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -97,7 +97,8 @@ def _has(mod: str) -> bool:
 def test_click_churn_quick_fills_every_arm(tmp_path):
     path = reproduce(["click-churn"], str(tmp_path / "out"), str(tmp_path / "docs"), seeds=2, quick=True)
     text = open(path, encoding="utf-8").read()
-    for arm in ("single model", "ensemble of two", "2-way codistillation", "label smoothing"):
+    for arm in ("single model", "ensemble of two", "2-way codistillation, disjoint",
+                "2-way codistillation, shared", "label smoothing"):
         assert text.count(f"| {arm}") == 2  # one row per data set
     assert "nan" not in text and "| – |" not in text
     assert os.path.exists(tmp_path / "docs" / "results" / "click-churn-movielens.png")
@@ -142,3 +143,15 @@ def test_vs_local_sgd_quick_fills_every_arm(tmp_path):
         sent = figures[task]["bytes"]
         assert sent["sync SGD (N=1)"] == [0, 0]
         assert all(b > 0 for arm in ("2-way codistillation", "local SGD", "DiLoCo") for b in sent[arm])
+
+
+def test_ablations_and_offline_quick_fill_every_arm(tmp_path):
+    path = reproduce(["ablations", "offline"], str(tmp_path / "out"), seeds=2, quick=True)
+    text = open(path, encoding="utf-8").read()
+    for arm in ("single model (N=1)", "reference: N=2, disjoint data", "same data (shared)",
+                "label smoothing instead (N=1)", "K=1", "N=3", "no burn-in", "α=2", "temperature 2"):
+        assert f"| {arm} |" in text
+    assert text.count("| phase 2: student distilled from the ensemble |") == 2
+    figures = json.load(open(tmp_path / "out" / "offline" / "figures.json", encoding="utf-8"))["figures"]
+    assert all(len(figures[t]["student_finals"]) == 2 for t in ("movielens", "image"))
+    assert "## Summary" in text and "4. vs offline distillation (image)" in text

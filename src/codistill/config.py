@@ -64,6 +64,7 @@ class CodistillConfig:
     keep: int = setting(3, gt=0)  # versions kept per replica in the exchange
     sync: bool = False  # distributed: wait for every peer's version of this step (lock-step)
     sync_timeout: float = setting(600.0, gt=0)  # seconds to wait for a peer in sync mode
+    teachers_from: str | None = None  # a finished run: distil from its final replicas (offline)
 
 
 @dataclass
@@ -223,6 +224,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                     c.burn_in, cfg.steps)
     if c.keep < 2 and c.exchange not in ("memory", "collective"):
         raise ConfigError("codistill.keep must be >= 2 for a directory exchange")
+    if c.teachers_from and (cfg.replicas != 1 or cfg.outer.every):
+        raise ConfigError("codistill.teachers_from (offline distillation from a finished run) needs "
+                          "replicas: 1 and no outer.every")
     if cfg.outer.every and cfg.replicas < 2:
         raise ConfigError("outer.every (weight averaging) needs replicas >= 2")
     task.check_config(cfg)

@@ -17,6 +17,7 @@ from .loop import Loop, make_checkpointer, set_threads
 from .replica import build_replica
 from .rundir import RunDir
 from .tasks import Task, build_task
+from .teachers import load_run_teachers
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     # In one process every exchange is equivalent; a directory is still written if given.
     spec = "memory" if cfg.codistill.exchange == "collective" else cfg.codistill.exchange
     exchange = make_exchange(spec, keep=cfg.codistill.keep)
-    replicas = [build_replica(cfg, task, r, exchange, cfg.workers * cfg.batch_size)
+    source = cfg.codistill.teachers_from
+    fixed = load_run_teachers(source, cfg.replicas) if source else []
+    for t in fixed:  # offline distillation: a finished run's models, published once
+        exchange.publish(t.replica, t.step, t.state, t.meta)
+    exchange.flush()
+    replicas = [build_replica(cfg, task, r, exchange, cfg.workers * cfg.batch_size, fixed_teachers=len(fixed))
                 for r in range(cfg.replicas)]
     checkpointers = [make_checkpointer(cfg, out_dir, rep) for rep in replicas]
     loop = Loop(cfg, task, replicas, checkpointers, RunDir(out_dir), cfg.device, progress=progress)
@@ -46,6 +52,9 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
                     "replacing this run's earlier metrics and exchange versions")
     if restored is not None:
         loop.restore(restored)
+    elif fixed:
+        for rep in replicas:
+            rep.codistiller.refresh(0)
     start = restored or 0
     assert loop.rundir is not None
     loop.rundir.open(cfg, checkpointers, exchange, list(range(cfg.replicas)), restored,

@@ -125,9 +125,9 @@ def run_distributed(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Entry point on every rank (reads torchrun's environment; works without it as W=1)."""
-    if cfg.outer.every:
-        raise ConfigError("outer.every (weight averaging across replicas) runs in the one-process "
-                          "engine only; leave it 0 under torchrun")
+    if cfg.outer.every or cfg.codistill.teachers_from:
+        raise ConfigError("outer.every (weight averaging) and codistill.teachers_from (offline "
+                          "distillation) run in the one-process engine only")
     rank, world, local_rank = env_world()
     topo = make_topology(rank, world, cfg.replicas, replica)
     set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))

@@ -78,13 +78,16 @@ def build_replica(
     num_workers: int = 1,
     wrap: Any = None,
     process_group: Any = None,
+    fixed_teachers: int = 0,
 ) -> Replica:
     """Build replica ``replica``: model (seeded per replica), optimizer, shard sampler, RNG.
 
     ``batch_size`` is the batch one process draws per step (W×b in the engine, b per worker
     in the distributed path, where ``worker``/``num_workers`` pick this rank's slice).
     ``wrap`` (e.g. a DDP constructor) wraps the model after it is built; ``process_group``
-    (the replica's group) lets its first rank hand the teachers to the other ranks.
+    (the replica's group) lets its first rank hand the teachers to the other ranks;
+    ``fixed_teachers``: peers numbered from ``cfg.replicas`` that are a finished run's models
+    (``codistill.teachers_from``), built from the spec saved with their weights.
     """
     spec = task.model_spec(cfg.replica_model(replica))
     # Replicas whose weights are averaged start from one init (replica 0's).
@@ -103,11 +106,13 @@ def build_replica(
     c = cfg.codistill
 
     def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:
+        if peer >= cfg.replicas:  # a finished run's model: the spec saved with its weights
+            return task.build_model(meta["model"]).to(cfg.device)
         # Teachers follow this run's config, not the spec a file in the exchange claims.
         return task.build_model(task.model_spec(cfg.replica_model(peer))).to(cfg.device)
 
     cd = Codistiller(
-        model, exchange, replica=replica, num_replicas=cfg.replicas,
+        model, exchange, replica=replica, num_replicas=cfg.replicas + fixed_teachers,
         exchange_every=c.exchange_every, burn_in=c.burn_in, alpha=c.alpha, ramp=c.ramp,
         distill=c.distill, temperature=c.temperature, model_spec=spec,
         teacher_factory=teacher_factory, process_group=process_group,

@@ -28,6 +28,33 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def load_run_teachers(run_dir: str, first: int) -> list[Published]:
+    """The final weights of every replica of the finished run ``run_dir`` as published
+    versions numbered ``first, first+1, ...`` (offline distillation's fixed teachers)."""
+    import json
+    import os
+
+    import yaml
+    from safetensors import safe_open
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"codistill.teachers_from: {run_dir} is not a run directory (no config.yaml)")
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    out = []
+    for r in range(int(cfg.get("replicas", 1))):
+        weights = os.path.join(run_dir, f"replica-{r}", "model.safetensors")
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"codistill.teachers_from: {weights} missing (did the run finish?)")
+        with safe_open(weights, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        out.append(Published(first + r, int(cfg.get("steps", 0)), state,
+                             {"model": json.loads(meta.get("model", "{}")), "run": run_dir}))
+    return out
+
+
 class Teacher:
     """A frozen copy of one peer, loaded in place from that peer's published weights."""
 

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import click_churn, local_sgd, scaling
+from . import ablations, click_churn, local_sgd, offline, scaling
 from .results import Section, assemble, save_section
 from .study import ArmResult, Study, make_config
 
@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 RECIPES: dict[str, Callable[[Study], Section]] = {  # in the report's order
     scaling.LM.name: scaling.run_lm,
     scaling.IMAGE.name: scaling.run_image,
+    ablations.NAME: ablations.run,
     click_churn.NAME: click_churn.run,
+    offline.NAME: offline.run,
     local_sgd.NAME: local_sgd.run,
 }
 
@@ -37,10 +39,11 @@ def reproduce(names: list[str], out: str, report_dir: str | None = None, seeds: 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     study = Study(out, report_dir, seeds=seeds, quick=quick, progress=progress)
+    path = ""
     for name in names:
         log.info("recipe %s (%s, %d seed(s)) -> %s", name, "quick" if quick else "full", seeds, out)
         save_section(RECIPES[name](study), os.path.join(out, name))
-    path = assemble(out, study.report_dir, list(RECIPES))
+        path = assemble(out, study.report_dir, list(RECIPES))  # after each: a long run reports as it goes
     log.info("%d arm(s) trained, %d finished earlier; report: %s", study.ran, study.skipped, path)
     return path
 

@@ -4,8 +4,9 @@ should make them agree far more than a single model does, and more than an ensem
 at single-model serving cost and equal or better log loss.
 
 Arms, each retrained in pairs of seeds: a single model (N=1); an ensemble of two single
-models; 2-way codistillation (each retrain serves its replica 0); label smoothing (N=1,
-ε tuned). Churn of a pair = mean absolute difference of its two predicted click
+models; 2-way codistillation (each retrain serves its replica 0), with the replicas on
+disjoint halves of the data (the paper's recipe for scaling) and on the same data; label
+smoothing (N=1, ε tuned). Churn of a pair = mean absolute difference of its two predicted click
 probabilities on the validation rows.
 """
 
@@ -16,15 +17,16 @@ from typing import Any
 
 from ..churn import churn_between
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread, tuning_text
+from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 log = logging.getLogger(__name__)
 
 NAME = "click-churn"
 DATASETS = ("movielens", "adult")
 TUNE_SEED = 1000
-LR_GRID = (0.001, 0.002, 0.005, 0.01)
+LR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02)
 SMOOTHING_GRID = (0.02, 0.05, 0.1, 0.2)
+CODISTILL = "2-way codistillation"
 PAPER = "Criteo: −35% vs a single model (≈0.029 → ≈0.019), below an ensemble of two"
 
 
@@ -66,30 +68,39 @@ def run_dataset(study: Study, dataset: str) -> tuple[str, dict[str, Any]]:
     grid = LR_GRID[:2] if study.quick else LR_GRID
     smooth_grid = SMOOTHING_GRID[:2] if study.quick else SMOOTHING_GRID
     pre = f"{NAME}-{dataset}"
+    tuning: dict[str, dict[float, float]] = {}
     single = dict(base, replicas=1)
-    codist = dict(base, replicas=2)
-    lr_single, tune_single = study.tune(single, "optimizer.lr", grid, TUNE_SEED, f"{pre}-single")
-    lr_codist, tune_codist = study.tune(codist, "optimizer.lr", grid, TUNE_SEED, f"{pre}-codistill")
+    lr_single, tuning["single model lr"] = study.tune(single, "optimizer.lr", grid, TUNE_SEED,
+                                                      f"{pre}-single")
     single = make_config(single, {"optimizer.lr": lr_single}).to_dict()
-    codist = make_config(codist, {"optimizer.lr": lr_codist}).to_dict()
-    eps, tune_eps = study.tune(single, "label_smoothing", smooth_grid, TUNE_SEED, f"{pre}-smoothing")
+    eps, tuning["label smoothing ε"] = study.tune(single, "label_smoothing", smooth_grid, TUNE_SEED,
+                                                 f"{pre}-smoothing")
     smooth = make_config(single, {"label_smoothing": eps}).to_dict()
-
     p = study.seeds
     pool = _pairs(study, single, f"{pre}-single", list(range(4 * p)))
-    co = _pairs(study, codist, f"{pre}-codistill", list(range(2 * p)))
     ls = _pairs(study, smooth, f"{pre}-smoothing", list(range(2 * p)))
+
     def served(runs: list[ArmResult], i: int, size: int = 1) -> list[tuple[str, int]]:
         return [(r.dir, 0) for r in runs[i:i + size]]  # replica 0 of each run
 
-    arms = {
-        "single model": _churn_rows([(served(pool, 2 * i), served(pool, 2 * i + 1)) for i in range(p)]),
-        "ensemble of two": _churn_rows([(served(pool, 4 * i, 2), served(pool, 4 * i + 2, 2))
-                                        for i in range(p)]),
-        "2-way codistillation": _churn_rows([(served(co, 2 * i), served(co, 2 * i + 1)) for i in range(p)]),
-        f"label smoothing ε={eps:g}": _churn_rows([(served(ls, 2 * i), served(ls, 2 * i + 1))
-                                                   for i in range(p)]),
-    }
+    def retrains(runs: list[ArmResult]) -> dict[str, list[float]]:
+        return _churn_rows([(served(runs, 2 * i), served(runs, 2 * i + 1)) for i in range(p)])
+
+    arms = {"single model": retrains(pool),
+            "ensemble of two": _churn_rows([(served(pool, 4 * i, 2), served(pool, 4 * i + 2, 2))
+                                            for i in range(p)])}
+    curves = {"single model": [a.curve(0) for a in pool[: 2 * p]]}
+    for shards in ("disjoint", "shared"):
+        arm = f"{CODISTILL}, {shards} data"
+        codist = dict(base, replicas=2, data={**base["data"], "shards": shards})
+        name = f"{pre}-codistill-{shards}"
+        lr, tuning[f"{arm} lr"] = study.tune(codist, "optimizer.lr", grid, TUNE_SEED, name)
+        codist = make_config(codist, {"optimizer.lr": lr}).to_dict()
+        co = _pairs(study, codist, name, list(range(2 * p)))
+        arms[arm] = retrains(co)
+        curves[f"{arm} (replica 0)"] = [a.curve(0) for a in co]
+    arms[f"label smoothing ε={eps:g}"] = retrains(ls)
+    curves[f"label smoothing ε={eps:g}"] = [a.curve(0) for a in ls]
     ref = mean_spread(arms["single model"]["churn"])[0]
     lines = ["| arm | serving cost | val log loss | AUC | churn between retrains | vs single model |",
              "|---|---|---|---|---|---|"]
@@ -99,20 +110,15 @@ def run_dataset(study: Study, dataset: str) -> tuple[str, dict[str, Any]]:
         lines.append(f"| {arm} | {cost} | {fmt(r['loss'])} | {fmt(r['auc'])} | {fmt(r['churn'])} | "
                      f"{rel:+.0%} |")
     png, rel_png = study.plot_path(f"{pre}")
-    plot_curves(png, {"single model": [a.curve(0) for a in pool[: 2 * p]],
-                      "2-way codistillation (replica 0)": [a.curve(0) for a in co],
-                      f"label smoothing ε={eps:g}": [a.curve(0) for a in ls]},
-                "validation log loss", f"{NAME}: {dataset}")
+    plot_curves(png, curves, "validation log loss", f"{NAME}: {dataset}")
     tuned = (f"Tuned on seed {TUNE_SEED} by final validation log loss (label smoothing's ε at the "
-             f"single model's lr): " + tuning_text({"single model lr": tune_single,
-                                                    "codistillation lr": tune_codist,
-                                                    "label smoothing ε": tune_eps}) + ".")
+             f"single model's lr): {tuning_text(tuning)}.")
     text = (f"### {dataset}\n\n" + "\n".join(lines) + f"\n\n{p} retrain pairs (seeds "
             f"{', '.join(f'{2 * i}/{2 * i + 1}' for i in range(p))}; the ensemble arm pairs "
             f"seeds {', '.join(f'{4 * i}+{4 * i + 1} / {4 * i + 2}+{4 * i + 3}' for i in range(p))}). "
             f"{tuned}\n\n![{dataset}]({rel_png})\n")
     figures = {arm: {k: mean_spread(v) for k, v in r.items()} | {"values": r} for arm, r in arms.items()}
-    figures["tuning"] = {"single_lr": tune_single, "codistill_lr": tune_codist, "smoothing": tune_eps}
+    figures["tuning"] = tuning
     return text, figures
 
 
@@ -123,14 +129,14 @@ def run(study: Study) -> Section:
         text, figs = run_dataset(study, dataset)
         texts.append(text)
         figures[dataset] = figs
-        single = figs["single model"]["churn"][0]
-        co = figs["2-way codistillation"]["churn"][0]
+        single, loss_single = figs["single model"]["churn"][0], figs["single model"]["loss"][0]
         ens = figs["ensemble of two"]["churn"][0]
-        loss_co, loss_single = figs["2-way codistillation"]["loss"][0], figs["single model"]["loss"][0]
+        parts = []
+        for shards in ("disjoint", "shared"):
+            co, loss = (figs[f"{CODISTILL}, {shards} data"][k][0] for k in ("churn", "loss"))
+            parts.append(f"{shards} data {co / single - 1:+.0%} ({single:.4f} → {co:.4f}, log loss "
+                         f"{loss_single:.4f} → {loss:.4f})")
         summary.append((f"3. churn between retrains ({dataset})", PAPER,
-                        f"{co / single - 1:+.0%} vs single ({single:.4f} → {co:.4f}); ensemble of two "
-                        f"{ens:.4f} ({ens / single - 1:+.0%}); log loss {loss_single:.4f} → {loss_co:.4f}"))
-    intro = (__doc__ or "").split("\n\n", 1)[1].strip()
-    body = (f"Command: `codistill reproduce {NAME}{' --quick' if study.quick else ''} "
-            f"--seeds {study.seeds}`.\n\n{intro}\n\n" + "\n".join(texts))
+                        "; ".join(parts) + f"; ensemble of two {ens / single - 1:+.0%}"))
+    body = preamble(NAME, study, __doc__) + "\n".join(texts)
     return Section(NAME, "Claim 3: reproducible predictions (click-churn)", body, figures, summary)

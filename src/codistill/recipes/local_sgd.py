@@ -20,7 +20,7 @@ from typing import Any
 
 from .results import Section, plot_curves
 from .scaling import IMAGE, LM, TUNE_SEED, Setting, _cell, _steps
-from .study import ArmResult, Study, fmt, make_config, mean_spread, tuning_text
+from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 NAME = "vs-local-sgd"
 WORKERS = 4
@@ -101,9 +101,7 @@ def run(study: Study) -> Section:
         texts.append(text)
         figures[s.name.split("-")[0]] = figs
         summary.append(row)
-    body = (f"Command: `codistill reproduce {NAME}{' --quick' if study.quick else ''} "
-            f"--seeds {study.seeds}`.\n\n{(__doc__ or '').split(chr(10) * 2, 1)[1].strip()}\n\n"
-            + "\n".join(texts))
+    body = preamble(NAME, study, __doc__) + "\n".join(texts)
     if any(math.isnan(v) for f in figures.values() for v in f["finals"].values()):
         body += "\nSome arms have no final value (diverged or not run).\n"
     return Section(NAME, "Beyond the paper: codistillation vs local SGD and DiLoCo (vs-local-sgd)", body,

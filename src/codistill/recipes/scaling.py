@@ -21,7 +21,7 @@ from typing import Any
 
 from ..metrics import steps_to_target
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread, tuning_text
+from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,8 @@ def run_setting(study: Study, s: Setting) -> Section:
                             "codistilled replica 1": [r.curve(1, s.metric) for r in co]},
                 label, f"{s.name}: 2-way codistillation at W={limit}", target)
     cmp = "≥" if s.higher_is_better else "≤"
-    body = (f"Command: `codistill reproduce {s.name}{' --quick' if study.quick else ''} "
-            f"--seeds {study.seeds}`.\n\n{(__doc__ or '').split(chr(10) * 2, 1)[1].strip()}\n\n"
-            f"Sweep target: {label} {cmp} {sweep_target:.4f}; scaling limit W* = {limit}.\n\n"
+    body = (preamble(s.name, study, __doc__)
+            + f"Sweep target: {label} {cmp} {sweep_target:.4f}; scaling limit W* = {limit}.\n\n"
             + "\n".join(sweep_lines) + f"\n\n![sweep]({rel_sweep})\n\nClaim target: {label} {cmp} "
             f"{target:.4f} (the baseline's mean final value at W={limit}). Ratio of steps, baseline / "
             f"codistillation (mean over seeds and replicas that reached it): **{ratio:.2f}**.\n\n"

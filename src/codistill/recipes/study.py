@@ -27,6 +27,8 @@ from ..tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
+TUNE_SEED = 1000  # the seed tuning runs use; no reported figure uses it
+
 
 def arm_key(cfg: RunConfig) -> str:
     """A short hash of everything that decides the run's numbers (not its name)."""
@@ -121,6 +123,14 @@ class Study:
             self._tasks[key] = build_task(cfg)
         return self._tasks[key]
 
+    def tuned_arm(self, base: dict[str, Any], name: str, grid: Sequence[float], seeds: Sequence[int],
+                  metric: str = "loss", higher_is_better: bool = False) -> TunedArm:
+        """Tune ``optimizer.lr`` on ``grid`` (tuning seed 1000), then run every seed with it."""
+        lr, results = self.tune(base, "optimizer.lr", grid, TUNE_SEED, name, metric, higher_is_better)
+        cfg = make_config(base, {"optimizer.lr": lr}).to_dict()
+        runs = [self.run(make_config(cfg, {"seed": s, "name": f"{name}-seed{s}"})) for s in seeds]
+        return TunedArm(lr, results, runs, cfg)
+
     def tune(self, base: dict[str, Any], key: str, grid: Sequence[float], seed: int,
              name: str, metric: str = "loss", higher_is_better: bool = False
              ) -> tuple[float, dict[float, float]]:
@@ -130,6 +140,8 @@ class Study:
         The tuning seed is kept apart from the seeds a recipe reports, so no arm is tuned on
         the figure that is reported. Returns the chosen value and every value's result.
         """
+        if not grid:
+            raise ValueError(f"{name}: empty grid for {key}")
         results: dict[float, float] = {}
         for value in grid:
             cfg = make_config(base, {key: value, "seed": seed, "name": f"{name}-tune-{value:g}"})
@@ -140,6 +152,16 @@ class Study:
         log.info("%s: %s tuned on seed %d: %s -> %g", name, key, seed,
                  ", ".join(f"{v:g}: {r:.4f}" for v, r in results.items()), best)
         return best, results
+
+
+@dataclass
+class TunedArm:
+    """An arm whose learning rate was tuned: the value chosen, the grid's results, the runs."""
+
+    lr: float
+    tuning: dict[float, float]
+    runs: list[ArmResult]
+    config: dict[str, Any]  # the tuned config (without seed and name)
 
 
 def make_config(base: dict[str, Any], sets: dict[str, Any]) -> RunConfig:
@@ -172,3 +194,12 @@ def tuning_text(results: dict[str, dict[float, float]]) -> str:
     """``arm: value → result, ...; arm: ...`` for the report."""
     return "; ".join(f"{arm}: " + ", ".join(f"{v:g} → {r:.4f}" for v, r in t.items())
                      for arm, t in results.items())
+
+
+def preamble(name: str, study: Study, doc: str | None) -> str:
+    """A section's opening: the command that produced it and the recipe's description (its
+    module docstring after the first paragraph, or all of it)."""
+    parts = (doc or "").strip().split("\n\n", 1)
+    text = parts[-1].strip()
+    return (f"Command: `codistill reproduce {name}{' --quick' if study.quick else ''} "
+            f"--seeds {study.seeds}`.\n\n{text}\n\n")
