@@ -103,7 +103,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .recipes import reproduce
 
     path = reproduce(args.names, args.out, args.report, seeds=args.seeds, quick=args.quick,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, threads=args.threads)
     print(f"report: {path}")
     return 0
 
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", type=int, default=3, help="seeds (or retrain pairs) per arm (default 3)")
     q.add_argument("--out", default="runs/reproduce", help="where arms run (finished arms are skipped)")
     q.add_argument("--report", help="where results.md and its plots go (default: --out)")
+    q.add_argument("--threads", type=int, default=0,
+                   help="torch threads per run (e.g. 1 to run two recipes side by side on 2 cores)")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_reproduce)
 

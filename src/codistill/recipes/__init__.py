@@ -28,7 +28,7 @@ RECIPES: dict[str, Callable[[Study], Section]] = {  # in the report's order
 
 
 def reproduce(names: list[str], out: str, report_dir: str | None = None, seeds: int = 3,
-              quick: bool = False, progress: bool = False) -> str:
+              quick: bool = False, progress: bool = False, threads: int = 0) -> str:
     """Run the recipes ``names`` (``all``: every one) under ``out``; write each one's section
     and the assembled ``results.md`` into ``report_dir`` (default ``out``); return its path."""
     if "all" in names:
@@ -38,7 +38,7 @@ def reproduce(names: list[str], out: str, report_dir: str | None = None, seeds: 
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)} or 'all'")
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    study = Study(out, report_dir, seeds=seeds, quick=quick, progress=progress)
+    study = Study(out, report_dir, seeds=seeds, quick=quick, progress=progress, threads=threads)
     path = ""
     for name in names:
         log.info("recipe %s (%s, %d seed(s)) -> %s", name, "quick" if quick else "full", seeds, out)

@@ -68,8 +68,8 @@ class Study:
     """
 
     def __init__(self, root: str, report_dir: str | None = None, seeds: int = 3, quick: bool = False,
-                 progress: bool = False) -> None:
-        self.root, self.report_dir = root, report_dir or root
+                 progress: bool = False, threads: int = 0) -> None:
+        self.root, self.report_dir, self.threads = root, report_dir or root, threads
         self.seeds, self.quick, self.progress = seeds, quick, progress
         self.ran = self.skipped = 0
         self._tasks: dict[str, Task] = {}  # loaded data, shared by the arms that use it
@@ -103,6 +103,8 @@ class Study:
         """Train ``cfg`` unless an identical arm already finished; return its results."""
         from ..engine import run
 
+        if self.threads:  # not part of the arm's key: it changes speed (and rounding), not the recipe
+            cfg.threads = self.threads
         out = self.arm_dir(cfg)
         if self.finished(out, cfg):
             self.skipped += 1
