@@ -155,3 +155,16 @@ def test_ablations_and_offline_quick_fill_every_arm(tmp_path):
     figures = json.load(open(tmp_path / "out" / "offline" / "figures.json", encoding="utf-8"))["figures"]
     assert all(len(figures[t]["student_finals"]) == 2 for t in ("movielens", "image"))
     assert "## Summary" in text and "4. vs offline distillation (image)" in text
+
+
+def test_assemble_orders_sections_and_adds_the_discussion(tmp_path):
+    from codistill.recipes.results import Section, assemble, save_section
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    save_section(Section("b", "Second", "body b", summary=[("claim b", "paper b", "ours b")]), str(out / "b"))
+    save_section(Section("a", "First", "body a", summary=[("claim a", "paper a", "ours a")]), str(out / "a"))
+    (docs / "discussion").mkdir(parents=True)
+    (docs / "discussion" / "b.md").write_text("why b differs")
+    text = open(assemble(str(out), str(docs), ["a", "b", "missing"]), encoding="utf-8").read()
+    assert text.index("## First") < text.index("## Second") < text.index("why b differs")
+    assert text.index("| claim a | paper a | ours a |") < text.index("| claim b |") < text.index("## First")

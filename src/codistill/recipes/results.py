@@ -43,7 +43,9 @@ def save_section(section: Section, recipe_dir: str) -> None:
 
 
 def assemble(out: str, report_dir: str, order: Sequence[str]) -> str:
-    """Write ``REPORT_DIR/results.md`` from the sections under ``OUT/<recipe>/``."""
+    """Write ``REPORT_DIR/results.md`` from the sections under ``OUT/<recipe>/``; a
+    hand-written reading of a recipe's figures, ``REPORT_DIR/discussion/<recipe>.md``, follows
+    its section."""
     parts, rows = [HEADER], []
     for name in order:
         md, js = (os.path.join(out, name, f) for f in ("section.md", "figures.json"))
@@ -51,6 +53,10 @@ def assemble(out: str, report_dir: str, order: Sequence[str]) -> str:
             continue
         with open(md, encoding="utf-8") as f:
             parts.append(f.read())
+        note = os.path.join(report_dir, "discussion", f"{name}.md")
+        if os.path.exists(note):
+            with open(note, encoding="utf-8") as f:
+                parts.append("### Reading the figures\n\n" + f.read().strip() + "\n")
         if os.path.exists(js):
             with open(js, encoding="utf-8") as f:
                 rows += [tuple(r) for r in json.load(f).get("summary", [])]
