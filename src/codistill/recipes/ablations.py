@@ -3,7 +3,8 @@ codistillation arm, change one thing at a time: the replicas' data (disjoint hal
 same data), label smoothing instead of a peer (N=1), the exchange interval K (staleness),
 the number of replicas N, burn-in, α and the temperature. Every arm's learning rate is
 tuned on one grid with the tuning seed; figures are replica 0's final validation loss over
-the reported seeds, against the single model (N=1) and the reference.
+the reported seeds, against the single model (N=1) and the reference. With K equal to the
+step budget no exchange ever happens, so that arm is two independent replicas.
 """
 
 from __future__ import annotations

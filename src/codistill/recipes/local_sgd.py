@@ -23,7 +23,7 @@ from .scaling import IMAGE, LM, TUNE_SEED, Setting, _cell, _steps
 from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 NAME = "vs-local-sgd"
-WORKERS = 4
+WORKERS = 2
 K = 50
 
 
