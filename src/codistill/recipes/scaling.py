@@ -46,7 +46,7 @@ class Setting:
         base["codistill"] = {**base["codistill"], "burn_in": 10, "exchange_every": 5}
         base["model"] = QUICK_MODELS[self.name]
         base["data"] = {**base["data"], **QUICK_DATA[self.name]}
-        return Setting(self.name, self.metric, self.higher_is_better, self.lr_grid[2:], self.workers[:2],
+        return Setting(self.name, self.metric, self.higher_is_better, self.lr_grid[2:3], self.workers[:2],
                        base, self.paper)
 
 
@@ -60,7 +60,7 @@ LM = Setting(
      "eval": {"every": 50, "batch_size": 64, "max_batches": 16}},
     "≈2× fewer steps (Common Crawl LM, 2×128 vs 128 GPUs)")
 IMAGE = Setting(
-    "image-scaling", "acc", True, (0.001, 0.003, 0.01), (1, 2, 4, 8, 16),
+    "image-scaling", "acc", True, (0.001, 0.003, 0.01, 0.03), (1, 2, 4, 8, 16),
     {"task": "image", "steps": 600, "replicas": 1, "batch_size": 16, "log_every": 50,
      "model": {"name": "cnn", "width": 16, "hidden": 64},
      "data": {"name": "fashion-mnist", "augment": True},
