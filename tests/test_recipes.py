@@ -155,6 +155,8 @@ def test_ablations_and_offline_quick_fill_every_arm(tmp_path):
     figures = json.load(open(tmp_path / "out" / "offline" / "figures.json", encoding="utf-8"))["figures"]
     assert all(len(figures[t]["student_finals"]) == 2 for t in ("movielens", "image"))
     assert "## Summary" in text and "4. vs offline distillation (image)" in text
+    ablations = json.load(open(tmp_path / "out" / "ablations" / "figures.json", encoding="utf-8"))["figures"]
+    assert all(len(c) == 1 and c[0] > 0 for c in ablations["churn"].values())  # 2 seeds: one pair
 
 
 def test_assemble_orders_sections_and_adds_the_discussion(tmp_path):

@@ -3,14 +3,17 @@ codistillation arm, change one thing at a time: the replicas' data (disjoint hal
 same data), label smoothing instead of a peer (N=1), the exchange interval K (staleness),
 the number of replicas N, burn-in, α and the temperature. Every arm's learning rate is
 tuned on one grid with the tuning seed; figures are replica 0's final validation loss over
-the reported seeds, against the single model (N=1) and the reference. With K equal to the
+the reported seeds, against the single model (N=1) and the reference, and the churn between
+the retrains of each arm (replica 0, every pair of seeds). With K equal to the
 step budget no exchange ever happens, so that arm is two independent replicas.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from ..churn import churn_between
 from .click_churn import LR_GRID, SMOOTHING_GRID, base_config
 from .results import Section, plot_curves
 from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
@@ -60,13 +63,16 @@ def run(study: Study) -> Section:
             chosen[label] += f", ε {eps:g}"
         results[label] = [study.run(make_config(cfg, {"seed": s, "name": f"{name}-seed{s}"})) for s in seeds]
     finals = {label: [r.final(0) for r in runs] for label, runs in results.items()}
+    churn = {label: [churn_between([(a.dir, 0), (b.dir, 0)])["churn_prob"]
+                     for a, b in itertools.combinations(runs, 2)] for label, runs in results.items()}
     single = mean_spread(finals["single model (N=1)"])[0]
     ref = mean_spread(finals["reference: N=2, disjoint data"])[0]
-    lines = ["| arm | tuned | final val log loss (replica 0) | vs single model | vs reference |",
-             "|---|---|---|---|---|"]
+    lines = ["| arm | tuned | final val log loss (replica 0) | vs single model | vs reference "
+             "| churn between retrains (every seed pair) |", "|---|---|---|---|---|---|"]
     for label, vals in finals.items():
         m = mean_spread(vals)[0]
-        lines.append(f"| {label} | {chosen[label]} | {fmt(vals)} | {m - single:+.4f} | {m - ref:+.4f} |")
+        lines.append(f"| {label} | {chosen[label]} | {fmt(vals)} | {m - single:+.4f} | {m - ref:+.4f} "
+                     f"| {fmt(churn[label])} |")
     png, rel = study.plot_path(NAME)
     keep = ("single model (N=1)", "reference: N=2, disjoint data", "same data (shared)",
             "label smoothing instead (N=1)")
@@ -81,5 +87,5 @@ def run(study: Study) -> Section:
     summary = [("2. ablations (" + DATASET + ")", PAPER,
                 f"disjoint − shared {ref - shared:+.4f}; reference − label smoothing {ref - smooth:+.4f}; "
                 f"reference − single {ref - single:+.4f} (log loss, lower is better)")]
-    figures = {"finals": finals, "tuning": tuning, "chosen": chosen}
+    figures = {"finals": finals, "churn": churn, "tuning": tuning, "chosen": chosen}
     return Section(NAME, "Claim 2: what the gain depends on (ablations)", body, figures, summary)
