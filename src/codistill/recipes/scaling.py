@@ -51,8 +51,8 @@ class Setting:
 
 
 LM = Setting(
-    "lm-scaling", "loss", False, (0.003, 0.01, 0.03), (1, 2, 4, 8, 16),
-    {"task": "lm", "steps": 800, "replicas": 1, "batch_size": 32, "log_every": 50,
+    "lm-scaling", "loss", False, (0.003, 0.01, 0.03), (1, 2, 4, 8),
+    {"task": "lm", "steps": 600, "replicas": 1, "batch_size": 32, "log_every": 50,
      "model": {"name": "lstm", "embed_dim": 64, "hidden_dim": 128},
      "data": {"name": "bible", "level": "byte", "seq_len": 32},
      "optimizer": {"name": "adam", "warmup": 50, "schedule": "constant"},
