@@ -78,10 +78,35 @@ def _demo(args: argparse.Namespace) -> int:
         run(cfg, out, progress=not args.no_progress, overwrite=True)
         dirs.append(out)
     paths = make_report(dirs, args.out)
+    if args.retrains:
+        _demo_retrains(args, dirs, paths["md"])
     with open(paths["md"], encoding="utf-8") as f:
         print(f.read())
     print(f"plot:  {paths['png']}\ntable: {paths['md']}")
     return 0
+
+
+def _demo_retrains(args: argparse.Namespace, dirs: list[str], md: str) -> None:
+    """Retrain the baseline and the codistilled run with the next seed; add the churn between
+    each pair of retrains (served model: replica 0) to the report."""
+    from .churn import churn_between
+    from .engine import run
+
+    rows = []
+    for (name, sets), first in zip(DEMO_RUNS, dirs):
+        if name == "independent":
+            continue
+        seed = load_config(args.config, args.set).seed + 1
+        cfg = load_config(args.config, [*args.set, f"name={name}-retrain", *sets, f"seed={seed}"])
+        out = os.path.join(args.out, f"{name}-retrain")
+        run(cfg, out, progress=not args.no_progress, overwrite=True)
+        res = churn_between([(first, 0), (out, 0)])
+        rows.append(f"| {name} | {res['loss'][0]:.4f} / {res['loss'][1]:.4f} | {res['churn_prob']:.4f} | "
+                    f"{res['churn_top1']:.4f} |")
+    with open(md, "a", encoding="utf-8") as f:
+        f.write("\n## Churn between retrains (seed and seed + 1; replica 0 of each)\n\n"
+                "| run | final val loss, the two retrains | churn (TV / mean abs. difference) | "
+                "top-1 disagreement |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _churn(args: argparse.Namespace) -> int:
@@ -156,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default="configs/demo.yaml")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--retrains", action="store_true",
+                   help="also retrain the baseline and codistill runs with the next seed and report "
+                        "the churn between retrains")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
 
