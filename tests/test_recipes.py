@@ -113,6 +113,7 @@ def test_scaling_limit_is_where_doubling_stops_paying():
     assert scaling_limit({1: 1000, 2: 600, 4: 400, 8: 380, 16: 370}) == 4  # 400 -> 380: -5%
     assert scaling_limit({1: 1000, 2: 500, 4: 250}) == 4  # still scaling: the largest swept
     assert scaling_limit({1: 300, 2: 290}) == 1
+    assert scaling_limit({1: 567, 2: 400, 4: 383, 8: 250}) == 8  # a plateau, then gains again
 
 
 @pytest.mark.parametrize("name", ["lm-scaling", "image-scaling"])

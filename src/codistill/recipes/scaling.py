@@ -4,8 +4,8 @@ scaling, does 2-way codistillation reach the baseline's quality in fewer steps?
 1. Sweep the sync-SGD batch W×b (W simulated workers of b examples), the learning rate
    tuned for every W on one grid (tuning seed; criterion: the final validation metric).
 2. Sweep target: the worst final value of any baseline run, so every baseline reaches it;
-   steps to it for each W. The scaling limit W* is the first W whose doubling cuts those
-   steps by less than 15% (else the largest W swept).
+   steps to it for each W. The scaling limit W* is the largest W whose doubling from W/2
+   still cut those steps by 15% or more (so a noisy plateau does not end the sweep early).
 3. 2-way codistillation, each replica at W* workers, learning rate tuned on the same grid.
    Claim target: the mean final value of the baseline at W*. Steps to it for the baseline
    and for each codistilled replica, per seed; the ratio baseline / codistillation (paper:
@@ -74,12 +74,15 @@ QUICK_DATA = {"lm-scaling": {"max_chars": 30000}, "image-scaling": {"max_train":
 
 
 def scaling_limit(steps: dict[int, float]) -> int:
-    """The first W whose doubling cuts the steps to target by less than LIMIT_GAIN."""
+    """The largest W whose doubling from W/2 still cut the steps to target by LIMIT_GAIN or
+    more (the smallest W if no doubling did): past it, within the sweep, doubling stops
+    paying. A plateau followed by further gains (noise) does not end the sweep early."""
     ws = sorted(steps)
+    limit = ws[0]
     for w, nxt in zip(ws, ws[1:]):
-        if steps[nxt] > (1 - LIMIT_GAIN) * steps[w]:
-            return w
-    return ws[-1]
+        if steps[nxt] <= (1 - LIMIT_GAIN) * steps[w]:
+            limit = nxt
+    return limit
 
 
 def _steps(runs: list[ArmResult], target: float, s: Setting, who: int = 0) -> list[float]:
