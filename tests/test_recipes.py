@@ -171,3 +171,21 @@ def test_assemble_orders_sections_and_adds_the_discussion(tmp_path):
     text = open(assemble(str(out), str(docs), ["a", "b", "missing"]), encoding="utf-8").read()
     assert text.index("## First") < text.index("## Second") < text.index("why b differs")
     assert text.index("| claim a | paper a | ours a |") < text.index("| claim b |") < text.index("## First")
+
+
+def test_demo_with_retrains_reports_churn_between_retrains(tmp_path, capsys):
+    import yaml
+
+    from codistill.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    values = {**TINY, "replicas": 2, "codistill": {"burn_in": 5, "exchange_every": 5}}
+    config.write_text(yaml.safe_dump(values))
+    assert main(["demo", "--config", str(config), "--out", str(tmp_path / "demo"), "--retrains",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "## Churn between retrains" in out
+    tail = out.split("## Churn between retrains")[1].splitlines()
+    rows = [line for line in tail if line.startswith(("| baseline |", "| codistill |"))]
+    assert len(rows) == 2 and all(float(r.split("|")[3]) > 0 for r in rows)
+    assert (tmp_path / "demo" / "codistill-retrain" / "replica-0" / "model.safetensors").exists()
