@@ -25,6 +25,7 @@ from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tu
 NAME = "vs-local-sgd"
 WORKERS = 2
 K = 50
+STEPS = {"lm-scaling": 800}  # the language model's budget here (lm-scaling uses 600)
 
 
 def arms(s: Setting, k: int) -> dict[str, dict[str, Any]]:
@@ -57,7 +58,8 @@ def run_setting(study: Study, s: Setting) -> tuple[str, dict[str, Any], tuple[st
     lrs: dict[str, float] = {}
     tuning: dict[str, dict[float, float]] = {}
     for label, sets in arms(s, k).items():
-        base = make_config(dict(s.base, workers=w), sets).to_dict()
+        steps = {} if study.quick else {"steps": STEPS.get(s.name, s.base["steps"])}
+        base = make_config(dict(s.base, workers=w, **steps), sets).to_dict()
         name = f"{NAME}-{task}-" + label.split(" (")[0].replace(" ", "_")
         lrs[label], tuning[label] = study.tune(base, "optimizer.lr", s.lr_grid, TUNE_SEED, name, s.metric,
                                               s.higher_is_better)
@@ -79,7 +81,7 @@ def run_setting(study: Study, s: Setting) -> tuple[str, dict[str, Any], tuple[st
                 label_m, f"{NAME}: {task}, W={w}, K={k}", target)
     cmp = "≥" if s.higher_is_better else "≤"
     text = (f"### {task}\n\nW={w} workers per replica (batch {w * s.base['batch_size']}), K={k}, "
-            f"{s.base['steps'] if not study.quick else 30} steps; target: {label_m} {cmp} {target:.4f} "
+            f"{results['sync SGD (N=1)'][0].cfg.steps} steps; target: {label_m} {cmp} {target:.4f} "
             f"(sync SGD's mean final). Replica 0 of each run.\n\n" + "\n".join(lines)
             + f"\n\n![{task}]({rel})\n\nTuning on seed {TUNE_SEED}: {tuning_text(tuning)}.\n")
     finals = {label: mean_spread([r.final(0, s.metric) for r in runs])[0] for label, runs in results.items()}
