@@ -97,8 +97,9 @@ def _has(mod: str) -> bool:
 def test_click_churn_quick_fills_every_arm(tmp_path):
     path = reproduce(["click-churn"], str(tmp_path / "out"), str(tmp_path / "docs"), seeds=2, quick=True)
     text = open(path, encoding="utf-8").read()
-    for arm in ("single model", "ensemble of two", "2-way codistillation, disjoint",
-                "2-way codistillation, shared", "label smoothing"):
+    for arm in ("single model |", "ensemble of two |", "2-way codistillation, disjoint data |",
+                "2-way codistillation, shared data |", "2-way codistillation, shared data, α=2 |",
+                "label smoothing"):
         assert text.count(f"| {arm}") == 2  # one row per data set
     assert "nan" not in text and "| – |" not in text
     assert os.path.exists(tmp_path / "docs" / "results" / "click-churn-movielens.png")

@@ -5,9 +5,10 @@ at single-model serving cost and equal or better log loss.
 
 Arms, each retrained in pairs of seeds: a single model (N=1); an ensemble of two single
 models; 2-way codistillation (each retrain serves its replica 0), with the replicas on
-disjoint halves of the data (the paper's recipe for scaling) and on the same data; label
-smoothing (N=1, ε tuned). Churn of a pair = mean absolute difference of its two predicted click
-probabilities on the validation rows.
+disjoint halves of the data (the paper's recipe for scaling) and on the same data (also
+with α=2, a stronger pull toward the peer); label smoothing (N=1, ε tuned). Churn of a
+pair = mean absolute difference of its two predicted click probabilities on the validation
+rows.
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ def run_dataset(study: Study, dataset: str) -> tuple[str, dict[str, Any]]:
             "ensemble of two": _churn_rows([(served(pool, 4 * i, 2), served(pool, 4 * i + 2, 2))
                                             for i in range(p)])}
     curves = {"single model": [a.curve(0) for a in pool[: 2 * p]]}
-    for shards in ("disjoint", "shared"):
-        arm = f"{CODISTILL}, {shards} data"
-        codist = dict(base, replicas=2, data={**base["data"], "shards": shards})
-        name = f"{pre}-codistill-{shards}"
+    for shards, alpha in (("disjoint", 1.0), ("shared", 1.0), ("shared", 2.0)):
+        arm = f"{CODISTILL}, {shards} data" + (f", α={alpha:g}" if alpha != 1.0 else "")
+        codist = dict(base, replicas=2, data={**base["data"], "shards": shards},
+                      codistill={**base["codistill"], "alpha": alpha})
+        name = f"{pre}-codistill-{shards}" + (f"-alpha{alpha:g}" if alpha != 1.0 else "")
         lr, tuning[f"{arm} lr"] = study.tune(codist, "optimizer.lr", grid, TUNE_SEED, name)
         codist = make_config(codist, {"optimizer.lr": lr}).to_dict()
         co = _pairs(study, codist, name, list(range(2 * p)))
@@ -132,10 +134,10 @@ def run(study: Study) -> Section:
         single, loss_single = figs["single model"]["churn"][0], figs["single model"]["loss"][0]
         ens = figs["ensemble of two"]["churn"][0]
         parts = []
-        for shards in ("disjoint", "shared"):
-            co, loss = (figs[f"{CODISTILL}, {shards} data"][k][0] for k in ("churn", "loss"))
-            parts.append(f"{shards} data {co / single - 1:+.0%} ({single:.4f} → {co:.4f}, log loss "
-                         f"{loss_single:.4f} → {loss:.4f})")
+        for arm in (a for a in figs if a.startswith(CODISTILL)):
+            co, loss = (figs[arm][k][0] for k in ("churn", "loss"))
+            parts.append(f"{arm.removeprefix(CODISTILL + ', ')} {co / single - 1:+.0%} ({single:.4f} → "
+                         f"{co:.4f}, log loss {loss_single:.4f} → {loss:.4f})")
         summary.append((f"3. churn between retrains ({dataset})", PAPER,
                         "; ".join(parts) + f"; ensemble of two {ens / single - 1:+.0%}"))
     body = preamble(NAME, study, __doc__) + "\n".join(texts)
