@@ -89,6 +89,11 @@ def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):
     assert study.ran == 4
 
 
+def _figures(report_dir, name: str) -> dict:
+    with open(report_dir / "sections" / name / "figures.json", encoding="utf-8") as f:
+        return json.load(f)["figures"]
+
+
 def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
@@ -103,8 +108,7 @@ def test_click_churn_quick_fills_every_arm(tmp_path):
         assert text.count(f"| {arm}") == 2  # one row per data set
     assert "nan" not in text and "| – |" not in text
     assert os.path.exists(tmp_path / "docs" / "results" / "click-churn-movielens.png")
-    figures = json.load(open(tmp_path / "out" / "click-churn" / "figures.json", encoding="utf-8"))
-    single = figures["figures"]["adult"]["single model"]
+    single = _figures(tmp_path / "docs", "click-churn")["adult"]["single model"]
     assert len(single["values"]["churn"]) == 2 and all(c > 0 for c in single["values"]["churn"])
 
 
@@ -124,7 +128,7 @@ def test_scaling_quick_fills_every_arm(tmp_path, name):
     assert "scaling limit W* =" in text and "Ratio of steps" in text
     for arm in ("| 1 | ", "| 2 | ", "| baseline, W=", "replica 0, W=", "replica 1, W=", "| ensemble of"):
         assert arm in text
-    figures = json.load(open(tmp_path / "out" / name / "figures.json", encoding="utf-8"))["figures"]
+    figures = _figures(tmp_path / "out", name)
     assert set(figures["lrs"]) == {"1", "2"} and len(figures["steps_baseline"]) == 2
     assert os.path.exists(tmp_path / "out" / "results" / f"{name}-sweep.png")
     # a rerun trains nothing: every arm is found finished
@@ -140,7 +144,7 @@ def test_vs_local_sgd_quick_fills_every_arm(tmp_path):
     text = open(path, encoding="utf-8").read()
     for arm in ("sync SGD (N=1)", "2-way codistillation", "local SGD", "DiLoCo"):
         assert text.count(f"| {arm} |") == 2  # language model and images
-    figures = json.load(open(tmp_path / "out" / "vs-local-sgd" / "figures.json", encoding="utf-8"))["figures"]
+    figures = _figures(tmp_path / "out", "vs-local-sgd")
     for task in ("lm", "image"):
         sent = figures[task]["bytes"]
         assert sent["sync SGD (N=1)"] == [0, 0]
@@ -154,10 +158,10 @@ def test_ablations_and_offline_quick_fill_every_arm(tmp_path):
                 "label smoothing instead (N=1)", "K=1", "N=3", "no burn-in", "α=2", "temperature 2"):
         assert f"| {arm} |" in text
     assert text.count("| phase 2: student distilled from the ensemble |") == 2
-    figures = json.load(open(tmp_path / "out" / "offline" / "figures.json", encoding="utf-8"))["figures"]
+    figures = _figures(tmp_path / "out", "offline")
     assert all(len(figures[t]["student_finals"]) == 2 for t in ("movielens", "image"))
     assert "## Summary" in text and "4. vs offline distillation (image)" in text
-    ablations = json.load(open(tmp_path / "out" / "ablations" / "figures.json", encoding="utf-8"))["figures"]
+    ablations = _figures(tmp_path / "out", "ablations")
     assert all(len(c) == 1 and c[0] > 0 for c in ablations["churn"].values())  # 2 seeds: one pair
 
 

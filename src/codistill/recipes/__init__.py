@@ -30,7 +30,8 @@ RECIPES: dict[str, Callable[[Study], Section]] = {  # in the report's order
 def reproduce(names: list[str], out: str, report_dir: str | None = None, seeds: int = 3,
               quick: bool = False, progress: bool = False, threads: int = 0) -> str:
     """Run the recipes ``names`` (``all``: every one) under ``out``; write each one's section
-    and the assembled ``results.md`` into ``report_dir`` (default ``out``); return its path."""
+    (``REPORT_DIR/sections/NAME/``) and ``REPORT_DIR/results.md``, assembled from every section
+    there (``report_dir`` defaults to ``out``); return its path."""
     if "all" in names:
         names = list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
@@ -40,10 +41,11 @@ def reproduce(names: list[str], out: str, report_dir: str | None = None, seeds: 
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     study = Study(out, report_dir, seeds=seeds, quick=quick, progress=progress, threads=threads)
     path = ""
+    sections = os.path.join(study.report_dir, "sections")  # kept with the report, so it can be committed
     for name in names:
         log.info("recipe %s (%s, %d seed(s)) -> %s", name, "quick" if quick else "full", seeds, out)
-        save_section(RECIPES[name](study), os.path.join(out, name))
-        path = assemble(out, study.report_dir, list(RECIPES))  # after each: a long run reports as it goes
+        save_section(RECIPES[name](study), os.path.join(sections, name))
+        path = assemble(sections, study.report_dir, list(RECIPES))  # after each recipe: reports as it goes
     log.info("%d arm(s) trained, %d finished earlier; report: %s", study.ran, study.skipped, path)
     return path
 

@@ -42,13 +42,13 @@ def save_section(section: Section, recipe_dir: str) -> None:
                    "figures": section.figures}, f, indent=1, default=str)
 
 
-def assemble(out: str, report_dir: str, order: Sequence[str]) -> str:
-    """Write ``REPORT_DIR/results.md`` from the sections under ``OUT/<recipe>/``; a
+def assemble(sections: str, report_dir: str, order: Sequence[str]) -> str:
+    """Write ``REPORT_DIR/results.md`` from the sections under ``SECTIONS/<recipe>/``; a
     hand-written reading of a recipe's figures, ``REPORT_DIR/discussion/<recipe>.md``, follows
     its section."""
     parts, rows = [HEADER], []
     for name in order:
-        md, js = (os.path.join(out, name, f) for f in ("section.md", "figures.json"))
+        md, js = (os.path.join(sections, name, f) for f in ("section.md", "figures.json"))
         if not os.path.exists(md):
             continue
         with open(md, encoding="utf-8") as f:
