@@ -8,19 +8,18 @@ module compares the final weights of separate runs on the validation split.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import load_config
 from .metrics import evaluate_models
 from .models import build_model
+from .rundir import load_weights
 from .tasks import build_task
 
 
@@ -28,15 +27,8 @@ def load_final_model(run_dir: str, replica: int = 0,
                      build: Callable[[dict[str, Any]], nn.Module] = build_model) -> nn.Module:
     """The final weights of ``replica`` in ``run_dir``, built (by ``build``) from the spec
     stored with them."""
-    path = os.path.join(run_dir, f"replica-{replica}", "model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no final weights (did the run finish?)")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if "model" not in meta:
-        raise ValueError(f"{path}: no model spec in its metadata")
-    model = build(json.loads(meta["model"]))
+    state, spec = load_weights(run_dir, replica)
+    model = build(spec)
     model.load_state_dict(state)
     return model.eval()
 

@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import Checkpointer
@@ -82,6 +83,19 @@ class RunDir:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def load_weights(run_dir: str, replica: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The final weights of ``replica`` in ``run_dir`` and the model spec saved with them."""
+    path = os.path.join(run_dir, f"replica-{replica}", "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no final weights (did the run finish?)")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if "model" not in meta:
+        raise ValueError(f"{path}: no model spec in its metadata")
+    return state, json.loads(meta["model"])
 
 
 def check_fresh_exchange(exchange: Exchange, replica: int, overwrite: bool) -> None:

@@ -31,11 +31,11 @@ def freeze(module: nn.Module) -> nn.Module:
 def load_run_teachers(run_dir: str, first: int) -> list[Published]:
     """The final weights of every replica of the finished run ``run_dir`` as published
     versions numbered ``first, first+1, ...`` (offline distillation's fixed teachers)."""
-    import json
     import os
 
     import yaml
-    from safetensors import safe_open
+
+    from .rundir import load_weights
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
@@ -44,14 +44,8 @@ def load_run_teachers(run_dir: str, first: int) -> list[Published]:
         cfg = yaml.safe_load(f) or {}
     out = []
     for r in range(int(cfg.get("replicas", 1))):
-        weights = os.path.join(run_dir, f"replica-{r}", "model.safetensors")
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"codistill.teachers_from: {weights} missing (did the run finish?)")
-        with safe_open(weights, framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        out.append(Published(first + r, int(cfg.get("steps", 0)), state,
-                             {"model": json.loads(meta.get("model", "{}")), "run": run_dir}))
+        state, spec = load_weights(run_dir, r)
+        out.append(Published(first + r, int(cfg.get("steps", 0)), state, {"model": spec, "run": run_dir}))
     return out
 
 

@@ -16,11 +16,10 @@ from typing import Any
 from ..churn import churn_between
 from .click_churn import LR_GRID, SMOOTHING_GRID, base_config
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
+from .study import TUNE_SEED, ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 NAME = "ablations"
 DATASET = "movielens"
-TUNE_SEED = 1000
 PAPER = "disjoint data beats shared; not explained by label smoothing; K of 50+ steps barely hurts"
 
 

@@ -18,13 +18,12 @@ from typing import Any
 
 from ..churn import churn_between
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
+from .study import TUNE_SEED, ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 log = logging.getLogger(__name__)
 
 NAME = "click-churn"
 DATASETS = ("movielens", "adult")
-TUNE_SEED = 1000
 LR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02)
 SMOOTHING_GRID = (0.02, 0.05, 0.1, 0.2)
 CODISTILL = "2-way codistillation"

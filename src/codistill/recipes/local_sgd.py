@@ -19,8 +19,8 @@ import os
 from typing import Any
 
 from .results import Section, plot_curves
-from .scaling import IMAGE, LM, TUNE_SEED, Setting, _cell, _steps
-from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
+from .scaling import IMAGE, LM, Setting, _cell, _steps
+from .study import TUNE_SEED, ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 NAME = "vs-local-sgd"
 WORKERS = 2
@@ -61,10 +61,8 @@ def run_setting(study: Study, s: Setting) -> tuple[str, dict[str, Any], tuple[st
         steps = {} if study.quick else {"steps": STEPS.get(s.name, s.base["steps"])}
         base = make_config(dict(s.base, workers=w, **steps), sets).to_dict()
         name = f"{NAME}-{task}-" + label.split(" (")[0].replace(" ", "_")
-        lrs[label], tuning[label] = study.tune(base, "optimizer.lr", s.lr_grid, TUNE_SEED, name, s.metric,
-                                              s.higher_is_better)
-        base = make_config(base, {"optimizer.lr": lrs[label]}).to_dict()
-        results[label] = [study.run(make_config(base, {"seed": i, "name": f"{name}-seed{i}"})) for i in seeds]
+        arm = study.tuned_arm(base, name, s.lr_grid, seeds, s.metric, s.higher_is_better)
+        lrs[label], tuning[label], results[label] = arm.lr, arm.tuning, arm.runs
     ref = results["sync SGD (N=1)"]
     target = mean_spread([r.final(0, s.metric) for r in ref])[0]
     label_m = "validation loss" if s.metric == "loss" else f"validation {s.metric}"

@@ -21,11 +21,10 @@ from typing import Any
 
 from ..metrics import steps_to_target
 from .results import Section, plot_curves
-from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
+from .study import TUNE_SEED, ArmResult, Study, fmt, mean_spread, preamble, tuning_text
 
 log = logging.getLogger(__name__)
 
-TUNE_SEED = 1000
 LIMIT_GAIN = 0.15  # doubling the batch must cut steps to target by at least this much
 
 
@@ -110,21 +109,16 @@ def run_setting(study: Study, s: Setting) -> Section:
     lrs: dict[int, float] = {}
     tuning: dict[str, dict[float, float]] = {}
     for w in s.workers:
-        cfg = dict(s.base, workers=w)
-        lrs[w], tuning[f"W={w}"] = study.tune(cfg, "optimizer.lr", s.lr_grid, TUNE_SEED, f"{s.name}-W{w}",
-                                              s.metric, s.higher_is_better)
-        cfg = make_config(cfg, {"optimizer.lr": lrs[w]}).to_dict()
-        base[w] = [study.run(make_config(cfg, {"seed": k, "name": f"{s.name}-W{w}-seed{k}"})) for k in seeds]
+        arm = study.tuned_arm(dict(s.base, workers=w), f"{s.name}-W{w}", s.lr_grid, seeds, s.metric,
+                              s.higher_is_better)
+        lrs[w], tuning[f"W={w}"], base[w] = arm.lr, arm.tuning, arm.runs
     sweep_target = worst(r.final(0, s.metric) for runs in base.values() for r in runs)
     sweep = {w: _steps(runs, sweep_target, s) for w, runs in base.items()}
     limit = scaling_limit({w: mean_spread(v)[0] for w, v in sweep.items()})
 
-    co_cfg = dict(s.base, workers=limit, replicas=2)
-    lr_co, tuning["codistill"] = study.tune(co_cfg, "optimizer.lr", s.lr_grid, TUNE_SEED,
-                                            f"{s.name}-codistill-W{limit}", s.metric, s.higher_is_better)
-    co_cfg = make_config(co_cfg, {"optimizer.lr": lr_co}).to_dict()
-    co = [study.run(make_config(co_cfg, {"seed": k, "name": f"{s.name}-codistill-W{limit}-seed{k}"}))
-          for k in seeds]
+    arm = study.tuned_arm(dict(s.base, workers=limit, replicas=2), f"{s.name}-codistill-W{limit}", s.lr_grid,
+                          seeds, s.metric, s.higher_is_better)
+    lr_co, tuning["codistill"], co = arm.lr, arm.tuning, arm.runs
     target = mean_spread([r.final(0, s.metric) for r in base[limit]])[0]
     steps_base = _steps(base[limit], target, s)
     steps_co = [_steps(co, target, s, who) for who in (0, 1)]
