@@ -78,15 +78,30 @@ def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):
     study = Study(str(tmp_path))
     first = study.run(make_config(TINY, {"name": "tiny"}))
     assert study.ran == 1 and len(first.curve(0)) == 3  # steps 0, 10, 20
-    again = study.run(make_config(TINY, {"name": "renamed"}))
-    assert study.ran == 1 and study.skipped == 1 and again.dir == first.dir
+    later = Study(str(tmp_path))
+    again = later.run(make_config(TINY, {"name": "renamed"}))
+    assert later.ran == 0 and later.skipped == 1 and again.dir == first.dir
     best, results = study.tune(TINY, "optimizer.lr", [1e-5, 0.01], seed=7, name="t")
     assert set(results) == {1e-5, 0.01} and best == min(results, key=results.get)
     assert best == 0.01  # a learning rate of 1e-5 barely moves in 20 steps
     # an arm cut off part-way (no final summary) is trained again, not skipped
     os.remove(os.path.join(first.dir, "summary.json"))
     study.run(make_config(TINY, {}))
-    assert study.ran == 4
+    assert study.ran == 3  # distinct arms trained: the first again, and the two tuning runs
+
+
+def test_parallel_arms_equal_the_same_arms_run_one_by_one(tmp_path):
+    cfgs = [make_config(TINY, {"seed": s, "name": f"s{s}", "threads": 1}) for s in (0, 1, 2)]
+    seq = Study(str(tmp_path / "seq")).run_all(cfgs)
+    par_study = Study(str(tmp_path / "par"), jobs=2)
+    par = par_study.run_all(cfgs)
+    assert par_study.ran == 3 and par_study.skipped == 0
+    for a, b in zip(seq, par):
+        assert a.curve(0) == b.curve(0) and len(a.curve(0)) == 3
+    assert seq[0].curve(0) != seq[1].curve(0)  # the seeds differ
+    again = Study(str(tmp_path / "par"), jobs=2)
+    again.run_all(cfgs)
+    assert again.ran == 0 and again.skipped == 3
 
 
 def _figures(report_dir, name: str) -> dict:
@@ -137,6 +152,21 @@ def test_scaling_quick_fills_every_arm(tmp_path, name):
     study = Study(str(tmp_path / "out"), seeds=2, quick=True)
     RECIPES[name](study)
     assert study.ran == 0 and study.skipped > 0
+
+
+def test_scaling_factors_quick_fills_every_arm(tmp_path):
+    path = reproduce(["scaling-factors"], str(tmp_path / "out"), seeds=2, quick=True, jobs=2)
+    text = open(path, encoding="utf-8").read()
+    from codistill.recipes.scaling_factors import arms
+
+    labels = list(arms(30, 500))
+    assert all(f"| {label} |" in text for label in labels) and "nan" not in text
+    figures = _figures(tmp_path / "out", "scaling-factors")["arms"]
+    assert set(figures) == set(labels)
+    assert len(figures["baseline"]["acc"]) == 2
+    assert len(figures["shared data"]["acc"]) == 4  # seeds × replicas
+    assert figures["baseline"]["ratio_mid"] == 1.0
+    assert "1. what governs claim 1" in text
 
 
 def test_vs_local_sgd_quick_fills_every_arm(tmp_path):

@@ -128,7 +128,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .recipes import reproduce
 
     path = reproduce(args.names, args.out, args.report, seeds=args.seeds, quick=args.quick,
-                     progress=not args.no_progress, threads=args.threads)
+                     progress=not args.no_progress, threads=args.threads, jobs=args.jobs)
     print(f"report: {path}")
     return 0
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", help="where results.md and its plots go (default: --out)")
     q.add_argument("--threads", type=int, default=0,
                    help="torch threads per run (e.g. 1 to run two recipes side by side on 2 cores)")
+    q.add_argument("--jobs", type=int, default=1,
+                   help="independent arms trained at once, in worker processes (1 thread each unless "
+                        "--threads; recipes built on tuned arms use it)")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_reproduce)
 

@@ -57,11 +57,12 @@ def run_setting(study: Study, s: Setting) -> tuple[str, dict[str, Any], tuple[st
     results: dict[str, list[ArmResult]] = {}
     lrs: dict[str, float] = {}
     tuning: dict[str, dict[float, float]] = {}
-    for label, sets in arms(s, k).items():
-        steps = {} if study.quick else {"steps": STEPS.get(s.name, s.base["steps"])}
-        base = make_config(dict(s.base, workers=w, **steps), sets).to_dict()
-        name = f"{NAME}-{task}-" + label.split(" (")[0].replace(" ", "_")
-        arm = study.tuned_arm(base, name, s.lr_grid, seeds, s.metric, s.higher_is_better)
+    budget = {} if study.quick else {"steps": STEPS.get(s.name, s.base["steps"])}
+    bases = {f"{NAME}-{task}-" + label.split(" (")[0].replace(" ", "_"):
+             make_config(dict(s.base, workers=w, **budget), sets).to_dict()
+             for label, sets in arms(s, k).items()}
+    tuned = study.tuned_arms(bases, s.lr_grid, seeds, s.metric, s.higher_is_better)
+    for label, arm in zip(arms(s, k), tuned.values()):
         lrs[label], tuning[label], results[label] = arm.lr, arm.tuning, arm.runs
     ref = results["sync SGD (N=1)"]
     target = mean_spread([r.final(0, s.metric) for r in ref])[0]

@@ -108,9 +108,9 @@ def run_setting(study: Study, s: Setting) -> Section:
     base: dict[int, list[ArmResult]] = {}
     lrs: dict[int, float] = {}
     tuning: dict[str, dict[float, float]] = {}
-    for w in s.workers:
-        arm = study.tuned_arm(dict(s.base, workers=w), f"{s.name}-W{w}", s.lr_grid, seeds, s.metric,
-                              s.higher_is_better)
+    sweep_arms = study.tuned_arms({f"{s.name}-W{w}": dict(s.base, workers=w) for w in s.workers}, s.lr_grid,
+                                  seeds, s.metric, s.higher_is_better)
+    for w, arm in zip(s.workers, sweep_arms.values()):
         lrs[w], tuning[f"W={w}"], base[w] = arm.lr, arm.tuning, arm.runs
     sweep_target = worst(r.final(0, s.metric) for runs in base.values() for r in runs)
     sweep = {w: _steps(runs, sweep_target, s) for w, runs in base.items()}

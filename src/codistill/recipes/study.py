@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import statistics
@@ -61,18 +62,32 @@ class ArmResult:
 
 
 class Study:
-    """Runs arms under ``root`` (sequentially, in this process, with the one-process engine).
+    """Runs arms under ``root`` with the one-process engine: one at a time in this process,
+    or, through :meth:`run_all` / :meth:`tuned_arms`, up to ``jobs`` at once in worker processes.
 
     ``seeds``: how many seeds (or retrain pairs) a recipe reports; ``quick``: the smoke-test
     size; ``report_dir``: where ``results.md`` and its plots go (plots under ``results/``).
     """
 
     def __init__(self, root: str, report_dir: str | None = None, seeds: int = 3, quick: bool = False,
-                 progress: bool = False, threads: int = 0) -> None:
-        self.root, self.report_dir, self.threads = root, report_dir or root, threads
+                 progress: bool = False, threads: int = 0, jobs: int = 1) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
+        self.root, self.report_dir, self.threads, self.jobs = root, report_dir or root, threads, jobs
         self.seeds, self.quick, self.progress = seeds, quick, progress
-        self.ran = self.skipped = 0
+        self._trained: set[str] = set()  # arm directories trained by this study
+        self._read: set[str] = set()  # every arm directory it returned
         self._tasks: dict[str, Task] = {}  # loaded data, shared by the arms that use it
+
+    @property
+    def ran(self) -> int:
+        """Arms this study trained."""
+        return len(self._trained)
+
+    @property
+    def skipped(self) -> int:
+        """Arms it found finished by an earlier run."""
+        return len(self._read - self._trained)
 
     def plot_path(self, name: str) -> tuple[str, str]:
         """(file path, path relative to the report) of a plot called ``name``."""
@@ -107,14 +122,28 @@ class Study:
             cfg.threads = self.threads
         out = self.arm_dir(cfg)
         if self.finished(out, cfg):
-            self.skipped += 1
             log.info("arm %s: finished earlier (%s), skipped", cfg.name, out)
         else:
             resume = os.path.isdir(os.path.join(out, "checkpoints"))
             log.info("arm %s -> %s%s", cfg.name, out, " (resuming)" if resume else "")
             run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume, task=self.task(cfg))
-            self.ran += 1
+            self._trained.add(out)
+        self._read.add(out)
         return ArmResult(cfg, out, read_metrics(out))
+
+    def run_all(self, cfgs: Sequence[RunConfig]) -> list[ArmResult]:
+        """:meth:`run` every config; the unfinished ones ``jobs`` at a time in worker processes
+        (each with ``threads`` torch threads, 1 if unset), so independent arms share the cores."""
+        todo = {self.arm_dir(c): c for c in cfgs if not self.finished(self.arm_dir(c), c)}
+        if self.jobs > 1 and len(todo) > 1:
+            jobs = min(self.jobs, len(todo))
+            log.info("running %d arm(s), %d at a time", len(todo), jobs)
+            ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+            with ctx.Pool(jobs, _init_worker, (self.root, self.threads or 1)) as pool:
+                for name in pool.imap_unordered(_run_in_worker, [c.to_dict() for c in todo.values()]):
+                    log.info("arm %s finished", name)
+            self._trained.update(todo)
+        return [self.run(c) for c in cfgs]
 
     def task(self, cfg: RunConfig) -> Task:
         """The task of ``cfg``, loaded once per data settings (the last few are kept)."""
@@ -128,10 +157,24 @@ class Study:
     def tuned_arm(self, base: dict[str, Any], name: str, grid: Sequence[float], seeds: Sequence[int],
                   metric: str = "loss", higher_is_better: bool = False) -> TunedArm:
         """Tune ``optimizer.lr`` on ``grid`` (tuning seed 1000), then run every seed with it."""
-        lr, results = self.tune(base, "optimizer.lr", grid, TUNE_SEED, name, metric, higher_is_better)
-        cfg = make_config(base, {"optimizer.lr": lr}).to_dict()
-        runs = [self.run(make_config(cfg, {"seed": s, "name": f"{name}-seed{s}"})) for s in seeds]
-        return TunedArm(lr, results, runs, cfg)
+        return self.tuned_arms({name: base}, grid, seeds, metric, higher_is_better)[name]
+
+    def tuned_arms(self, bases: dict[str, dict[str, Any]], grid: Sequence[float], seeds: Sequence[int],
+                   metric: str = "loss", higher_is_better: bool = False) -> dict[str, TunedArm]:
+        """:meth:`tuned_arm` for each ``name: base``; the runs of every arm's tuning, then of
+        every arm's seeds, go through :meth:`run_all` together."""
+        self.run_all([make_config(base, {"optimizer.lr": v, "seed": TUNE_SEED, "name": f"{name}-tune-{v:g}"})
+                      for name, base in bases.items() for v in grid])
+        tuned = {name: self.tune(base, "optimizer.lr", grid, TUNE_SEED, name, metric, higher_is_better)
+                 for name, base in bases.items()}
+        cfgs = {name: make_config(base, {"optimizer.lr": tuned[name][0]}).to_dict()
+                for name, base in bases.items()}
+        runs = self.run_all([make_config(cfgs[name], {"seed": s, "name": f"{name}-seed{s}"})
+                             for name in bases for s in seeds])
+        out, n = {}, len(seeds)
+        for i, name in enumerate(bases):
+            out[name] = TunedArm(tuned[name][0], tuned[name][1], runs[i * n:(i + 1) * n], cfgs[name])
+        return out
 
     def tune(self, base: dict[str, Any], key: str, grid: Sequence[float], seed: int,
              name: str, metric: str = "loss", higher_is_better: bool = False
@@ -164,6 +207,21 @@ class TunedArm:
     tuning: dict[float, float]
     runs: list[ArmResult]
     config: dict[str, Any]  # the tuned config (without seed and name)
+
+
+_worker_study: Study | None = None
+
+
+def _init_worker(root: str, threads: int) -> None:
+    global _worker_study
+    _worker_study = Study(root, threads=threads)
+
+
+def _run_in_worker(values: dict[str, Any]) -> str:
+    assert _worker_study is not None
+    cfg = from_dict(values)
+    _worker_study.run(cfg)
+    return cfg.name
 
 
 def make_config(base: dict[str, Any], sets: dict[str, Any]) -> RunConfig:
