@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .exchange import Exchange, Published, cpu_state, make_exchange, state_nbytes, unwrap
+from .exchange.base import Check, Header, header_nbytes, header_of
 from .exchange.collective import share_teachers
 from .losses import DISTILL_KINDS, AlphaSchedule, distill_loss
 from .teachers import Teacher, average_predictions
@@ -53,6 +54,8 @@ class Codistiller:
             from identical teachers. Without it every rank acts on its own.
         sync_timeout: lock-step mode: a refresh at step S waits (at most this many seconds)
             for every peer's version S and loads exactly those. None: newest valid versions.
+        max_teacher_bytes: a peer's weights larger than this are rejected before they are
+            read (default: 4× this replica's own weights; the exchange is untrusted input).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Codistiller:
         peers: list[int] | None = None,
         process_group: Any = None,
         sync_timeout: float | None = None,
+        max_teacher_bytes: int | None = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -96,6 +100,12 @@ class Codistiller:
         self.temperature = temperature
         self.model_spec = model_spec
         self.teacher_factory = teacher_factory or self._default_teacher_factory
+        self._spec_teachers = teacher_factory is None  # teachers built from a manifest's (untrusted) spec
+        if max_teacher_bytes is None:
+            max_teacher_bytes = 4 * state_nbytes(unwrap(model).state_dict())
+        self.max_teacher_bytes = max_teacher_bytes
+        if self.exchange.max_bytes is None or self.exchange.max_bytes < max_teacher_bytes:
+            self.exchange.limit(max_teacher_bytes)  # shared in-process exchanges take the largest
         self.peers = [p for p in range(num_replicas) if p != replica] if peers is None else list(peers)
         bad = [p for p in self.peers if p == replica or not 0 <= p < num_replicas]
         if bad:
@@ -174,28 +184,67 @@ class Codistiller:
     def _load_newest(self) -> None:
         for peer in self.peers:
             teacher = self.teachers.get(peer)
-            steps = self.exchange.versions(peer)
-            if not steps or (teacher is not None and teacher.version == steps[-1]):
-                continue
-            published = self.exchange.latest(peer)
-            if published is None:
-                continue
-            try:
-                self._load(published)
-            except ValueError as e:  # a peer's bad version must not stop this replica
-                log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
-                            published.step, e)
+            for step in reversed(self.exchange.versions(peer)):
+                if teacher is not None and teacher.version == step:
+                    break  # newer versions were invalid: keep this one
+                published = self.exchange.load(peer, step, self._check(peer))
+                if published is None:
+                    continue
+                try:
+                    self._load(published)
+                    break
+                except ValueError as e:  # a peer's bad version must not stop this replica
+                    log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
+                                published.step, e)
 
     def _load_exact(self, versions: dict[int, int]) -> None:
         for peer, want in versions.items():
             teacher = self.teachers.get(peer)
             if teacher is not None and teacher.version == want:
                 continue
-            published = self.exchange.load(peer, want)
+            published = self.exchange.load(peer, want, self._check(peer))
             if published is None:
                 raise RuntimeError(f"replica {self.replica}: version {want} of peer {peer} is "
                                    "missing or invalid in the exchange")
             self._load(published)
+
+    def _check(self, peer: int) -> Check:
+        """The test a peer's version must pass before its tensors are read: at most
+        ``max_teacher_bytes``, and the names, dtypes and shapes of its teacher (for a teacher
+        not built yet: of the module its manifest's spec describes, built without memory)."""
+
+        def check(header: Header, meta: dict[str, Any]) -> None:
+            nbytes = header_nbytes(header)
+            if nbytes > self.max_teacher_bytes:
+                raise ValueError(f"{nbytes} bytes of weights exceed max_teacher_bytes="
+                                 f"{self.max_teacher_bytes}")
+            teacher = self.teachers.get(peer)
+            if teacher is not None:
+                expected: Header | None = header_of(teacher.module.state_dict())
+            elif self._spec_teachers:
+                expected = self._skeleton_header(meta)
+            else:
+                expected = None  # the caller's factory decides; Teacher.load checks after reading
+            if expected is not None and header != expected:
+                missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+                wrong = sorted(k for k in set(header) & set(expected) if header[k] != expected[k])
+                raise ValueError(f"weights do not fit the teacher (missing {missing[:3]}, unexpected "
+                                 f"{extra[:3]}, other dtype/shape {wrong[:3]})")
+
+        return check
+
+    def _skeleton_header(self, meta: dict[str, Any]) -> Header:
+        """Names, dtypes and shapes of the teacher the default factory would build from
+        ``meta``, built on the meta device (allocates nothing, whatever the spec claims)."""
+        spec = meta.get("model")
+        if not spec:
+            return header_of(unwrap(self.model).state_dict())
+        try:
+            with torch.device("meta"):
+                module = self._build_from_spec(spec)
+        except Exception as e:  # a hostile spec may fail anywhere in a model's constructor
+            raise ValueError(f"cannot build a teacher from the manifest's model spec: {e}") from e
+        return header_of(module.state_dict())
 
     def _wait_for_peers(self, step: int) -> dict[int, int]:
         """Lock-step mode: block until every peer has published its version ``step``."""
@@ -276,12 +325,13 @@ class Codistiller:
 
     def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
         spec = meta.get("model")
-        if spec:
-            if not isinstance(spec, dict):
-                raise ValueError(f"model spec must be a mapping, got {spec!r}")
-            from .models import build_model
-
-            module = build_model(spec)
-        else:
-            module = copy.deepcopy(unwrap(self.model))
+        module = self._build_from_spec(spec) if spec else copy.deepcopy(unwrap(self.model))
         return module.to(self._device())
+
+    @staticmethod
+    def _build_from_spec(spec: Any) -> nn.Module:
+        if not isinstance(spec, dict):
+            raise ValueError(f"model spec must be a mapping, got {spec!r}")
+        from .models import build_model
+
+        return build_model(spec)

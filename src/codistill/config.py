@@ -65,6 +65,9 @@ class CodistillConfig:
     sync: bool = False  # distributed: wait for every peer's version of this step (lock-step)
     sync_timeout: float = setting(600.0, gt=0)  # seconds to wait for a peer in sync mode
     teachers_from: str | None = None  # a finished run: distil from its final replicas (offline)
+    # A peer's published weights may be at most this multiple of the largest model the run
+    # declares (checked before they are read: the exchange is untrusted input).
+    max_teacher_size: float = setting(4.0, ge=1)
 
 
 @dataclass

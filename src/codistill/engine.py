@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from .config import RunConfig
-from .exchange import make_exchange
+from .exchange import make_exchange, state_nbytes
 from .loop import Loop, make_checkpointer, set_threads
 from .replica import build_replica
 from .rundir import RunDir
@@ -41,8 +41,9 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     for t in fixed:  # offline distillation: a finished run's models, published once
         exchange.publish(t.replica, t.step, t.state, t.meta)
     exchange.flush()
-    replicas = [build_replica(cfg, task, r, exchange, cfg.workers * cfg.batch_size, fixed_teachers=len(fixed))
-                for r in range(cfg.replicas)]
+    fixed_bytes = max((state_nbytes(t.state) for t in fixed), default=0)
+    replicas = [build_replica(cfg, task, r, exchange, cfg.workers * cfg.batch_size, fixed_teachers=len(fixed),
+                              fixed_teacher_bytes=fixed_bytes) for r in range(cfg.replicas)]
     checkpointers = [make_checkpointer(cfg, out_dir, rep) for rep in replicas]
     loop = Loop(cfg, task, replicas, checkpointers, RunDir(out_dir), cfg.device, progress=progress)
     steps = loop.valid_steps() if resume else []

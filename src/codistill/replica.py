@@ -18,7 +18,7 @@ from .averaging import OuterSync
 from .codistiller import Codistiller
 from .config import RunConfig
 from .data import ShardSampler, shard_indices
-from .exchange import Exchange
+from .exchange import Exchange, state_nbytes
 from .losses import uniform_loss
 from .tasks import Batch, Task
 from .teachers import call_model
@@ -68,6 +68,17 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optim
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def largest_model_bytes(cfg: RunConfig, task: Task) -> int:
+    """Bytes of the weights of the largest replica model ``cfg`` declares (built on the meta
+    device: nothing is allocated)."""
+    sizes = []
+    for r in range(cfg.replicas):
+        with torch.device("meta"):
+            model = task.build_model(task.model_spec(cfg.replica_model(r)))
+        sizes.append(state_nbytes(model.state_dict()))
+    return max(sizes)
+
+
 def build_replica(
     cfg: RunConfig,
     task: Task,
@@ -79,6 +90,7 @@ def build_replica(
     wrap: Any = None,
     process_group: Any = None,
     fixed_teachers: int = 0,
+    fixed_teacher_bytes: int = 0,
 ) -> Replica:
     """Build replica ``replica``: model (seeded per replica), optimizer, shard sampler, RNG.
 
@@ -87,7 +99,8 @@ def build_replica(
     ``wrap`` (e.g. a DDP constructor) wraps the model after it is built; ``process_group``
     (the replica's group) lets its first rank hand the teachers to the other ranks;
     ``fixed_teachers``: peers numbered from ``cfg.replicas`` that are a finished run's models
-    (``codistill.teachers_from``), built from the spec saved with their weights.
+    (``codistill.teachers_from``), built from the spec saved with their weights, the largest
+    of ``fixed_teacher_bytes``.
     """
     spec = task.model_spec(cfg.replica_model(replica))
     # Replicas whose weights are averaged start from one init (replica 0's).
@@ -117,6 +130,7 @@ def build_replica(
         distill=c.distill, temperature=c.temperature, model_spec=spec,
         teacher_factory=teacher_factory, process_group=process_group,
         sync_timeout=c.sync_timeout if c.sync else None,
+        max_teacher_bytes=int(c.max_teacher_size * max(largest_model_bytes(cfg, task), fixed_teacher_bytes)),
     )
     rng = torch.Generator().manual_seed(stream).get_state()
     outer = OuterSync(model, cfg.outer.lr, cfg.outer.momentum) if cfg.outer.every else None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import Exchange, Published, state_nbytes
+from .base import Check, Exchange, Published, state_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,12 @@ class BackgroundExchange(Exchange):
     def versions(self, replica: int) -> list[int]:
         return self.inner.versions(replica)
 
-    def load(self, replica: int, step: int) -> Published | None:
-        return self.inner.load(replica, step)
+    def load(self, replica: int, step: int, check: Check | None = None) -> Published | None:
+        return self.inner.load(replica, step, check)
+
+    def limit(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.inner.limit(max_bytes)
 
     def clear(self, replica: int) -> None:
         self.flush()

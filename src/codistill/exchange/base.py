@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+
+Header = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype, shape)
+Check = Callable[[Header, dict[str, Any]], None]  # (header, manifest meta); raises ValueError to reject
 
 
 @dataclass
@@ -22,6 +29,24 @@ class Published:
 
 def state_nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def header_of(state: dict[str, torch.Tensor]) -> Header:
+    """Names, dtypes and shapes of ``state``, as a safetensors header describes them."""
+    return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of ``dtype`` (e.g. ``"float32"``) and ``shape``."""
+    n = getattr(torch, dtype).itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def header_nbytes(header: Header) -> int:
+    """Bytes of the tensors a header describes."""
+    return sum(tensor_nbytes(dtype, shape) for dtype, shape in header.values())
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -44,6 +69,7 @@ class Exchange(ABC):
 
     durable = True  # versions outlive the process (a resumed replica republishes a lost one)
     wait_seconds = 0.0  # time the training thread spent waiting for writes
+    max_bytes: int | None = None  # versions larger than this are rejected before they are read
 
     @abstractmethod
     def publish(
@@ -56,18 +82,51 @@ class Exchange(ABC):
         """Steps of ``replica``'s published versions, oldest first (validity not checked)."""
 
     @abstractmethod
-    def load(self, replica: int, step: int) -> Published | None:
-        """Load one version; None if it is missing or fails its integrity check."""
+    def load(self, replica: int, step: int, check: Check | None = None) -> Published | None:
+        """Load one version; None if it is missing, fails its integrity check, is larger than
+        ``max_bytes`` or is refused by ``check`` (called with its tensors' names, dtypes and
+        shapes and its meta before the tensors are read)."""
 
-    def latest(self, replica: int, max_step: int | None = None) -> Published | None:
+    def latest(self, replica: int, max_step: int | None = None, check: Check | None = None
+               ) -> Published | None:
         """The newest valid version of ``replica`` (at most ``max_step``), or None."""
         for step in reversed(self.versions(replica)):
             if max_step is not None and step > max_step:
                 continue
-            published = self.load(replica, step)
+            published = self.load(replica, step, check)
             if published is not None:
                 return published
         return None
+
+    def limit(self, max_bytes: int | None) -> None:
+        """Reject versions whose weights exceed ``max_bytes`` (None: no bound)."""
+        self.max_bytes = max_bytes
+
+    def _refuse(self, key: Any, where: str, reason: str) -> None:
+        """Warn that a version is rejected, once per version (``key`` names it)."""
+        rejected = self.__dict__.setdefault("_rejected", set())
+        if key not in rejected:
+            rejected.add(key)
+            log.warning("skipping %s: %s", where, reason)
+
+    def _refused(self, key: Any) -> bool:
+        return key in self.__dict__.get("_rejected", ())
+
+    def _checked(self, published: Published, check: Check | None, where: str) -> Published | None:
+        """``published`` if it passes the size bound and ``check``, else None (warned once)."""
+        key = (published.replica, published.step, id(published))
+        if self._refused(key):
+            return None
+        nbytes = header_nbytes(header_of(published.state))
+        try:
+            if self.max_bytes is not None and nbytes > self.max_bytes:
+                raise ValueError(f"{nbytes} bytes of weights exceed the bound of {self.max_bytes}")
+            if check is not None:
+                check(header_of(published.state), published.meta)
+        except ValueError as e:
+            self._refuse(key, where, str(e))
+            return None
+        return published
 
     def clear(self, replica: int) -> None:
         """Delete every published version of ``replica`` (a fresh start of that replica)."""

@@ -7,8 +7,14 @@ Layout under the root::
 
 The manifest is written last, so its presence marks a complete version. On a local
 filesystem both files are written to a hidden temporary name, fsynced and renamed, so a
-reader never sees a half-written file. Readers verify the checksum and skip a version that
-fails it, falling back to the previous one.
+reader never sees a half-written file.
+
+Everything in the exchange is untrusted input (other jobs can write there). A reader checks,
+in this order and before reading more: the manifest's size and fields; the declared and
+actual size of the weights against ``max_bytes``; the safetensors header (every tensor's
+dtype, shape and byte range) and the caller's ``check`` of it; then the whole file's
+checksum. A version that fails is skipped (warned about once, never read again) and the
+previous one is used. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import time
 import uuid
 from typing import Any
@@ -26,11 +33,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .base import Exchange, Published
+from .base import Check, Exchange, Header, Published, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
 FORMAT = "codistill-exchange/1"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _version_name(step: int) -> str:
@@ -68,6 +79,14 @@ class _LocalStore:
         with open(os.path.join(self.root, rel), "rb") as f:
             return f.read()
 
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        with open(os.path.join(self.root, rel), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def size(self, rel: str) -> int:
+        return os.path.getsize(os.path.join(self.root, rel))
+
     def list(self, rel: str) -> list[str]:
         try:
             return os.listdir(os.path.join(self.root, rel))
@@ -95,6 +114,12 @@ class _FsspecStore:
 
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self._path(rel), start=start, end=end)
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self._path(rel)))
 
     def list(self, rel: str) -> list[str]:
         try:
@@ -174,34 +199,91 @@ class DirectoryExchange(Exchange):
                 steps.append(int(stem))
         return sorted(steps)
 
-    def load(self, replica: int, step: int) -> Published | None:
+    def load(self, replica: int, step: int, check: Check | None = None) -> Published | None:
         folder, name = self._folder(replica), _version_name(step)
         where = f"{self.location}/{folder}/{name}"
         try:
-            manifest = json.loads(self.store.read(f"{folder}/{name}.json"))
-            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-                    or manifest.get("step") != step:
-                raise ValueError(f"not a {FORMAT} manifest for step {step}")
-            weights, expected = manifest["weights"], manifest["sha256"]
-            meta = manifest.get("meta", {})
-            if not isinstance(weights, str) or not isinstance(expected, str) or not isinstance(meta, dict):
-                raise ValueError("weights, sha256 or meta has the wrong type")
-            if "/" in weights or "\\" in weights or weights.startswith("."):
-                raise ValueError(f"weights file name {weights!r} leaves the replica folder")
-            data = self.store.read(f"{folder}/{weights}")
+            size = self.store.size(f"{folder}/{name}.json")
+            if size > MAX_MANIFEST_BYTES:
+                self._refuse((replica, step, "manifest", size), f"{where}.json",
+                             f"manifest of {size} bytes (more than {MAX_MANIFEST_BYTES})")
+                return None
+            manifest = self.store.read(f"{folder}/{name}.json")
         except FileNotFoundError:
             log.debug("version %s vanished while reading (pruned)", where)
             return None
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("skipping %s.json: bad manifest (%s)", where, e)
+        key = (replica, step, hashlib.sha256(manifest).hexdigest())
+        if self._refused(key):
             return None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != expected or len(data) != manifest.get("nbytes", len(data)):
-            log.warning("skipping %s.safetensors: checksum mismatch (corrupted file)", where)
+        try:
+            weights, expected, nbytes, meta = self._parse_manifest(manifest, step)
+            rel = f"{folder}/{weights}"
+            actual = self.store.size(rel)
+            if self.max_bytes is not None and max(nbytes, actual) > self.max_bytes:
+                raise ValueError(f"weights of {max(nbytes, actual)} bytes exceed the bound of "
+                                 f"{self.max_bytes}")
+            if actual != nbytes:
+                raise ValueError(f"weights file has {actual} bytes, the manifest says {nbytes}")
+            header = self._read_header(rel, nbytes)
+            if check is not None:
+                check(header, meta)
+            data = self.store.read(rel)
+        except FileNotFoundError:
+            log.debug("version %s vanished while reading (pruned)", where)
+            return None
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            self._refuse(key, f"{where}", str(e))
+            return None
+        if hashlib.sha256(data).hexdigest() != expected or len(data) != nbytes:
+            self._refuse(key, f"{where}.safetensors", "checksum mismatch (corrupted or replaced file)")
             return None
         try:
             state = st_load(data)
         except Exception as e:  # safetensors raises its own error types
-            log.warning("skipping %s.safetensors: unreadable (%s)", where, e)
+            self._refuse(key, f"{where}.safetensors", f"unreadable ({e})")
             return None
         return Published(replica, step, state, meta, len(data))
+
+    @staticmethod
+    def _parse_manifest(raw: bytes, step: int) -> tuple[str, str, int, dict[str, Any]]:
+        """(weights file name, sha256, size, meta) of a manifest, or ValueError."""
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("step") != step:
+            raise ValueError(f"bad manifest: not a {FORMAT} manifest for step {step}")
+        weights, expected, nbytes = manifest["weights"], manifest["sha256"], manifest.get("nbytes")
+        meta = manifest.get("meta", {})
+        if not isinstance(weights, str) or not isinstance(expected, str) or not isinstance(meta, dict) \
+                or not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 8:
+            raise ValueError("bad manifest: weights, sha256, nbytes or meta has the wrong type")
+        if "/" in weights or "\\" in weights or weights.startswith("."):
+            raise ValueError(f"bad manifest: weights file name {weights!r} leaves the replica folder")
+        return weights, expected, nbytes, meta
+
+    def _read_header(self, rel: str, nbytes: int) -> Header:
+        """The tensors a safetensors file declares, checked to cover the file exactly."""
+        (n,) = struct.unpack("<Q", self.store.read_range(rel, 0, 8))
+        if n > min(MAX_HEADER_BYTES, nbytes - 8):
+            raise ValueError(f"safetensors header of {n} bytes in a file of {nbytes}")
+        raw = json.loads(self.store.read_range(rel, 8, 8 + n))
+        if not isinstance(raw, dict):
+            raise ValueError("safetensors header is not a mapping")
+        header: Header = {}
+        spans = []
+        for name, entry in raw.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end:
+                raise ValueError(f"tensor {name!r}: bad shape or offsets in the safetensors header")
+            header[name] = (dtype, tuple(shape))
+            if end - start != tensor_nbytes(dtype, shape):
+                raise ValueError(f"tensor {name!r}: {end - start} bytes for shape {shape} of {dtype}")
+            spans.append((start, end))
+        covered = 0
+        for start, end in sorted(spans):
+            if start != covered:
+                raise ValueError("safetensors tensors overlap or leave gaps")
+            covered = end
+        if 8 + n + covered != nbytes:
+            raise ValueError(f"safetensors header describes {8 + n + covered} bytes, the file has {nbytes}")
+        return header

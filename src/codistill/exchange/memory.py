@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import Exchange, Published, state_nbytes
+from .base import Check, Exchange, Published, state_nbytes
 
 
 class MemoryExchange(Exchange):
@@ -35,8 +35,11 @@ class MemoryExchange(Exchange):
     def versions(self, replica: int) -> list[int]:
         return sorted(self._store.get(replica, {}))
 
-    def load(self, replica: int, step: int) -> Published | None:
-        return self._store.get(replica, {}).get(step)
+    def load(self, replica: int, step: int, check: Check | None = None) -> Published | None:
+        published = self._store.get(replica, {}).get(step)
+        if published is None:
+            return None
+        return self._checked(published, check, f"replica {replica} step {step}")
 
     def clear(self, replica: int) -> None:
         self._store.pop(replica, None)
