@@ -116,6 +116,7 @@ class Codistiller:
         self.bytes_published = 0
         self.bytes_read = 0
         self.sync_wait_s = 0.0  # time spent waiting for peers in lock-step mode
+        self._publish_failures = 0
         self.last_exchange: int | None = None  # step of the last refresh
 
     # -- schedule ---------------------------------------------------------------------
@@ -149,11 +150,19 @@ class Codistiller:
 
     def publish(self, step: int) -> int:
         """Publish this replica's current weights as its version at ``step``; return the
-        tensor bytes (0 on a rank that is not its replica's first)."""
+        tensor bytes (0 on a rank that is not its replica's first). A failed write is a
+        warning counted in :attr:`publish_failures`: the next exchange publishes again."""
         if not self._leads():
             return 0
         state = cpu_state(self.model)
-        self.exchange.publish(self.replica, step, state, {"replica": self.replica, "model": self.model_spec})
+        meta = {"replica": self.replica, "model": self.model_spec}
+        try:
+            self.exchange.publish(self.replica, step, state, meta)
+        except OSError as e:  # a full disk or an unreachable store must not end the run
+            self._publish_failures += 1
+            log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",
+                        self.replica, step, e)
+            return 0
         n = state_nbytes(state)  # tensor bytes, the same unit as bytes_read
         self.bytes_published += n
         return n
@@ -296,6 +305,12 @@ class Codistiller:
         return next(iter(self.model.parameters()), torch.empty(0)).device
 
     # -- read-only views --------------------------------------------------------------
+    @property
+    def publish_failures(self) -> int:
+        """Publishes that failed (a full disk, an unreachable store), in this call or in the
+        exchange's background writer."""
+        return self._publish_failures + self.exchange.publish_failures
+
     def teacher_versions(self) -> dict[int, int | None]:
         """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""
         return {p: (t.version if (t := self.teachers.get(p)) else None) for p in self.peers}
@@ -312,6 +327,7 @@ class Codistiller:
                          for p, t in self.teachers.items() if t.version is not None},
             "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
             "sync_wait_s": self.sync_wait_s, "last_exchange": self.last_exchange,
+            "publish_failures": self._publish_failures,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -322,6 +338,7 @@ class Codistiller:
         self.bytes_read = state["bytes_read"]
         self.sync_wait_s = state.get("sync_wait_s", 0.0)
         self.last_exchange = state.get("last_exchange")
+        self._publish_failures = state.get("publish_failures", 0)
 
     def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
         spec = meta.get("model")

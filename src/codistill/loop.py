@@ -100,6 +100,7 @@ class Loop:
                 "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
                 "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
                 "publish_wait_s": cd.exchange.wait_seconds, "sync_wait_s": cd.sync_wait_s,
+                "publish_failures": cd.publish_failures,
                 **({"bytes_averaged": self.bytes_averaged} if rep.outer is not None else {})}
 
     # -- the loop ---------------------------------------------------------------------
@@ -154,6 +155,7 @@ class Loop:
             "bytes_published": {r.index: r.codistiller.bytes_published for r in self.replicas},
             "bytes_read": {r.index: r.codistiller.bytes_read for r in self.replicas},
             "bytes_averaged": self.bytes_averaged,
+            "publish_failures": {r.index: r.codistiller.publish_failures for r in self.replicas},
             "final": self.final, "worker": worker,
         }
         if self.leader and self.rundir is not None:

@@ -19,7 +19,9 @@ class BackgroundExchange(Exchange):
 
     The caller hands over a CPU snapshot of the weights that it will not modify (as
     :func:`cpu_state` makes). At most one write is in flight:
-    a new publish first waits for the previous one, so versions land in order.
+    a new publish first waits for the previous one, so versions land in order. A write that
+    fails with an ``OSError`` (full disk, unreachable store) is a warning and counts in
+    ``publish_failures``; training goes on and the next publish is the retry.
     """
 
     def __init__(self, inner: Exchange) -> None:
@@ -32,7 +34,13 @@ class BackgroundExchange(Exchange):
 
     def _write(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict) -> int:
         t0 = time.perf_counter()
-        n = self.inner.publish(replica, step, state, meta)
+        try:
+            n = self.inner.publish(replica, step, state, meta)
+        except OSError as e:
+            self.publish_failures += 1
+            log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",
+                        replica, step, e)
+            return 0
         self.last_write_seconds = time.perf_counter() - t0
         log.debug("published replica %d step %d (%d bytes, %.3fs)", replica, step, n,
                   self.last_write_seconds)
@@ -46,7 +54,7 @@ class BackgroundExchange(Exchange):
         return state_nbytes(state)
 
     def flush(self) -> None:
-        """Wait for the write in flight, re-raising its error."""
+        """Wait for the write in flight, re-raising an error other than a failed write."""
         if self._pending is not None:
             t0 = time.perf_counter()
             try:

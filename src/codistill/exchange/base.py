@@ -70,6 +70,7 @@ class Exchange(ABC):
     durable = True  # versions outlive the process (a resumed replica republishes a lost one)
     wait_seconds = 0.0  # time the training thread spent waiting for writes
     max_bytes: int | None = None  # versions larger than this are rejected before they are read
+    publish_failures = 0  # writes that failed after publish returned (a background writer)
 
     @abstractmethod
     def publish(

@@ -53,6 +53,12 @@ class _LocalStore:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"exchange {root!r} is not a usable directory: {e}") from e
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ValueError(f"exchange {root!r} is not writable")
 
     def write(self, rel: str, data: bytes) -> None:
         path = os.path.join(self.root, rel)
@@ -101,7 +107,10 @@ class _LocalStore:
 
 
 class _FsspecStore:
-    """Any fsspec filesystem (s3://, gs://, memory://, ...): whole-object puts, manifest last."""
+    """Any fsspec filesystem (s3://, gs://, memory://, ...): whole-object puts, manifest last.
+    Transient errors are retried with exponential backoff (``RETRIES`` times)."""
+
+    RETRIES, BACKOFF = 3, 0.2  # seconds before the first retry; doubled each time
 
     def __init__(self, url: str) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(url)
@@ -109,27 +118,42 @@ class _FsspecStore:
     def _path(self, rel: str) -> str:
         return f"{self.root.rstrip('/')}/{rel}"
 
+    def _retry(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return fn(*args, **kw)
+            except FileNotFoundError:
+                raise
+            except (OSError, ConnectionError, TimeoutError) as e:
+                if attempt == self.RETRIES:
+                    raise
+                delay = self.BACKOFF * 2**attempt
+                log.debug("exchange: %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
     def write(self, rel: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(rel), data)
+        self._retry(self.fs.pipe_file, self._path(rel), data)
 
     def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._path(rel))
+        return self._retry(self.fs.cat_file, self._path(rel))
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        return self.fs.cat_file(self._path(rel), start=start, end=end)
+        return self._retry(self.fs.cat_file, self._path(rel), start=start, end=end)
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self._path(rel)))
+        return int(self._retry(self.fs.size, self._path(rel)))
 
     def list(self, rel: str) -> list[str]:
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(rel), detail=False)]
+            paths = self._retry(self.fs.ls, self._path(rel), detail=False)
         except FileNotFoundError:
             return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
 
     def remove(self, rel: str) -> None:
         try:
-            self.fs.rm_file(self._path(rel))
+            self._retry(self.fs.rm_file, self._path(rel))
         except FileNotFoundError:
             pass
 
