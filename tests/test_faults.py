@@ -72,3 +72,55 @@ def test_an_exchange_that_is_a_file_is_one_clear_error(tiny_config_factory, tmp_
     err = capsys.readouterr().err
     assert "not a usable directory" in err and str(not_a_dir) in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
+
+
+def _poisoned_task(cfg, bad_calls):
+    """The run's real task, whose loss is NaN at the given calls (one call per replica step,
+    replicas in turn): a fault injected into a real run."""
+    from codistill.tasks import build_task
+
+    task = build_task(cfg)
+    real, calls = task.loss, [0]
+
+    def loss(outputs, y):
+        value = real(outputs, y)
+        calls[0] += 1
+        return value * float("nan") if calls[0] - 1 in bad_calls else value
+
+    task.loss = loss
+    return task
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_config_factory, tmp_path):
+    cfg = from_dict(tiny_config_factory(name="skip", on_nonfinite="skip"))
+    task = _poisoned_task(cfg, {2 * 6, 2 * 7})  # replica 0 at steps 6 and 7
+    summary = run(cfg, str(tmp_path / "run"), progress=False, task=task)
+    assert summary["end"] == cfg.steps
+    rows = {(r["step"], r["replica"]): r for r in read_metrics(str(tmp_path / "run")) if r["kind"] == "train"}
+    assert rows[(10, 0)]["skipped"] == pytest.approx(2 / 5) and rows[(10, 1)]["skipped"] == 0
+    assert all(torch.isfinite(torch.tensor(r["task_loss"])) for r in rows.values())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "replica-0" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_non_finite_loss_stops_the_run_and_names_the_last_good_checkpoint(tiny_config_factory, tmp_path):
+    from codistill.loop import Diverged
+
+    cfg = from_dict(tiny_config_factory(name="stop", checkpoint={"every": 5}))
+    task = _poisoned_task(cfg, {2 * 12 + 1})  # replica 1 at step 12
+    with pytest.raises(Diverged, match=r"replica 1: training loss nan over steps 11\.\.15 is not finite.*"
+                                       r"last good checkpoint is step 10"):
+        run(cfg, str(tmp_path / "run"), progress=False, task=task)
+    rows = read_metrics(str(tmp_path / "run"))
+    assert max(r["step"] for r in rows) == 10  # the rows written before it are kept
+
+
+def test_a_diverging_run_is_an_error_not_a_success(tiny_config_factory, tmp_path, capsys):
+    values = tiny_config_factory(name="diverge", steps=20, optimizer={"name": "sgd", "lr": 1e30})
+    (tmp_path / "c.yaml").write_text(json.dumps(values))
+    rc = main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "training loss" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "summary.json").exists()  # never reported as finished

@@ -155,3 +155,16 @@ def test_a_spec_that_cannot_be_built_is_one_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="codistill"):
         assert cd.refresh(10) == {1: None} and cd.refresh(15) == {1: None}
     assert caplog.text.count("cannot build a teacher") == 1
+
+
+def test_a_peer_with_non_finite_weights_is_dropped_until_a_finite_version(tmp_path, caplog):
+    cd, peer, ex = _pair(tmp_path)
+    ex.publish(1, 10, peer.state_dict(), {"model": SPEC})
+    assert cd.refresh(10) == {1: 10}
+    diverged = {k: v * float("nan") for k, v in peer.state_dict().items()}
+    ex.publish(1, 20, diverged, {"model": SPEC})
+    with caplog.at_level(logging.WARNING, logger="codistill"):
+        assert cd.refresh(20) == {1: 10} and cd.refresh(25) == {1: 10}
+    assert caplog.text.count("non-finite weights") == 1
+    ex.publish(1, 30, peer.state_dict(), {"model": SPEC})
+    assert cd.refresh(30) == {1: 30}

@@ -9,6 +9,7 @@ import os
 import sys
 
 from .config import ConfigError, load_config
+from .loop import Diverged
 
 log = logging.getLogger("codistill")
 
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"codistill: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"codistill: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ class Codistiller:
         self.bytes_read = 0
         self.sync_wait_s = 0.0  # time spent waiting for peers in lock-step mode
         self._publish_failures = 0
+        self._rejected: set[tuple[int, int]] = set()  # (peer, step) versions that failed to load
         self.last_exchange: int | None = None  # step of the last refresh
 
     # -- schedule ---------------------------------------------------------------------
@@ -196,6 +197,8 @@ class Codistiller:
             for step in reversed(self.exchange.versions(peer)):
                 if teacher is not None and teacher.version == step:
                     break  # newer versions were invalid: keep this one
+                if (peer, step) in self._rejected:
+                    continue
                 published = self.exchange.load(peer, step, self._check(peer))
                 if published is None:
                     continue
@@ -203,6 +206,7 @@ class Codistiller:
                     self._load(published)
                     break
                 except ValueError as e:  # a peer's bad version must not stop this replica
+                    self._rejected.add((peer, step))
                     log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
                                 published.step, e)
 
@@ -276,6 +280,10 @@ class Codistiller:
         teacher = self.teachers.get(published.replica)
         if teacher is not None and teacher.version == published.step:
             return
+        bad = [k for k, v in published.state.items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a diverged peer: keep distilling from its last finite version
+            raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
         if teacher is None:
             try:
                 with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG

@@ -105,6 +105,11 @@ class RunConfig:
     threads: int = setting(0, ge=0)  # torch intra-op threads; 0 leaves torch's default
     log_every: int = setting(10, gt=0)
     label_smoothing: float = setting(0.0, ge=0, lt=1)  # ε: φ toward (1-ε)·labels + ε·uniform
+    # A step with non-finite gradients: stop the run (naming the step and the last good
+    # checkpoint) or skip its batch (counted in the metrics; checks every step, a host sync).
+    on_nonfinite: str = setting("stop", choices=("stop", "skip"))
+    # Stop when the training loss since the last log exceeds this × the first step's (0: off).
+    diverge_factor: float = setting(10.0, ge=0)
     task: str = "lm"  # lm | image | click | module:Class
     model: dict[str, Any] = field(default_factory=dict)  # empty: the task's default model
     replica_models: list[dict[str, Any]] | None = None  # per replica, merged over `model`

@@ -9,6 +9,7 @@ its own replica. Nothing here knows the task or the launch mode.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -28,6 +29,11 @@ from .tasks import Task
 log = logging.getLogger(__name__)
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite or diverging loss; the message names the last good
+    checkpoint."""
+
+
 class Loop:
     """Trains ``replicas`` (this process's) from a start step to an end step.
 
@@ -45,6 +51,7 @@ class Loop:
                         if leader else [])
         self.final: dict[str, Any] | None = None
         self.bytes_averaged = 0  # per replica: pseudo-gradients sent for weight averaging
+        self.first_loss: dict[int, float] = {}  # per replica: task loss of the first step run here
 
     # -- resume -----------------------------------------------------------------------
     def valid_steps(self) -> list[int]:
@@ -89,11 +96,37 @@ class Loop:
         self.final = res
         return res
 
+    def _means(self, acc: dict[str, Any], n: int) -> dict[str, float]:
+        """Means over the steps since the last log (losses over the steps not skipped)."""
+        kept = max(1, n - int(acc.get("skipped", 0)))
+        return {k: float(v) / (kept if k.endswith("loss") else n) for k, v in acc.items()}
+
+    def _guard(self, rep: Replica, done: int, acc: dict[str, Any], n: int) -> None:
+        """Stop the run if the training loss since the last log is not finite, more than
+        ``diverge_factor`` × the loss of the first step this loop ran, or (``on_nonfinite:
+        skip``) non-finite in more than half of the steps; name the last good checkpoint."""
+        if not n:
+            return
+        means = self._means(acc, n)
+        loss, skipped = means["task_loss"], means.get("skipped", 0.0)
+        ref, factor = self.first_loss.get(rep.index, math.inf), self.cfg.diverge_factor
+        if math.isfinite(loss) and not (factor and loss > factor * ref) and skipped <= 0.5:
+            return
+        what = ("not finite" if not math.isfinite(loss)
+                else f"non-finite in {skipped:.0%} of the steps (all skipped)" if skipped > 0.5
+                else f"more than {factor:g}× its first step's ({ref:.4g})")
+        steps = [s for s in self.checkpointers[self.replicas.index(rep)].valid_steps() if s < done]
+        last = (f"the last good checkpoint is step {steps[-1]} (continue from it with --resume once the "
+                "cause is fixed)" if steps else "no checkpoint was written before it (see checkpoint.every)")
+        raise Diverged(f"replica {rep.index}: training loss {loss:.4g} over steps {done - n + 1}..{done} is "
+                       f"{what}; stopped. on_nonfinite=skip drops non-finite steps, diverge_factor=0 turns "
+                       f"the divergence check off; {last}")
+
     def _train_row(self, rep: Replica, done: int, acc: dict[str, Any], n: int) -> dict[str, Any]:
         cd = rep.codistiller
         stale = cd.staleness(done)
         return {"step": done, "kind": "train", "replica": rep.index,
-                **{k: float(v) / n for k, v in acc.items()},
+                **self._means(acc, n),
                 "lr": rep.scheduler.get_last_lr()[0],
                 "staleness": {str(p): s for p, s in stale.items()},
                 "staleness_max": max((s for s in stale.values() if s is not None), default=None),
@@ -118,9 +151,12 @@ class Loop:
         for step in bar:
             for rep in self.replicas:
                 out = replica_step(rep, self.task, rep.next_batch(self.task, self.device), step,
-                                   cfg.optimizer.grad_clip, cfg.label_smoothing)
+                                   cfg.optimizer.grad_clip, cfg.label_smoothing,
+                                   skip_nonfinite=cfg.on_nonfinite == "skip")
                 for k, v in out.items():
                     acc[rep.index][k] = acc[rep.index][k] + v
+                if rep.index not in self.first_loss:  # the divergence guard's reference (one read)
+                    self.first_loss[rep.index] = float(out["task_loss"])
             nacc += 1
             done = step + 1
             seconds = self.exchange(done)
@@ -130,18 +166,23 @@ class Loop:
             if cfg.outer.every and done % cfg.outer.every == 0:
                 sent = outer_sync([r.outer for r in self.replicas if r.outer is not None])
                 self.bytes_averaged += sent
+            checkpoint_due = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end
+            if done % cfg.log_every == 0 or checkpoint_due:  # on every rank: each stops by itself
+                for rep in self.replicas:
+                    self._guard(rep, done, acc[rep.index], nacc)
             if self.leader and (done % cfg.log_every == 0 or done == end):
                 assert self.rundir is not None
                 for rep in self.replicas:
                     self.rundir.write(self._train_row(rep, done, acc[rep.index], nacc))
                 bar.set_postfix(loss=f"{float(acc[self.replicas[0].index]['task_loss']) / nacc:.3f}")
+            if done % cfg.log_every == 0 or done == end:
                 acc.clear()
                 nacc = 0
             if self.leader and (done % cfg.eval.every == 0 or done == cfg.steps):
                 res = self.evaluate(done)
                 bar.set_postfix(val=" ".join(f"{m['loss']:.3f}" for m in res["models"]))
             # Last: a checkpoint at this step holds every row written up to it.
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
+            if checkpoint_due:
                 for rep, ck in zip(self.replicas, self.checkpointers):
                     ck.save(done, rep)
         bar.close()

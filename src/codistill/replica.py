@@ -139,10 +139,11 @@ def build_replica(
 
 
 def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float,
-                 label_smoothing: float = 0.0) -> dict[str, Any]:
+                 label_smoothing: float = 0.0, skip_nonfinite: bool = False) -> dict[str, Any]:
     """One optimizer step of φ + α·ψ on ``batch`` (φ with ``label_smoothing`` ε); returns the
     step's scalars (losses as 0-d tensors on the device, read only when logged: no host
-    synchronisation here)."""
+    synchronisation here, unless ``skip_nonfinite``: then a step whose gradient norm is not
+    finite is dropped (no optimizer step; ``skipped`` is 1 and its losses read 0))."""
     t0 = time.perf_counter()
     x, y = batch
     torch.set_rng_state(rep.rng_state)
@@ -156,9 +157,18 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     loss = phi + term
     rep.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(rep.model.parameters(), grad_clip)
-    rep.optimizer.step()
+    skipped = 0.0
+    if grad_clip > 0 or skip_nonfinite:
+        # The norm after DDP's all-reduce: every rank of a replica takes the same decision.
+        max_norm = grad_clip if grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(rep.model.parameters(), max_norm)
+        if skip_nonfinite and not bool(torch.isfinite(norm)):
+            skipped = 1.0
+    if skipped:
+        rep.optimizer.zero_grad(set_to_none=True)
+        loss = phi = term = loss.new_zeros(())
+    else:
+        rep.optimizer.step()
     rep.scheduler.step()
     rep.rng_state = torch.get_rng_state()
     return {
@@ -166,5 +176,6 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
         "task_loss": phi.detach(),
         "distill_loss": term.detach() / alpha if alpha > 0 else term.detach(),
         "alpha": alpha,
+        "skipped": skipped,
         "step_time": time.perf_counter() - t0,
     }
