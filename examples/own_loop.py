@@ -46,7 +46,8 @@ def train(replica: int, num_replicas: int, exchange: str, steps: int) -> None:
 
     # --- the codistillation part: one object, two calls in the loop ---------------------
     cd = Codistiller(model, exchange=exchange, replica=replica, num_replicas=num_replicas,
-                     exchange_every=25, burn_in=100, distill="kl")
+                     exchange_every=25, burn_in=100, distill="kl",
+                     max_drift=50)  # wait rather than run more than 2K steps ahead of a peer
 
     g = torch.Generator().manual_seed(replica)
     for step in range(steps):

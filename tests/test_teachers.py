@@ -280,3 +280,30 @@ def test_lock_step_refuses_a_damaged_version_that_newest_mode_skips(make_lm, tmp
     assert cds[0].refresh() == {1: 5}  # newest valid version instead
     for k, v in cds[0].teachers[1].module.state_dict().items():
         assert torch.equal(v, ex.load(1, 5).state[k]), k
+
+
+def test_staleness_is_never_negative_when_a_peer_is_ahead(make_lm):
+    ex = MemoryExchange()
+    _, cds = _replicas(make_lm, 2, ex, exchange_every=5)
+    cds[1].publish(50)  # the peer is far ahead
+    cds[0].refresh(10)
+    assert cds[0].teacher_versions() == {1: 50} and cds[0].staleness(10) == {1: 0}
+
+
+def test_max_drift_waits_for_the_slowest_peer_and_times_out_clearly(make_lm, tmp_path):
+    import threading
+    import time
+
+    ex = DirectoryExchange(str(tmp_path))
+    _, cds = _replicas(make_lm, 2, ex, exchange_every=5, max_drift=10, drift_timeout=0.3)
+    cds[1].publish(5)
+    cds[0].refresh(15)  # 15 - 10 = 5: the peer's version 5 is recent enough, no wait
+    assert cds[0].sync_wait_s < 0.2
+    with pytest.raises(TimeoutError, match=r"replicas \[1\] have not published step 20.*max_drift=10"):
+        cds[0].refresh(30)
+    later = threading.Timer(0.1, cds[1].publish, args=(20,))
+    later.start()
+    t0 = time.perf_counter()
+    assert cds[0].refresh(30) == {1: 20}  # waited for the peer, then loaded its version
+    assert time.perf_counter() - t0 >= 0.09
+    later.join()

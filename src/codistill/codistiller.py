@@ -56,6 +56,9 @@ class Codistiller:
             for every peer's version S and loads exactly those. None: newest valid versions.
         max_teacher_bytes: a peer's weights larger than this are rejected before they are
             read (default: 4× this replica's own weights; the exchange is untrusted input).
+        max_drift: asynchronous replicas: at an exchange, wait (at most ``drift_timeout``
+            seconds) until every peer has published a version no more than this many steps
+            behind this replica (0: never wait).
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class Codistiller:
         process_group: Any = None,
         sync_timeout: float | None = None,
         max_teacher_bytes: int | None = None,
+        max_drift: int = 0,
+        drift_timeout: float = 600.0,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -85,6 +90,8 @@ class Codistiller:
             raise ValueError(f"distill must be one of {list(DISTILL_KINDS)}, got {distill!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if max_drift < 0:
+            raise ValueError(f"max_drift must be >= 0, got {max_drift}")
         if alpha < 0 or burn_in < 0 or ramp < 0:
             raise ValueError(f"alpha, burn_in and ramp must be >= 0, got {alpha}, {burn_in}, {ramp}")
         if exchange == "memory":
@@ -112,6 +119,7 @@ class Codistiller:
             raise ValueError(f"peers must be other replicas in [0, {num_replicas}), got {bad}")
         self.process_group = process_group
         self.sync_timeout = sync_timeout
+        self.max_drift, self.drift_timeout = max_drift, drift_timeout
         self.teachers: dict[int, Teacher] = {}
         self.bytes_published = 0
         self.bytes_read = 0
@@ -180,6 +188,8 @@ class Codistiller:
             if self.sync_timeout is not None and step is not None:
                 self._load_exact(self._wait_for_peers(step))
             else:
+                if self.max_drift and step is not None:
+                    self._wait_for_drift(step)
                 self._load_newest()
             changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
                        if v is not None and v != before[p]}
@@ -274,6 +284,26 @@ class Codistiller:
             time.sleep(0.02)
         self.sync_wait_s += time.perf_counter() - t0
         return dict.fromkeys(self.peers, step)
+
+    def _wait_for_drift(self, step: int) -> None:
+        """Block until every peer has published a version at least the newest exchange step
+        ``max_drift`` behind ``step``, so no replica runs further ahead of its slowest peer."""
+        k = self.exchange_every
+        target = (step - self.max_drift) // k * k
+        if target <= 0 or not self.exchange_due(target):
+            return
+        t0 = time.perf_counter()
+        while True:
+            behind = [p for p in self.peers if max(self.exchange.versions(p), default=-1) < target]
+            if not behind:
+                break
+            if time.perf_counter() - t0 > self.drift_timeout:
+                raise TimeoutError(
+                    f"codistill.max_drift: replica {self.replica} is at step {step}, and replicas {behind} "
+                    f"have not published step {target} within {self.drift_timeout:g}s (a replica may run at "
+                    f"most max_drift={self.max_drift} steps ahead of its slowest peer; is a peer down?)")
+            time.sleep(0.02)
+        self.sync_wait_s += time.perf_counter() - t0
 
     def _load(self, published: Published, count: bool = True) -> None:
         """Load a peer's published weights into its teacher (built on first use)."""

@@ -63,7 +63,8 @@ class CodistillConfig:
     exchange: str = "memory"  # memory | collective | a directory | file:// or fsspec URL
     keep: int = setting(3, gt=0)  # versions kept per replica in the exchange
     sync: bool = False  # distributed: wait for every peer's version of this step (lock-step)
-    sync_timeout: float = setting(600.0, gt=0)  # seconds to wait for a peer in sync mode
+    sync_timeout: float = setting(600.0, gt=0)  # seconds to wait for a peer in sync or max_drift mode
+    max_drift: int = setting(0, ge=0)  # async: run at most this many steps ahead of the slowest peer (0: off)
     teachers_from: str | None = None  # a finished run: distil from its final replicas (offline)
     # A peer's published weights may be at most this multiple of the largest model the run
     # declares (checked before they are read: the exchange is untrusted input).

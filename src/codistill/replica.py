@@ -130,6 +130,7 @@ def build_replica(
         distill=c.distill, temperature=c.temperature, model_spec=spec,
         teacher_factory=teacher_factory, process_group=process_group,
         sync_timeout=c.sync_timeout if c.sync else None,
+        max_drift=c.max_drift, drift_timeout=c.sync_timeout,
         max_teacher_bytes=int(c.max_teacher_size * max(largest_model_bytes(cfg, task), fixed_teacher_bytes)),
     )
     rng = torch.Generator().manual_seed(stream).get_state()

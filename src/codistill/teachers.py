@@ -78,8 +78,9 @@ class Teacher:
         return Published(self.peer, self.version, self.module.state_dict(), self.meta)
 
     def staleness(self, step: int) -> int | None:
-        """Steps since the loaded weights were published (None before the first load)."""
-        return None if self.version is None else step - self.version
+        """Steps since the loaded weights were published (None before the first load); 0
+        when the peer is ahead of ``step`` (its weights are newer than this replica's)."""
+        return None if self.version is None else max(0, step - self.version)
 
     @torch.no_grad()
     def predict(self, inputs: Any, kind: str, temperature: float = 1.0) -> torch.Tensor:
