@@ -606,3 +606,43 @@ def test_bad_launches_name_the_problem(cfg_path: Path, tmp_path: Path) -> None:
         for needle in needles:
             assert needle in err, f"{needle!r} not in the error\n{job.report()}"
     assert not list(out.glob("*/replica-*/model.safetensors"))
+
+
+# -- 5. elastic restarts ------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (torchrun's workers)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_killed_worker_is_restarted_and_resumes_by_itself(cfg_path: Path, sync_run: Path,
+                                                            tmp_path: Path) -> None:
+    """torchrun --max-restarts=1 with c10d rendezvous; one worker is SIGKILLed after the
+    checkpoint at step 20: the restarted job resumes from it without --resume and ends with the
+    same weights as an uninterrupted run."""
+    run = tmp_path / "run"
+    launcher = _torchrun(2)[:-2]  # without the static master address: c10d rendezvous instead
+    cmd = [*launcher, "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+           *_probe(cfg_path, run, "--exchange", str(run / "exchange"), *SYNC)]
+    # Publishing version 25 is slow, so both replicas wait there (sync mode) after checkpoint 20.
+    job = Job(cmd, tmp_path, "elastic", {"CODISTILL_PROBE_SLOW_PUBLISH": "25:4"})
+    deadline = time.monotonic() + TIMEOUT
+    while not all(20 in _checkpoints(run, r) for r in (0, 1)):
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.report()
+        time.sleep(0.05)
+    workers = _children(job.proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    job.ok()
+    assert "resuming from the newest valid checkpoint" in job.stderr, job.report()
+    for r in (0, 1):
+        assert _summary(run, r)["start"] == 20 and _summary(run, r)["end"] == STEPS
+        _assert_one_row_per_step(_rows(run, r), r)
+        _assert_same_weights(_weights(run, r), _weights(sync_run, r), f"replica {r}: restarted vs whole")

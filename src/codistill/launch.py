@@ -75,10 +75,49 @@ def _resume_step(loop: Loop, topo: Topology, groups: Groups) -> int | None:
     return step
 
 
+def _elastic_marker(out_dir: str, topo: Topology) -> tuple[str, bool]:
+    """The file naming the torchrun job that owns ``out_dir`` (per replica job, or one for a
+    one-world job) and whether this rank writes it."""
+    if topo.one_world:
+        return os.path.join(out_dir, ".elastic"), topo.rank == 0
+    return os.path.join(out_dir, f".elastic-replica{topo.replica}"), topo.is_leader
+
+
+def _elastic_restart(out_dir: str, topo: Topology) -> bool:
+    """True on a torchrun restart (``--max-restarts``) of a job whose earlier attempt started
+    training in ``out_dir``: the run then resumes by itself. An attempt that was refused (an
+    earlier run's files) never marked the directory, so its restart is refused too."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    marker, writer = _elastic_marker(out_dir, topo)
+    if not restart:
+        if writer and os.path.exists(marker):
+            os.remove(marker)  # left by another job: it must not make this one resume
+        return False
+    try:
+        with open(marker, encoding="utf-8") as f:
+            return f.read() == os.environ.get("TORCHELASTIC_RUN_ID", "")
+    except FileNotFoundError:
+        return False
+
+
+def _mark_elastic(out_dir: str, topo: Topology) -> None:
+    marker, writer = _elastic_marker(out_dir, topo)
+    if writer and "TORCHELASTIC_RUN_ID" in os.environ:
+        tmp = f"{marker}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(os.environ["TORCHELASTIC_RUN_ID"])
+        os.replace(tmp, marker)
+
+
 def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, device: str,
                resume: bool = False, stop_at: int | None = None, progress: bool = True,
                overwrite: bool = False) -> dict[str, Any]:
-    """Build this rank's replica and loop, resume if asked, train; return the summary."""
+    """Build this rank's replica and loop, resume if asked (or on a torchrun restart of this
+    job), train; return the summary."""
+    if _elastic_restart(out_dir, topo) and not resume:
+        log.info("replica %d: torchrun restart %s: resuming from the newest valid checkpoint",
+                 topo.replica, os.environ.get("TORCHELASTIC_RESTART_COUNT"))
+        resume = True
     task = build_task(cfg)
     exchange = _exchange(cfg, topo, groups, device)
     in_group = groups.replica if topo.workers > 1 else None
@@ -98,6 +137,7 @@ def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, dev
     if rundir is not None:
         rundir.open(cfg, [ck], exchange, [topo.replica], restored, overwrite or resume,
                     write_config=topo.replica == 0)
+    _mark_elastic(out_dir, topo)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     try:
         summary = loop.run(start, end, topo.worker)
@@ -113,6 +153,18 @@ def _device(cfg: RunConfig, local_rank: int) -> str:
         torch.cuda.set_device(local_rank)
         return f"cuda:{local_rank}"
     return cfg.device
+
+
+def _restart_store(rank: int, world: int) -> dict[str, Any]:
+    """On a torchrun restart, the process group's keys in a namespace of this attempt: the
+    launcher's store still holds the previous attempt's addresses, which the new ranks would
+    otherwise try to connect to."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0"):
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank, world))
+    return {"store": dist.PrefixStore(f"codistill-attempt-{restart}/", store), "rank": rank,
+            "world_size": world}
 
 
 def run_distributed(
@@ -135,7 +187,7 @@ def run_distributed(
     own_pg = False
     if world > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **_restart_store(rank, world))
         own_pg = True
     try:
         groups = make_groups(topo)
