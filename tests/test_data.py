@@ -63,6 +63,10 @@ def test_text_file_that_is_not_utf8_or_empty_is_named(tmp_path):
     empty.write_text("  \n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"data.path .*no text"):
         build_text_corpus("byte", path=str(empty))
+    short = tmp_path / "short.txt"
+    short.write_text("too short for a sequence\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.path .*short.txt.*too short for data.seq_len=64"):
+        build_text_corpus("byte", seq_len=64, path=str(short))
 
 
 def test_lm_task_batches_by_index_and_spread_validation_subset(tiny_config):

@@ -305,7 +305,8 @@ def test_checkpoint_cadence_and_contents(dropout_run):
         trainer = torch.load(last / "trainer.pt", weights_only=True)
         assert trainer["step"] == 30 and "teacher_versions" not in trainer and "bytes_read" not in trainer
         cd = trainer["codistiller"]
-        assert cd["teachers"] == {peer: {"version": 30, "meta": cd["teachers"][peer]["meta"]}}  # no weights
+        assert cd["teachers"] == {peer: {"version": 30, "meta": cd["teachers"][peer]["meta"],
+                                         "ident": ""}}  # no weights
         assert cd["teachers"][peer]["meta"]["replica"] == peer
         assert cd["last_exchange"] == 30
         row = _rows(dropout_run["rows"], "train", r)[-1]

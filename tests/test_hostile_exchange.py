@@ -168,3 +168,19 @@ def test_a_peer_with_non_finite_weights_is_dropped_until_a_finite_version(tmp_pa
     assert caplog.text.count("non-finite weights") == 1
     ex.publish(1, 30, peer.state_dict(), {"model": SPEC})
     assert cd.refresh(30) == {1: 30}
+
+
+def test_a_step_published_again_after_a_crash_is_reloaded(tmp_path):
+    cd, peer, ex = _pair(tmp_path)
+    ex.publish(1, 10, peer.state_dict(), {"model": SPEC})
+    assert cd.refresh(10) == {1: 10}
+    with torch.no_grad():  # the peer crashed, resumed from an older checkpoint, and reached step 10 again
+        for p in peer.parameters():
+            p.add_(1.0)
+    ex.publish(1, 10, peer.state_dict(), {"model": SPEC})
+    assert cd.refresh(12) == {1: 10}
+    for k, v in peer.state_dict().items():
+        assert torch.equal(cd.teachers[1].module.state_dict()[k], v), k
+    read = cd.bytes_read
+    cd.refresh(14)  # unchanged: not read again
+    assert cd.bytes_read == read

@@ -205,8 +205,9 @@ class Codistiller:
         for peer in self.peers:
             teacher = self.teachers.get(peer)
             for step in reversed(self.exchange.versions(peer)):
-                if teacher is not None and teacher.version == step:
-                    break  # newer versions were invalid: keep this one
+                if teacher is not None and teacher.version == step and \
+                        self.exchange.ident(peer, step) in (None, teacher.ident):
+                    break  # newer versions were invalid: keep this one (unless published again)
                 if (peer, step) in self._rejected:
                     continue
                 published = self.exchange.load(peer, step, self._check(peer))
@@ -308,7 +309,7 @@ class Codistiller:
     def _load(self, published: Published, count: bool = True) -> None:
         """Load a peer's published weights into its teacher (built on first use)."""
         teacher = self.teachers.get(published.replica)
-        if teacher is not None and teacher.version == published.step:
+        if teacher is not None and teacher.version == published.step and teacher.ident == published.ident:
             return
         bad = [k for k, v in published.state.items()
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -361,7 +362,8 @@ class Codistiller:
     def state_dict(self) -> dict[str, Any]:
         """The teachers (version, manifest meta, weights) and counters, for a checkpoint."""
         return {
-            "teachers": {p: {"version": t.version, "meta": t.meta, "state": cpu_state(t.module)}
+            "teachers": {p: {"version": t.version, "meta": t.meta, "ident": t.ident,
+                             "state": cpu_state(t.module)}
                          for p, t in self.teachers.items() if t.version is not None},
             "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
             "sync_wait_s": self.sync_wait_s, "last_exchange": self.last_exchange,
@@ -371,7 +373,8 @@ class Codistiller:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`: the same teachers, so ψ continues where it was."""
         for peer, t in state["teachers"].items():
-            self._load(Published(int(peer), t["version"], t["state"], t.get("meta", {})), count=False)
+            self._load(Published(int(peer), t["version"], t["state"], t.get("meta", {}),
+                                 ident=t.get("ident", "")), count=False)
         self.bytes_published = state["bytes_published"]
         self.bytes_read = state["bytes_read"]
         self.sync_wait_s = state.get("sync_wait_s", 0.0)

@@ -57,6 +57,7 @@ class Teacher:
         self.module = freeze(module)
         self.version: int | None = None  # step at which the loaded weights were published
         self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec)
+        self.ident = ""  # the loaded version's ident (see Published.ident)
 
     def load(self, published: Published) -> None:
         """Copy ``published`` weights into the preallocated module (no rebuild)."""
@@ -70,12 +71,13 @@ class Teacher:
         freeze(self.module)
         self.version = published.step
         self.meta = published.meta
+        self.ident = published.ident
 
     def published(self) -> Published:
         """The loaded weights as a :class:`Published` version (to pass on to other ranks)."""
         if self.version is None:
             raise RuntimeError(f"teacher of replica {self.peer} has no weights loaded")
-        return Published(self.peer, self.version, self.module.state_dict(), self.meta)
+        return Published(self.peer, self.version, self.module.state_dict(), self.meta, ident=self.ident)
 
     def staleness(self, step: int) -> int | None:
         """Steps since the loaded weights were published (None before the first load); 0

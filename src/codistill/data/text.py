@@ -120,7 +120,9 @@ def build_text_corpus(
         ids = encode(s)
         n = (len(ids) - 1) // seq_len
         if n < 1:
-            raise ValueError(f"data: text too short for data.seq_len={seq_len}")
+            where = f"data.path {path!r}" if path else "the corpus"
+            raise ValueError(f"{where}: too short for data.seq_len={seq_len} ({len(s)} characters in a "
+                             f"split; each split needs at least seq_len+1 tokens)")
         # Sequences of seq_len+1 tokens that overlap by one, so every token is a target once.
         idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
         return torch.from_numpy(ids[idx])

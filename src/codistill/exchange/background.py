@@ -69,6 +69,9 @@ class BackgroundExchange(Exchange):
     def load(self, replica: int, step: int, check: Check | None = None) -> Published | None:
         return self.inner.load(replica, step, check)
 
+    def ident(self, replica: int, step: int) -> str | None:
+        return self.inner.ident(replica, step)
+
     def limit(self, max_bytes: int | None) -> None:
         self.max_bytes = max_bytes
         self.inner.limit(max_bytes)

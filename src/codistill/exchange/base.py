@@ -25,6 +25,7 @@ class Published:
     state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
+    ident: str = ""  # names this content: a step published again (after a crash) gets another
 
 
 def state_nbytes(state: dict[str, torch.Tensor]) -> int:
@@ -98,6 +99,12 @@ class Exchange(ABC):
             if published is not None:
                 return published
         return None
+
+    def ident(self, replica: int, step: int) -> str | None:
+        """The ident of ``replica``'s version ``step`` without loading its weights (None if
+        it is missing)."""
+        published = self.load(replica, step)
+        return None if published is None else published.ident
 
     def limit(self, max_bytes: int | None) -> None:
         """Reject versions whose weights exceed ``max_bytes`` (None: no bound)."""

@@ -266,7 +266,17 @@ class DirectoryExchange(Exchange):
         except Exception as e:  # safetensors raises its own error types
             self._refuse(key, f"{where}.safetensors", f"unreadable ({e})")
             return None
-        return Published(replica, step, state, meta, len(data))
+        return Published(replica, step, state, meta, len(data), expected)
+
+    def ident(self, replica: int, step: int) -> str | None:
+        """The weights' sha256 from the version's manifest (None if missing or unusable)."""
+        rel = f"{self._folder(replica)}/{_version_name(step)}.json"
+        try:
+            if self.store.size(rel) > MAX_MANIFEST_BYTES:
+                return None
+            return self._parse_manifest(self.store.read(rel), step)[1]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
 
     @staticmethod
     def _parse_manifest(raw: bytes, step: int) -> tuple[str, str, int, dict[str, Any]]:

@@ -41,5 +41,9 @@ class MemoryExchange(Exchange):
             return None
         return self._checked(published, check, f"replica {replica} step {step}")
 
+    def ident(self, replica: int, step: int) -> str | None:
+        # One process: a replica cannot crash and publish a step again without its peers.
+        return "" if step in self._store.get(replica, {}) else None
+
     def clear(self, replica: int) -> None:
         self._store.pop(replica, None)
