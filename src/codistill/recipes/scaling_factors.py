@@ -11,10 +11,13 @@ Arms (learning rate of each tuned on one grid with the tuning seed; same seeds a
 - **fresh teachers**: K=5 instead of 50 (staleness).
 - **shared data**: both replicas draw batches from all the data.
 - **less data**: the baseline and shared-data codistillation on 6,000 training images
-  instead of 60,000 (capacity against data: a regime where one model overfits).
+  instead of 60,000 (capacity against data).
+- **overfitting**: the same without augmentation, a regime where one model overfits and an
+  ensemble gains most (added after the first eight arms had run, to test our account of
+  them).
 
 Targets: the baseline's mean validation accuracy at half the budget (every seed reaches
-it) and at the end; the less-data arms use the less-data baseline's. Steps to a target are
+it) and at the end; the less-data and overfitting arms use their own baseline's. Steps to a target are
 averaged over seeds and both replicas; the ratio is baseline / arm (paper: 1.27–2).
 """
 
@@ -47,7 +50,15 @@ def arms(steps: int, small: int) -> dict[str, dict[str, Any]]:
         "shared data": {**co, "data.shards": "shared"},
         "less data: baseline": {"data.max_train": small},
         "less data: codistillation, shared": {**co, "data.shards": "shared", "data.max_train": small},
+        "overfitting: baseline": {"data.max_train": small, "data.augment": False},
+        "overfitting: codistillation, shared": {**co, "data.shards": "shared", "data.max_train": small,
+                                                "data.augment": False},
     }
+
+
+def reference(label: str) -> str:
+    """The baseline an arm is measured against: its group's (``GROUP: baseline``) or the main one."""
+    return f"{label.split(':')[0]}: baseline" if ":" in label else "baseline"
 
 
 def _base(quick: bool) -> dict[str, Any]:
@@ -85,7 +96,7 @@ def run(study: Study) -> Section:
     figures: dict[str, Any] = {"steps": steps, "workers": base["workers"], "arms": {}}
     ratios: dict[str, float] = {}
     for label, arm in tuned.items():
-        ref = tuned["less data: baseline" if label.startswith("less data") else "baseline"]
+        ref = tuned[reference(label)]
         mid_target, final_target = targets(ref.runs)
         replicas = range(arm.runs[0].cfg.replicas)
         to_mid = [v for who in replicas for v in _steps(arm.runs, mid_target, s, who)]
@@ -103,13 +114,14 @@ def run(study: Study) -> Section:
                                   "steps_mid": to_mid, "steps_final": to_final, "ratio_mid": ratios[label]}
     png, rel = study.plot_path(NAME)
     plot_curves(png, {label: [r.curve(0, "acc") for r in arm.runs] for label, arm in tuned.items()
-                      if not label.startswith("less data")},
+                      if ":" not in label},
                 "validation acc (replica 0)", f"{NAME}: images, W={base['workers']}, {steps} steps, cosine")
     png_small, rel_small = study.plot_path(f"{NAME}-less-data")
     plot_curves(png_small, {label: [r.curve(who, "acc") for r in arm.runs for who in range(r.cfg.replicas)]
-                            for label, arm in tuned.items() if label.startswith("less data")},
-                "validation acc (every replica)", f"{NAME}: {small} training images")
-    codist = {k: v for k, v in ratios.items() if k not in ("baseline", "less data: baseline")}
+                            for label, arm in tuned.items() if ":" in label},
+                "validation acc (every replica)",
+                f"{NAME}: {small} training images (overfitting: no augmentation)")
+    codist = {k: v for k, v in ratios.items() if reference(k) != k}
     best = max(codist, key=lambda k: codist[k] if math.isfinite(codist[k]) else -math.inf)
     body = (preamble(NAME, study, __doc__) + "\n".join(lines) + f"\n\n![curves]({rel})\n\n"
             f"![less data]({rel_small})\n\nLearning-rate tuning on seed {TUNE_SEED} (final accuracy): "
