@@ -72,6 +72,10 @@ def test_arm_key_ignores_the_name_but_not_the_numbers():
     assert arm_key(a) == arm_key(make_config(TINY, {"name": "b"}))
     assert arm_key(a) != arm_key(make_config(TINY, {"seed": 1}))
     assert arm_key(a) != arm_key(make_config(TINY, {"optimizer.lr": 0.01}))
+    # guards decide whether a run fails, not its numbers: finished arms stay found when they change
+    for guard in ({"on_nonfinite": "skip"}, {"diverge_factor": 0.0}, {"codistill.max_drift": 10},
+                  {"codistill.max_teacher_size": 8.0}):
+        assert arm_key(a) == arm_key(make_config(TINY, guard)), guard
 
 
 def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):

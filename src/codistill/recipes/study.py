@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TUNE_SEED = 1000  # the seed tuning runs use; no reported figure uses it
 GUARDS = ("on_nonfinite", "diverge_factor")
+CODISTILL_GUARDS = ("max_teacher_size", "max_drift")  # the engine's replicas never drift
 
 
 def arm_key(cfg: RunConfig) -> str:
@@ -37,7 +38,8 @@ def arm_key(cfg: RunConfig) -> str:
     values = cfg.to_dict()
     for k in ("name", "threads", "log_every", *GUARDS):  # guards decide if a run fails, not its numbers
         values.pop(k, None)
-    values["codistill"].pop("max_teacher_size", None)
+    for k in CODISTILL_GUARDS:
+        values["codistill"].pop(k, None)
     blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
