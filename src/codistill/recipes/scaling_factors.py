@@ -121,10 +121,15 @@ def run(study: Study) -> Section:
                             for label, arm in tuned.items() if ":" in label},
                 "validation acc (every replica)",
                 f"{NAME}: {small} training images (overfitting: no augmentation)")
+    png_loss, rel_loss = study.plot_path(f"{NAME}-less-data-loss")
+    plot_curves(png_loss, {label: [r.curve(who, "loss") for r in arm.runs for who in range(r.cfg.replicas)]
+                           for label, arm in tuned.items() if ":" in label},
+                "validation loss (every replica)", f"{NAME}: {small} training images, validation loss")
     codist = {k: v for k, v in ratios.items() if reference(k) != k}
     best = max(codist, key=lambda k: codist[k] if math.isfinite(codist[k]) else -math.inf)
     body = (preamble(NAME, study, __doc__) + "\n".join(lines) + f"\n\n![curves]({rel})\n\n"
-            f"![less data]({rel_small})\n\nLearning-rate tuning on seed {TUNE_SEED} (final accuracy): "
+            f"![less data]({rel_small})\n\n![less data, loss]({rel_loss})\n\n"
+            f"Learning-rate tuning on seed {TUNE_SEED} (final accuracy): "
             + tuning_text({k: v.tuning for k, v in tuned.items()}) + ".\n")
     summary = [("1. what governs claim 1 (images, longer budget, one factor per arm)", "1.27–2× fewer steps",
                 f"best arm: {best}, ratio {codist[best]:.2f} to the baseline's half-budget accuracy; "
