@@ -6,6 +6,9 @@ and the Codistiller step with 1..3 teachers, and prints medians and the ratios
 ``codistilled / plain`` and ``codistilled / (plain + k·forward)`` (overhead over the floor).
 
     .venv/bin/python benchmarks/step_cost.py [--repeats 7] [--steps 20]
+    # the word-LM case of issue 9: 2-layer LSTM 64/64, vocabulary 28k, 20x35 tokens, 1 thread
+    .venv/bin/python benchmarks/step_cost.py --vocab 28000 --embed 64 --hidden 64 --layers 2 \
+        --batch 20 --seq-len 35 --threads 1 --steps 5
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import torch
 
 from codistill import Codistiller, MemoryExchange, task_loss
 from codistill.models import build_model
-
-SPEC = {"name": "lstm", "vocab_size": 256, "embed_dim": 64, "hidden_dim": 256}
 
 
 def timed(fn, steps: int) -> float:
@@ -38,11 +39,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--embed", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (a.batch, a.seq_len))
-    y = torch.randint(0, 256, (a.batch, a.seq_len))
+    SPEC = {"name": "lstm", "vocab_size": a.vocab, "embed_dim": a.embed, "hidden_dim": a.hidden,
+            "num_layers": a.layers}
+    x = torch.randint(0, a.vocab, (a.batch, a.seq_len))
+    y = torch.randint(0, a.vocab, (a.batch, a.seq_len))
     model = build_model(SPEC)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -83,7 +90,7 @@ def main() -> None:
         for k, fn in steps_with.items():
             samples[f"k{k}"].append(timed(fn, a.steps))
     med = {name: statistics.median(v) for name, v in samples.items()}
-    print(f"LSTM {SPEC['embed_dim']}/{SPEC['hidden_dim']}, batch {a.batch}x{a.seq_len}, "
+    print(f"LSTM {a.layers}x{a.embed}/{a.hidden}, vocabulary {a.vocab}, batch {a.batch}x{a.seq_len}, "
           f"{a.threads} threads, medians of {a.repeats} x {a.steps} steps")
     print(f"plain training step: {med['plain'] * 1e3:.1f} ms; teacher forward (no grad): "
           f"{med['forward'] * 1e3:.1f} ms")

@@ -199,3 +199,41 @@ def test_label_smoothing_mix_equals_smoothed_targets():
     mixed = (1 - eps) * task_loss(z, c, "binary") + eps * uniform_loss(z, "binary")
     ref = F.binary_cross_entropy_with_logits(z, c * (1 - eps) + eps / 2)
     assert torch.allclose(mixed, ref, atol=1e-6)
+
+
+def _reference_psi(logits, p, kind, t):
+    """ψ as it was computed before the fused form: autograd through log_softmax and kl_div."""
+    logq = torch.log_softmax(logits.reshape(-1, logits.shape[-1]) / t, dim=-1)
+    p = p.reshape(-1, p.shape[-1])
+    loss = F.kl_div(logq, p, reduction="batchmean") if kind == "kl" else -(p * logq).sum(-1).mean()
+    return loss * t * t
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+@pytest.mark.parametrize("t", [1.0, 2.5])
+@pytest.mark.parametrize("chunk", [1 << 20, 7])  # one chunk, and chunks of a single row
+def test_fused_psi_equals_the_autograd_form_in_value_and_gradient(monkeypatch, kind, t, chunk):
+    import codistill.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    p = torch.softmax(torch.randn(3, 5, 7, generator=g, dtype=torch.float64), -1)
+    p[0, 0] = torch.tensor([1.0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)  # zeros in the target
+    ref = _reference_psi(logits, p, kind, t)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    got = distill_loss(logits, p, kind, t)
+    (got_grad,) = torch.autograd.grad(got * 1.7, logits)  # an upstream gradient other than 1
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad.double(), ref_grad * 1.7, rtol=1e-5, atol=1e-7)
+    assert got_grad.dtype == logits.dtype
+
+
+def test_fused_psi_keeps_the_logits_dtype_and_computes_in_fp32():
+    logits = torch.randn(4, 6, 50).to(torch.bfloat16).requires_grad_()
+    p = torch.softmax(torch.randn(4, 6, 50), -1)
+    loss = distill_loss(logits, p)
+    loss.backward()
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    ref = _reference_psi(logits.detach().float(), p, "kl", 1.0)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)

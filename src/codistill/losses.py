@@ -63,16 +63,54 @@ def distill_loss(
     t = float(temperature)
     if kind == "bce":
         loss = F.binary_cross_entropy_with_logits(student_logits / t, target)
-    elif kind in ("kl", "ce"):
-        logq = torch.log_softmax(student_logits.reshape(-1, student_logits.shape[-1]) / t, dim=-1)
-        p = target.reshape(-1, target.shape[-1])
-        if kind == "kl":
-            loss = F.kl_div(logq, p, reduction="batchmean")
-        else:
-            loss = -(p * logq).sum(-1).mean()
-    else:
+        return loss * (t * t) if t != 1.0 else loss
+    if kind not in ("kl", "ce"):
         raise ValueError(f"distill kind must be one of {DISTILL_KINDS}, got {kind!r}")
-    return loss * (t * t) if t != 1.0 else loss
+    v = student_logits.shape[-1]
+    return _SoftTargetLoss.apply(student_logits.reshape(-1, v), target.reshape(-1, v), t, kind == "kl")
+
+
+CHUNK_ELEMENTS = 1 << 20  # rows × vocabulary per chunk of ψ: bounds its temporary memory
+
+
+def _chunks(rows: int, width: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, width))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+class _SoftTargetLoss(torch.autograd.Function):
+    """T²·mean over rows of CE(p, softmax(z/T)) (minus the teacher's entropy for ``kl``),
+    computed in fp32 over chunks of rows, with the gradient T·(softmax(z/T)·Σp − p)/N written
+    straight into the logits' gradient in the backward pass. No [rows, vocabulary] tensor is
+    kept between the passes beyond the inputs themselves."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, p: torch.Tensor, t: float, kl: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for rows in _chunks(*logits.shape):
+            z = logits[rows].float()
+            pc = p[rows].float()
+            logq = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
+            total -= torch.vdot(pc.reshape(-1), logq.reshape(-1))
+            if kl:
+                total += torch.xlogy(pc, pc).sum()
+        ctx.save_for_backward(logits, p)
+        ctx.t = t
+        return total * (t * t / logits.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, p = ctx.saved_tensors
+        t = ctx.t
+        scale = grad_out.float() * (t / logits.shape[0])
+        grad = torch.empty_like(logits)
+        for rows in _chunks(*logits.shape):
+            pc = p[rows].float()
+            z = logits[rows].float()
+            q = torch.softmax(z / t if t != 1.0 else z, dim=-1)
+            q.mul_(pc.sum(-1, keepdim=True)).sub_(pc).mul_(scale)
+            grad[rows] = q
+        return grad, None, None, None
 
 
 @dataclass(frozen=True)

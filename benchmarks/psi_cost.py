@@ -1,0 +1,64 @@
+"""Cost of ψ alone (forward + backward of the distillation loss on [rows, vocabulary] logits):
+the fused, chunked form codistill uses against the autograd form it replaced
+(log_softmax + kl_div), interleaved and repeated in one run; prints medians and ratios.
+
+    .venv/bin/python benchmarks/psi_cost.py [--rows 700] [--vocab 256 8192 28000 32768] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from codistill.losses import distill_loss
+
+
+def autograd_psi(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """ψ as codistill computed it before: autograd through log_softmax and kl_div."""
+    logq = torch.log_softmax(logits, dim=-1)
+    return F.kl_div(logq, p, reduction="batchmean")
+
+
+def timed(fn, logits: torch.Tensor, p: torch.Tensor, steps: int) -> float:
+    def once() -> None:
+        logits.grad = None
+        fn(logits, p).backward()
+
+    once()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=700, help="batch × time positions (35×20 in issue 9)")
+    ap.add_argument("--vocab", type=int, nargs="+", default=[256, 8192, 28000, 32768])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"ψ forward+backward on [{a.rows}, V] fp32 logits, {a.threads} thread(s), medians of "
+          f"{a.repeats} x {a.steps}")
+    print("| vocabulary | autograd form (ms) | fused, chunked (ms) | ratio |")
+    print("|---|---|---|---|")
+    for v in a.vocab:
+        g = torch.Generator().manual_seed(v)
+        logits = torch.randn(a.rows, v, generator=g).requires_grad_()
+        p = torch.softmax(torch.randn(a.rows, v, generator=g), -1)
+        old, new = [], []
+        for _ in range(a.repeats):  # interleaved: drift in machine load hits both
+            old.append(timed(autograd_psi, logits, p, a.steps))
+            new.append(timed(distill_loss, logits, p, a.steps))
+        mo, mn = statistics.median(old), statistics.median(new)
+        print(f"| {v} | {mo * 1e3:.1f} | {mn * 1e3:.1f} | {mo / mn:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
