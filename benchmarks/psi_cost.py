@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from step_cost import timed  # same folder: benchmarks are run as scripts
 
 from codistill.losses import distill_loss
 
@@ -23,16 +23,12 @@ def autograd_psi(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return F.kl_div(logq, p, reduction="batchmean")
 
 
-def timed(fn, logits: torch.Tensor, p: torch.Tensor, steps: int) -> float:
+def fwd_bwd(fn, logits: torch.Tensor, p: torch.Tensor):
     def once() -> None:
         logits.grad = None
         fn(logits, p).backward()
 
-    once()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        once()
-    return (time.perf_counter() - t0) / steps
+    return once
 
 
 def main() -> None:
@@ -54,8 +50,8 @@ def main() -> None:
         p = torch.softmax(torch.randn(a.rows, v, generator=g), -1)
         old, new = [], []
         for _ in range(a.repeats):  # interleaved: drift in machine load hits both
-            old.append(timed(autograd_psi, logits, p, a.steps))
-            new.append(timed(distill_loss, logits, p, a.steps))
+            old.append(timed(fwd_bwd(autograd_psi, logits, p), a.steps))
+            new.append(timed(fwd_bwd(distill_loss, logits, p), a.steps))
         mo, mn = statistics.median(old), statistics.median(new)
         print(f"| {v} | {mo * 1e3:.1f} | {mn * 1e3:.1f} | {mo / mn:.2f}x |")
 
