@@ -646,3 +646,16 @@ def test_a_killed_worker_is_restarted_and_resumes_by_itself(cfg_path: Path, sync
         assert _summary(run, r)["start"] == 20 and _summary(run, r)["end"] == STEPS
         _assert_one_row_per_step(_rows(run, r), r)
         _assert_same_weights(_weights(run, r), _weights(sync_run, r), f"replica {r}: restarted vs whole")
+
+
+def test_a_stalled_rank_fails_the_job_after_dist_timeout(cfg_path: Path, tmp_path: Path) -> None:
+    """A worker that stalls (8 s at the exchange of step 15) with dist_timeout=2: the job
+    fails with one line naming dist_timeout instead of hanging."""
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    job = Job([*_torchrun(4), *_probe(cfg_path, run, "--exchange", str(run / "exchange"),
+                                      "--set", "dist_timeout=2")],
+              tmp_path, "stall", {"CODISTILL_PROBE_SLOW_WORKERS": "15:8:0"})
+    assert job.wait() != 0, job.report()
+    assert "dist_timeout=2s" in job.stderr and "resume from the last checkpoint" in job.stderr, job.report()
+    assert time.monotonic() - t0 < 60

@@ -9,6 +9,7 @@ import os
 import sys
 
 from .config import ConfigError, load_config
+from .launch import CollectiveTimeout
 from .loop import Diverged
 
 log = logging.getLogger("codistill")
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"codistill: error: {e}", file=sys.stderr)
         return 2
-    except Diverged as e:
+    except (Diverged, CollectiveTimeout) as e:
         print(f"codistill: error: {e}", file=sys.stderr)
         return 1
 

@@ -121,6 +121,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     backend: str = setting("auto", choices=("auto", "gloo", "nccl"))  # auto: nccl on CUDA, else gloo
+    dist_timeout: float = setting(1800.0, gt=0)  # seconds before a stalled collective fails the run
 
     def replica_model(self, replica: int) -> dict[str, Any]:
         """The model spec of ``replica``: ``model`` with that replica's overrides."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,6 +32,10 @@ from .tasks import build_task
 from .topology import Groups, Topology, env_world, make_groups, make_topology
 
 log = logging.getLogger(__name__)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within ``dist_timeout``: a rank stalled or died."""
 
 
 def _exchange(cfg: RunConfig, topo: Topology, groups: Groups, device: str) -> Exchange:
@@ -184,18 +189,26 @@ def run_distributed(
     topo = make_topology(rank, world, cfg.replicas, replica)
     set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     device = _device(cfg, local_rank)
+    timeout = timedelta(seconds=cfg.dist_timeout)
     own_pg = False
     if world > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend, **_restart_store(rank, world))
+        dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, world))
         own_pg = True
     try:
-        groups = make_groups(topo)
+        groups = make_groups(topo, timeout)
         if rank == 0:
             where = "" if topo.one_world else f" (replica {topo.replica} of {cfg.replicas})"
             log.info("world %d: %d replica(s) x %d worker(s)%s", world,
                      topo.num_replicas if topo.one_world else 1, topo.workers, where)
         return train_rank(cfg, out_dir, topo, groups, device, resume, stop_at, progress, overwrite)
+    except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise CollectiveTimeout(
+            f"rank {rank} (replica {topo.replica}): a collective did not complete within "
+            f"dist_timeout={cfg.dist_timeout:g}s — a rank of this job stalled or died; resume from "
+            f"the last checkpoint with --resume ({str(e).splitlines()[0][:200]})") from e
     finally:
         if own_pg:
             dist.destroy_process_group()

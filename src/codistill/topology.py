@@ -64,18 +64,19 @@ class Groups:
     leaders: Any  # the replicas' first ranks (one-world mode only)
 
 
-def make_groups(topo: Topology) -> Groups:
-    """Create every replica group and the leaders group on every rank, in the same order."""
+def make_groups(topo: Topology, timeout: Any = None) -> Groups:
+    """Create every replica group and the leaders group on every rank, in the same order
+    (``timeout``: a ``timedelta`` after which their collectives fail)."""
     if not dist.is_initialized():
         return Groups(None, None)
     if not topo.one_world:
         return Groups(dist.group.WORLD, None)
     mine = None
     for r in range(topo.num_replicas):
-        g = dist.new_group(topo.replica_ranks(r))
+        g = dist.new_group(topo.replica_ranks(r), timeout=timeout)
         if r == topo.replica:
             mine = g
-    leaders = dist.new_group([topo.leader_rank(r) for r in range(topo.num_replicas)])
+    leaders = dist.new_group([topo.leader_rank(r) for r in range(topo.num_replicas)], timeout=timeout)
     return Groups(mine, leaders)
 
 
