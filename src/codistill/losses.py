@@ -35,9 +35,11 @@ def uniform_loss(logits: torch.Tensor, kind: str = "categorical") -> torch.Tenso
 
 def predict_probs(logits: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
     """The predicted distribution: softmax over the last axis, or a sigmoid for binary outputs."""
+    if temperature != 1.0:
+        logits = logits / temperature
     if kind == "bce":
-        return torch.sigmoid(logits / temperature)
-    return torch.softmax(logits / temperature, dim=-1)
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
 
 
 def distill_loss(
@@ -93,7 +95,7 @@ class _SoftTargetLoss(torch.autograd.Function):
             logq = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
             total -= torch.vdot(pc.reshape(-1), logq.reshape(-1))
             if kl:
-                total += torch.xlogy(pc, pc).sum()
+                total -= torch.special.entr(pc).sum()
         ctx.save_for_backward(logits, p)
         ctx.t = t
         return total * (t * t / logits.shape[0])

@@ -100,4 +100,4 @@ def average_predictions(
     total = loaded[0].predict(inputs, kind, temperature)
     for t in loaded[1:]:
         total += t.predict(inputs, kind, temperature)
-    return total / len(loaded)
+    return total.div_(len(loaded)) if len(loaded) > 1 else total
