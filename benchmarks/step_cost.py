@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from codistill import Codistiller, MemoryExchange, task_loss
+from codistill.losses import task_and_distill_loss
 from codistill.models import build_model
 
 
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--embed", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--fused", action="store_true", help="φ and ψ in one pass, as the engine computes them")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -76,7 +78,12 @@ def main() -> None:
 
         def step(cd: Codistiller = cd) -> None:
             logits = model(x)
-            loss = task_loss(logits, y) + cd.distill_loss(x, logits, 10)
+            if a.fused:  # as the engine does: φ and ψ in one pass
+                alpha, probs = cd.distill_target(x, 10)
+                phi, psi = task_and_distill_loss(logits, y, probs)
+                loss = phi + alpha * psi
+            else:  # as a plug-in user writes it
+                loss = task_loss(logits, y) + cd.distill_loss(x, logits, 10)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -91,7 +98,8 @@ def main() -> None:
             samples[f"k{k}"].append(timed(fn, a.steps))
     med = {name: statistics.median(v) for name, v in samples.items()}
     print(f"LSTM {a.layers}x{a.embed}/{a.hidden}, vocabulary {a.vocab}, batch {a.batch}x{a.seq_len}, "
-          f"{a.threads} threads, medians of {a.repeats} x {a.steps} steps")
+          f"{a.threads} threads, {'fused φ+ψ' if a.fused else 'φ and ψ apart'}, "
+          f"medians of {a.repeats} x {a.steps} steps")
     print(f"plain training step: {med['plain'] * 1e3:.1f} ms; teacher forward (no grad): "
           f"{med['forward'] * 1e3:.1f} ms")
     for k in steps_with:

@@ -237,3 +237,23 @@ def test_fused_psi_keeps_the_logits_dtype_and_computes_in_fp32():
     assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
     ref = _reference_psi(logits.detach().float(), p, "kl", 1.0)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+@pytest.mark.parametrize("chunk", [1 << 20, 7])
+def test_fused_task_and_distill_loss_equals_the_two_losses(monkeypatch, kind, chunk):
+    import codistill.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    y = torch.randint(0, 7, (3, 5), generator=g)
+    p = torch.softmax(torch.randn(3, 5, 7, generator=g, dtype=torch.float64), -1)
+    alpha = 0.7
+    phi_ref, psi_ref = task_loss(logits, y), _reference_psi(logits, p, kind, 1.0)
+    (grad_ref,) = torch.autograd.grad(phi_ref + alpha * psi_ref, logits)
+    phi, psi = losses.task_and_distill_loss(logits, y, p, kind)
+    (grad,) = torch.autograd.grad(phi + alpha * psi, logits)
+    torch.testing.assert_close(phi.double(), phi_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(psi.double(), psi_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)

@@ -143,12 +143,21 @@ class Codistiller:
 
         Zero (a scalar that adds nothing) during burn-in or before any teacher is loaded.
         """
+        target = self.distill_target(inputs, step)
+        if target is None:
+            return student_logits.new_zeros(())
+        a, probs = target
+        return a * distill_loss(student_logits, probs.to(student_logits.dtype), self.distill,
+                                self.temperature)
+
+    def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
+        """(α(step), the teachers' averaged predictions on ``inputs``), or None when α is 0
+        or no teacher is loaded: the parts of ψ for a caller that computes it itself (e.g.
+        fused with φ, :func:`codistill.losses.task_and_distill_loss`)."""
         a = self.alpha(step)
         if a == 0.0 or not any(t.version is not None for t in self.teachers.values()):
-            return student_logits.new_zeros(())
-        target = average_predictions(list(self.teachers.values()), inputs, self.distill, self.temperature)
-        return a * distill_loss(student_logits, target.to(student_logits.dtype), self.distill,
-                                self.temperature)
+            return None
+        return a, average_predictions(list(self.teachers.values()), inputs, self.distill, self.temperature)
 
     # -- exchange ---------------------------------------------------------------------
     def after_step(self, step: int) -> None:

@@ -115,6 +115,54 @@ class _SoftTargetLoss(torch.autograd.Function):
         return grad, None, None, None
 
 
+def task_and_distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor,
+                          kind: str = "kl") -> tuple[torch.Tensor, torch.Tensor]:
+    """(φ, ψ) of categorical ``logits`` in one fused pass that shares the student's softmax:
+    φ = cross entropy toward integer ``targets``, ψ = KL (or soft-target CE) toward the
+    teachers' probabilities, both means over rows, temperature 1. The same values and
+    gradients as :func:`task_loss` and :func:`distill_loss`, at about the cost of one."""
+    if kind not in ("kl", "ce"):
+        raise ValueError(f"fused φ+ψ takes kind 'kl' or 'ce', got {kind!r}")
+    v = logits.shape[-1]
+    p = teacher_probs.detach().reshape(-1, v)
+    return _TaskDistillLoss.apply(logits.reshape(-1, v), targets.reshape(-1), p, kind == "kl")
+
+
+class _TaskDistillLoss(torch.autograd.Function):
+    """φ and ψ over chunks of rows from one log-softmax; backward from one softmax:
+    g_φ·(q − onehot(y))/N + g_ψ·(q·Σp − p)/N."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, y: torch.Tensor, p: torch.Tensor, kl: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        phi = torch.zeros((), dtype=torch.float32, device=logits.device)
+        psi = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for rows in _chunks(*logits.shape):
+            logq = torch.log_softmax(logits[rows].float(), dim=-1)
+            pc = p[rows].float()
+            phi -= logq.gather(1, y[rows, None]).sum()
+            psi -= torch.vdot(pc.reshape(-1), logq.reshape(-1))
+            if kl:
+                psi -= torch.special.entr(pc).sum()
+        ctx.save_for_backward(logits, y, p)
+        n = logits.shape[0]
+        return phi / n, psi / n
+
+    @staticmethod
+    def backward(ctx, g_phi: torch.Tensor, g_psi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, y, p = ctx.saved_tensors
+        n = logits.shape[0]
+        g_phi, g_psi = g_phi.float() / n, g_psi.float() / n
+        grad = torch.empty_like(logits)
+        for rows in _chunks(*logits.shape):
+            pc = p[rows].float()
+            q = torch.softmax(logits[rows].float(), dim=-1)
+            q.mul_(g_phi + g_psi * pc.sum(-1, keepdim=True)).sub_(g_psi * pc)
+            q[torch.arange(q.shape[0], device=q.device), y[rows]] -= g_phi
+            grad[rows] = q
+        return grad, None, None, None
+
+
 @dataclass(frozen=True)
 class AlphaSchedule:
     """α(step): 0 before ``burn_in``, then rises linearly over ``ramp`` steps to ``alpha``.

@@ -19,7 +19,7 @@ from .codistiller import Codistiller
 from .config import RunConfig
 from .data import ShardSampler, shard_indices
 from .exchange import Exchange, state_nbytes
-from .losses import uniform_loss
+from .losses import task_and_distill_loss, uniform_loss
 from .tasks import Batch, Task
 from .teachers import call_model
 
@@ -139,6 +139,13 @@ def build_replica(
                    torch.Generator().manual_seed(stream + 7), rng, outer)
 
 
+def _fused(task: Task, cd: Codistiller, label_smoothing: float) -> bool:
+    """φ and ψ can be computed in one pass: the default categorical φ, no label smoothing,
+    ψ a KL or soft cross entropy at temperature 1."""
+    return (task.output == "categorical" and label_smoothing == 0 and cd.temperature == 1.0
+            and cd.distill in ("kl", "ce") and getattr(task.loss, "__func__", None) is Task.loss)
+
+
 def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float,
                  label_smoothing: float = 0.0, skip_nonfinite: bool = False) -> dict[str, Any]:
     """One optimizer step of φ + α·ψ on ``batch`` (φ with ``label_smoothing`` ε); returns the
@@ -150,11 +157,17 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     torch.set_rng_state(rep.rng_state)
     rep.model.train()
     outputs = call_model(rep.model, x)
-    phi = task.loss(outputs, y)
-    if label_smoothing > 0:
-        phi = (1 - label_smoothing) * phi + label_smoothing * uniform_loss(outputs, task.output)
-    alpha = rep.codistiller.alpha(step)
-    term = rep.codistiller.distill_loss(x, outputs, step)
+    cd = rep.codistiller
+    alpha = cd.alpha(step)
+    target = cd.distill_target(x, step) if _fused(task, cd, label_smoothing) else None
+    if target is not None:  # φ and ψ share one softmax of the student's outputs
+        phi, psi = task_and_distill_loss(outputs, y, target[1], cd.distill)
+        term = target[0] * psi
+    else:
+        phi = task.loss(outputs, y)
+        if label_smoothing > 0:
+            phi = (1 - label_smoothing) * phi + label_smoothing * uniform_loss(outputs, task.output)
+        term = cd.distill_loss(x, outputs, step)
     loss = phi + term
     rep.optimizer.zero_grad(set_to_none=True)
     loss.backward()
