@@ -282,17 +282,9 @@ class Codistiller:
     def _wait_for_peers(self, step: int) -> dict[int, int]:
         """Lock-step mode: block until every peer has published its version ``step``."""
         self.exchange.flush()
-        t0 = time.perf_counter()
-        waiting = set(self.peers)
-        while waiting:
-            waiting = {p for p in waiting if step not in self.exchange.versions(p)}
-            if not waiting:
-                break
-            if time.perf_counter() - t0 > self.sync_timeout:
-                raise TimeoutError(f"codistill.sync: replicas {sorted(waiting)} did not publish step "
-                                   f"{step} within {self.sync_timeout:g}s")
-            time.sleep(0.02)
-        self.sync_wait_s += time.perf_counter() - t0
+        self._wait_until(lambda p: step in self.exchange.versions(p), self.sync_timeout,
+                         lambda behind: f"codistill.sync: replicas {behind} did not publish step {step} "
+                                        f"within {self.sync_timeout:g}s")
         return dict.fromkeys(self.peers, step)
 
     def _wait_for_drift(self, step: int) -> None:
@@ -302,16 +294,22 @@ class Codistiller:
         target = (step - self.max_drift) // k * k
         if target <= 0 or not self.exchange_due(target):
             return
+        self._wait_until(
+            lambda p: max(self.exchange.versions(p), default=-1) >= target, self.drift_timeout,
+            lambda behind: f"codistill.max_drift: replica {self.replica} is at step {step}, and replicas "
+                           f"{behind} have not published step {target} within {self.drift_timeout:g}s (a "
+                           f"replica may run at most max_drift={self.max_drift} steps ahead of its slowest "
+                           "peer; is a peer down?)")
+
+    def _wait_until(self, ready: Callable[[int], bool], timeout: float, message: Callable[[list[int]], str]
+                    ) -> None:
+        """Poll until ``ready(peer)`` holds for every peer; TimeoutError(``message(behind)``)
+        after ``timeout`` seconds. The time waited counts in ``sync_wait_s``."""
         t0 = time.perf_counter()
-        while True:
-            behind = [p for p in self.peers if max(self.exchange.versions(p), default=-1) < target]
-            if not behind:
-                break
-            if time.perf_counter() - t0 > self.drift_timeout:
-                raise TimeoutError(
-                    f"codistill.max_drift: replica {self.replica} is at step {step}, and replicas {behind} "
-                    f"have not published step {target} within {self.drift_timeout:g}s (a replica may run at "
-                    f"most max_drift={self.max_drift} steps ahead of its slowest peer; is a peer down?)")
+        behind = list(self.peers)
+        while behind := [p for p in behind if not ready(p)]:
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(message(behind))
             time.sleep(0.02)
         self.sync_wait_s += time.perf_counter() - t0
 

@@ -125,12 +125,12 @@ class Exchange(ABC):
         key = (published.replica, published.step, id(published))
         if self._refused(key):
             return None
-        nbytes = header_nbytes(header_of(published.state))
+        header = header_of(published.state)
         try:
-            if self.max_bytes is not None and nbytes > self.max_bytes:
+            if self.max_bytes is not None and (nbytes := header_nbytes(header)) > self.max_bytes:
                 raise ValueError(f"{nbytes} bytes of weights exceed the bound of {self.max_bytes}")
             if check is not None:
-                check(header_of(published.state), published.meta)
+                check(header, published.meta)
         except ValueError as e:
             self._refuse(key, where, str(e))
             return None
