@@ -101,13 +101,10 @@ class Loop:
         kept = max(1, n - int(acc.get("skipped", 0)))
         return {k: float(v) / (kept if k.endswith("loss") else n) for k, v in acc.items()}
 
-    def _guard(self, rep: Replica, done: int, acc: dict[str, Any], n: int) -> None:
+    def _guard(self, rep: Replica, done: int, means: dict[str, float], n: int) -> None:
         """Stop the run if the training loss since the last log is not finite, more than
         ``diverge_factor`` × the loss of the first step this loop ran, or (``on_nonfinite:
         skip``) non-finite in more than half of the steps; name the last good checkpoint."""
-        if not n:
-            return
-        means = self._means(acc, n)
         loss, skipped = means["task_loss"], means.get("skipped", 0.0)
         ref, factor = self.first_loss.get(rep.index, math.inf), self.cfg.diverge_factor
         if math.isfinite(loss) and not (factor and loss > factor * ref) and skipped <= 0.5:
@@ -122,11 +119,11 @@ class Loop:
                        f"{what}; stopped. on_nonfinite=skip drops non-finite steps, diverge_factor=0 turns "
                        f"the divergence check off; {last}")
 
-    def _train_row(self, rep: Replica, done: int, acc: dict[str, Any], n: int) -> dict[str, Any]:
+    def _train_row(self, rep: Replica, done: int, means: dict[str, float]) -> dict[str, Any]:
         cd = rep.codistiller
         stale = cd.staleness(done)
         return {"step": done, "kind": "train", "replica": rep.index,
-                **self._means(acc, n),
+                **means,
                 "lr": rep.scheduler.get_last_lr()[0],
                 "staleness": {str(p): s for p, s in stale.items()},
                 "staleness_max": max((s for s in stale.values() if s is not None), default=None),
@@ -167,14 +164,16 @@ class Loop:
                 sent = outer_sync([r.outer for r in self.replicas if r.outer is not None])
                 self.bytes_averaged += sent
             checkpoint_due = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end
+            means = {}
             if done % cfg.log_every == 0 or checkpoint_due:  # on every rank: each stops by itself
+                means = {rep.index: self._means(acc[rep.index], nacc) for rep in self.replicas}
                 for rep in self.replicas:
-                    self._guard(rep, done, acc[rep.index], nacc)
+                    self._guard(rep, done, means[rep.index], nacc)
             if self.leader and (done % cfg.log_every == 0 or done == end):
                 assert self.rundir is not None
                 for rep in self.replicas:
-                    self.rundir.write(self._train_row(rep, done, acc[rep.index], nacc))
-                bar.set_postfix(loss=f"{float(acc[self.replicas[0].index]['task_loss']) / nacc:.3f}")
+                    self.rundir.write(self._train_row(rep, done, means[rep.index]))
+                bar.set_postfix(loss=f"{means[self.replicas[0].index]['task_loss']:.3f}")
             if done % cfg.log_every == 0 or done == end:
                 acc.clear()
                 nacc = 0

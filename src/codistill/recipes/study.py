@@ -138,7 +138,8 @@ class Study:
     def run_all(self, cfgs: Sequence[RunConfig]) -> list[ArmResult]:
         """:meth:`run` every config; the unfinished ones ``jobs`` at a time in worker processes
         (each with ``threads`` torch threads, 1 if unset), so independent arms share the cores."""
-        todo = {self.arm_dir(c): c for c in cfgs if not self.finished(self.arm_dir(c), c)}
+        dirs = {self.arm_dir(c): c for c in cfgs}
+        todo = {d: c for d, c in dirs.items() if not self.finished(d, c)}
         if self.jobs > 1 and len(todo) > 1:
             jobs = min(self.jobs, len(todo))
             log.info("running %d arm(s), %d at a time", len(todo), jobs)
