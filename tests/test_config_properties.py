@@ -50,11 +50,11 @@ def _invalid(f: dataclasses.Field) -> st.SearchStrategy:
 
 
 def _is_number(text: str) -> bool:
-    import yaml
-
+    """Text the config reads as a number (it accepts ``1e-3`` without a dot, as ``float``)."""
     try:
-        return isinstance(yaml.safe_load(text), (int, float))
-    except yaml.YAMLError:
+        float(text)
+        return True
+    except ValueError:
         return False
 
 
@@ -70,7 +70,8 @@ def _set(values: dict, dotted: str, value) -> dict:
 
 @pytest.mark.parametrize("name,f", FIELDS, ids=[n for n, _ in FIELDS])
 def test_every_invalid_value_is_one_line_naming_the_field(tiny_config, name, f):
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(value=_invalid(f))
     def check(value):
         with pytest.raises(ConfigError) as info:
