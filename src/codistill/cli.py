@@ -1,4 +1,4 @@
-"""Command line: ``codistill train | report | churn | demo | reproduce | data``."""
+"""Command line: ``codistill train | launch | report | churn | demo | reproduce | data``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import logging
 import os
 import sys
 
+from ._extras import as_missing_extra
 from .config import ConfigError, load_config
-from .launch import CollectiveTimeout
-from .loop import Diverged
 
 log = logging.getLogger("codistill")
 
@@ -44,6 +43,14 @@ def _train(args: argparse.Namespace) -> int:
           + (f"; ensemble {final['ensemble']['loss']:.4f}" if "ensemble" in final else ""))
     print(f"metrics: {os.path.join(out, 'metrics.jsonl')}  tensorboard: {os.path.join(out, 'tensorboard')}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from .launcher import Launcher
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return Launcher(command, args.replicas, args.exchange, workers=args.workers,
+                    max_restarts=args.max_restarts, master_port=args.master_port, grace=args.grace).run()
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -165,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
+    la = sub.add_parser("launch", help="run N replicas of your own training script",
+                        usage="codistill launch --replicas N --exchange DIR [--workers W] -- COMMAND ...",
+                        description="Start N replicas of COMMAND, each with CODISTILL_REPLICA, "
+                                    "CODISTILL_NUM_REPLICAS, CODISTILL_EXCHANGE and CODISTILL_RESTART set "
+                                    "(under torchrun when W > 1); stream their output prefixed "
+                                    "[replica R]; restart a replica that fails; Ctrl-C stops them all.")
+    la.add_argument("--replicas", type=int, required=True, help="N, the number of replicas")
+    la.add_argument("--exchange", required=True, help="exchange directory or URL the replicas share")
+    la.add_argument("--workers", type=int, default=1, help="W workers per replica (torchrun when > 1)")
+    la.add_argument("--max-restarts", type=int, default=3,
+                    help="restarts of a replica that exits non-zero before it counts as failed (default 3)")
+    la.add_argument("--master-port", type=int,
+                    help="with --workers > 1: replica R's torchrun uses this port + R (default: free ports)")
+    la.add_argument("--grace", type=float, default=10.0,
+                    help="seconds between passing Ctrl-C/SIGTERM on and SIGKILL (default 10)")
+    la.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after --")
+    la.set_defaults(func=_launch)
+
     r = sub.add_parser("report", help="plot and tabulate validation loss of runs")
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--target", type=float, help="loss for steps-to-target (default: baseline's final)")
@@ -219,12 +244,28 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"codistill: error: {e}", file=sys.stderr)
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        print(f"codistill: error: {as_missing_extra(e) or e}", file=sys.stderr)
+        return code
+
+
+def _exit_code(e: Exception) -> int | None:
+    """2: bad input or a missing extra; 1: a run that failed (diverged, timed out); None: a bug.
+
+    The training modules are looked up, not imported: an error of theirs can only have been
+    raised if they were loaded (and ``--help`` must work without their extras).
+    """
+    if isinstance(e, ImportError):
+        return 2 if as_missing_extra(e) else None
+    if isinstance(e, (ConfigError, FileNotFoundError, ValueError)):
         return 2
-    except (Diverged, CollectiveTimeout) as e:
-        print(f"codistill: error: {e}", file=sys.stderr)
+    loop, launch = sys.modules.get("codistill.loop"), sys.modules.get("codistill.launch")
+    if (loop and isinstance(e, loop.Diverged)) or (launch and isinstance(e, launch.CollectiveTimeout)):
         return 1
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from ._extras import pyplot
 from .metrics import eval_curve, read_metrics, steps_to_target
 
 EXTRA_METRICS = {"bpb": "bits/byte", "acc": "acc", "auc": "AUC", "calibration": "calibration"}
@@ -35,10 +36,7 @@ def default_target(runs: list[dict[str, Any]]) -> float | None:
 
 def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) -> dict[str, str]:
     """Write ``report.png`` and ``report.md`` into ``out_dir``; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the report's plot")
 
     runs = [_run_info(d) for d in run_dirs]
     if target is None:

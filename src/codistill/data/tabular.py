@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._extras import require
+
 log = logging.getLogger(__name__)
 
 MOVIELENS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
@@ -82,13 +84,9 @@ def _read_file(path: str):  # -> pyarrow.Table
     """Read a CSV (.csv), TSV (.tsv/.tab) or Parquet (.parquet/.pq) file into a pyarrow Table."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such table file: {path}")
-    try:
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - pyarrow is an optional dependency
-        raise ImportError("reading click tables needs pyarrow: pip install 'codistill[click]'") from e
     if _is_parquet(path):
-        return pq.read_table(path)
+        return require("pyarrow.parquet", "reading Parquet tables").read_table(path)
+    pacsv = require("pyarrow.csv", "reading CSV tables")
     lower = path.lower()
     if lower.endswith((".tsv", ".tab")):
         parse = pacsv.ParseOptions(delimiter="\t")

