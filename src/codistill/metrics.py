@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._extras import require
 from .teachers import call_model
 
 
@@ -159,6 +160,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
+            require("tensorboard", "TensorBoard logging")
             from torch.utils.tensorboard import SummaryWriter
 
             purge = resume_step + 1 if resume_step is not None else None
