@@ -6,7 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
+from codistill import ReplicaSampler, shard_dataset
 from codistill.data import ShardSampler, shard_indices
 
 
@@ -94,3 +96,78 @@ def test_sampler_seed_changes_the_order():
 def test_sampler_shard_smaller_than_a_batch_raises():
     with pytest.raises(ValueError, match="smaller than one batch"):
         ShardSampler(np.arange(3), batch_size=4, seed=0)
+
+
+# --- shard_dataset / ReplicaSampler: users' own scripts -------------------------------------
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+@pytest.mark.parametrize("n,replicas,workers", [(100, 2, 1), (101, 3, 2), (50, 2, 4), (7, 1, 3)])
+def test_shard_dataset_is_disjoint_by_replica_and_covers_the_data(n, replicas, workers):
+    parts = {(r, w): [x for x in shard_dataset(_Numbers(n), r, replicas, worker=w, num_workers=workers,
+                                                 seed=5)]
+             for r in range(replicas) for w in range(workers)}
+    per_replica = [set().union(*(parts[r, w] for w in range(workers))) for r in range(replicas)]
+    for a, b in itertools.combinations(per_replica, 2):
+        assert not a & b
+    assert set().union(*per_replica) == set(range(n))
+    for r in range(replicas):  # workers: equal sizes, overlapping only in the < W padded examples
+        sizes = {len(parts[r, w]) for w in range(workers)}
+        assert len(sizes) == 1
+        total = sum(len(parts[r, w]) for w in range(workers))
+        assert total - len(per_replica[r]) < workers
+
+
+def test_shard_dataset_workers_split_their_replicas_shard():
+    shard = set(shard_indices(40, 2, 1, seed=0).tolist())
+    halves = [set(shard_dataset(_Numbers(40), 1, 2, worker=w, num_workers=2).indices) for w in range(2)]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == shard
+    uneven = [shard_dataset(_Numbers(41), 0, 2, worker=w, num_workers=2, even=False) for w in range(2)]
+    assert {len(u) for u in uneven} == {10, 11}  # replica 0 has 21 examples
+
+
+def test_shard_dataset_is_deterministic_and_shared_mode_gives_all():
+    a = shard_dataset(_Numbers(60), 0, 2, seed=3).indices
+    assert a == shard_dataset(_Numbers(60), 0, 2, seed=3).indices
+    assert a != shard_dataset(_Numbers(60), 0, 2, seed=4).indices
+    assert sorted(shard_dataset(_Numbers(60), 1, 2, mode="shared").indices) == list(range(60))
+
+
+def test_shard_dataset_reads_the_launcher_environment(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert len(shard_dataset(_Numbers(30))) == 30  # outside the launcher: everything
+    monkeypatch.setenv("CODISTILL_REPLICA", "1")
+    monkeypatch.setenv("CODISTILL_NUM_REPLICAS", "3")
+    assert shard_dataset(_Numbers(30)).indices == shard_dataset(_Numbers(30), 1, 3).indices
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert shard_dataset(_Numbers(30)).indices == shard_dataset(_Numbers(30), 1, 3, worker=1,
+                                                                num_workers=2).indices
+
+
+def test_replica_sampler_shuffles_its_part_per_epoch():
+    sampler = ReplicaSampler(_Numbers(64), 0, 2, worker=1, num_workers=2, seed=7)
+    part = shard_dataset(_Numbers(64), 0, 2, worker=1, num_workers=2, seed=7).indices
+    first = list(sampler)
+    assert len(sampler) == 16 and sorted(first) == sorted(part) and first == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == sorted(part)
+    loader = torch.utils.data.DataLoader(_Numbers(64), batch_size=4, sampler=sampler)
+    assert sorted(torch.cat(list(loader)).tolist()) == sorted(part)
+    assert list(ReplicaSampler(_Numbers(64), 0, 2, worker=1, num_workers=2, seed=7, shuffle=False)) == part
+
+
+def test_bad_worker_raises():
+    with pytest.raises(ValueError, match="worker must be in"):
+        shard_dataset(_Numbers(10), 0, 2, worker=2, num_workers=2)

@@ -2,6 +2,7 @@
 
 from .codistiller import Codistiller
 from .config import ConfigError, RunConfig, load_config
+from .data import ReplicaSampler, shard_dataset
 from .exchange import DirectoryExchange, Exchange, MemoryExchange, make_exchange
 from .losses import AlphaSchedule, distill_loss, predict_probs, task_loss
 from .teachers import Teacher, average_predictions
@@ -15,6 +16,7 @@ __all__ = [
     "DirectoryExchange",
     "Exchange",
     "MemoryExchange",
+    "ReplicaSampler",
     "RunConfig",
     "Teacher",
     "average_predictions",
@@ -22,5 +24,6 @@ __all__ = [
     "load_config",
     "make_exchange",
     "predict_probs",
+    "shard_dataset",
     "task_loss",
 ]

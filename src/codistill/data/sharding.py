@@ -1,8 +1,19 @@
-"""Disjoint (or shared) data shards for replicas, and worker slices inside a replica."""
+"""Disjoint (or shared) data shards for replicas, and worker slices inside a replica.
+
+``shard_dataset`` and ``ReplicaSampler`` are for users' own scripts: they read the replica
+from ``codistill launch``'s environment and the worker from torch.distributed by default.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sized
+
 import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, Subset
+
+from ..launcher import replica_env
 
 
 def shard_indices(n: int, num_shards: int, shard: int, seed: int = 0, mode: str = "disjoint") -> np.ndarray:
@@ -59,3 +70,75 @@ class ShardSampler:
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._epoch_order()
+
+
+def _worker_env() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or of torchrun's environment before it starts."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def replica_indices(n: int, replica: int | None = None, num_replicas: int | None = None,
+                    worker: int | None = None, num_workers: int | None = None, seed: int = 0,
+                    mode: str = "disjoint", even: bool = True) -> np.ndarray:
+    """Indices of ``0..n-1`` for one worker of one replica.
+
+    Replicas get ``shard_indices`` (disjoint and together covering the data, or ``shared``);
+    a replica's shard is split among its workers. ``even``: pad the shard with its first
+    indices to a multiple of ``num_workers`` so every worker takes the same number of steps
+    under DDP (as ``DistributedSampler`` does); else worker sizes differ by at most one.
+    ``None`` reads the replica from ``codistill launch``'s environment (replica 0 of 1
+    outside it) and the worker from torch.distributed (``RANK``/``WORLD_SIZE``): right when
+    each replica is its own torch.distributed world, as under ``codistill launch``.
+    """
+    if replica is None or num_replicas is None:
+        env_replica, env_num = replica_env()
+        replica = env_replica if replica is None else replica
+        num_replicas = env_num if num_replicas is None else num_replicas
+    if worker is None or num_workers is None:
+        env_worker, env_workers = _worker_env()
+        worker = env_worker if worker is None else worker
+        num_workers = env_workers if num_workers is None else num_workers
+    if num_workers < 1 or not 0 <= worker < num_workers:
+        raise ValueError(f"worker must be in [0, {num_workers}), got {worker}")
+    shard = shard_indices(n, num_replicas, replica, seed=seed, mode=mode)
+    if even and len(shard) % num_workers:
+        pad = num_workers - len(shard) % num_workers
+        shard = np.concatenate([shard, np.resize(shard, pad)])
+    return shard[worker::num_workers]
+
+
+def shard_dataset(dataset: Dataset, replica: int | None = None, num_replicas: int | None = None, *,
+                  worker: int | None = None, num_workers: int | None = None, seed: int = 0,
+                  mode: str = "disjoint", even: bool = True) -> Subset:
+    """This worker's part of a map-style ``dataset`` (see ``replica_indices``), as a ``Subset``.
+
+    Use it with an ordinary ``DataLoader(..., shuffle=True)`` and no ``DistributedSampler``.
+    """
+    idx = replica_indices(len(dataset), replica, num_replicas, worker, num_workers, seed, mode, even)
+    return Subset(dataset, idx.tolist())
+
+
+class ReplicaSampler(Sampler[int]):
+    """A sampler over this worker's part of ``dataset`` (see ``replica_indices``), shuffled
+    per epoch by ``(seed, epoch)``; call ``set_epoch`` as with ``DistributedSampler``."""
+
+    def __init__(self, dataset: Sized, replica: int | None = None, num_replicas: int | None = None, *,
+                 worker: int | None = None, num_workers: int | None = None, seed: int = 0,
+                 mode: str = "disjoint", even: bool = True, shuffle: bool = True) -> None:
+        self.indices = replica_indices(len(dataset), replica, num_replicas, worker, num_workers, seed,
+                                       mode, even)
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.indices
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
