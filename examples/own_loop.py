@@ -62,6 +62,7 @@ def train(replica: int, num_replicas: int, exchange: str, steps: int) -> None:
         if (step + 1) % 50 == 0:
             print(f"replica {replica} step {step + 1}: loss {loss.item():.3f} "
                   f"alpha {cd.alpha(step):g} staleness {cd.staleness(step + 1)}", flush=True)
+    cd.close()  # the last publish is written by a background thread: wait for it
 
 
 def main() -> None:

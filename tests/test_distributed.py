@@ -343,8 +343,7 @@ def test_2x2_directory_exchange_lockstep(cfg_path: Path, tmp_path: Path) -> None
         ckpts = _checkpoints(run, r)
         assert ckpts == [30, 40]
         files = sorted(p.name for p in (run / "checkpoints" / f"replica-{r}" / f"{STEPS:010d}").iterdir())
-        assert files == ["manifest.json", "model.safetensors", f"teacher-{1 - r}.safetensors",
-                         "trainer.pt", "worker-0.pt", "worker-1.pt"]
+        assert files == ["manifest.json", "state", "trainer.pt", "worker-0.pt", "worker-1.pt"]
 
 
 @pytest.mark.parametrize("faults", [
@@ -560,14 +559,14 @@ def test_corrupted_checkpoint_falls_back_to_previous(stopped_run: Path, sync_run
                                                      cfg_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
-    damaged = run / "checkpoints" / "replica-0" / f"{20:010d}" / "model.safetensors"
+    damaged = run / "checkpoints" / "replica-0" / f"{20:010d}" / "state" / "__0_0.distcp"
     data = bytearray(damaged.read_bytes())
     mid = len(data) // 2
     data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
     damaged.write_bytes(bytes(data))
     job = _run([*_torchrun(2), *_codistill(cfg_path, run, "--exchange", str(run / "exchange"), *SYNC,
                                            "--resume")], tmp_path, "resume")
-    assert "skipping checkpoint" in job.stderr and "model.safetensors fails its checksum" in job.stderr, \
+    assert "skipping checkpoint" in job.stderr and "state/__0_0.distcp fails its checksum" in job.stderr, \
         job.report()
     # Replica 0's step-20 checkpoint is damaged, so it can only resume from 10; in one world the
     # replicas resume from the newest step they all have, so replica 1 goes back to 10 as well.

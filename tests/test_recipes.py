@@ -74,8 +74,12 @@ def test_arm_key_ignores_the_name_but_not_the_numbers():
     assert arm_key(a) != arm_key(make_config(TINY, {"optimizer.lr": 0.01}))
     # guards decide whether a run fails, not its numbers: finished arms stay found when they change
     for guard in ({"on_nonfinite": "skip"}, {"diverge_factor": 0.0}, {"codistill.max_drift": 10},
-                  {"codistill.max_teacher_size": 8.0}):
+                  {"codistill.max_teacher_size": 8.0}, {"dist_timeout": 60.0}):
         assert arm_key(a) == arm_key(make_config(TINY, guard)), guard
+    # fields added later are keyed only when they change the numbers (away from their default)
+    assert arm_key(a) == arm_key(make_config(TINY, {"precision": "fp32", "codistill.teacher_dtype": "auto"}))
+    assert arm_key(a) != arm_key(make_config(TINY, {"precision": "bf16"}))
+    assert arm_key(a) != arm_key(make_config(TINY, {"codistill.teacher_dtype": "bf16"}))
 
 
 def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):

@@ -2,15 +2,20 @@
 
 Layout under ``RUN_DIR/checkpoints/replica-R/``::
 
-    0000000200/model.safetensors   weights (written by the replica's first rank)
-    0000000200/trainer.pt          optimizer, LR schedule, step, teacher versions, counters
+    0000000200/state/              Distributed Checkpoint (torch.distributed.checkpoint): the
+                                   model, the optimizer and the teachers, each rank writing
+                                   its own shards (a tensor every rank holds whole: once)
+    0000000200/trainer.pt          LR schedule, step, teacher versions, counters (first rank)
     0000000200/worker-W.pt         each worker's data position and RNG state
     0000000200/manifest.json       sha256 of every file; written last
 
-Files are first written into a hidden staging folder, which the first rank renames to the
-step's name once every worker's file is in and the manifest is written: a checkpoint folder
-either is complete or does not exist. Loading verifies the checksums and falls back to the
-previous checkpoint if the newest is damaged.
+One format for every layout: a whole model (engine, DDP) and a sharded one (FSDP2) are both
+saved with the distributed state-dict APIs, so no rank gathers what it does not hold, and a
+checkpoint loads back into the layout that wrote it. Files are first written into a hidden
+staging folder, which the first rank renames to the step's name once every rank's files are
+in and the manifest is written: a checkpoint folder either is complete or does not exist.
+Loading verifies the checksums and falls back to the previous checkpoint if the newest is
+damaged.
 """
 
 from __future__ import annotations
@@ -22,18 +27,16 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 log = logging.getLogger(__name__)
 
-FORMAT = "codistill-checkpoint/1"
-_FILE = re.compile(r"model\.safetensors|trainer\.pt|worker-\d+\.pt|teacher-\d+\.safetensors")
+FORMAT = "codistill-checkpoint/2"
+_FILE = re.compile(r"trainer\.pt|worker-\d+\.pt|state/(\.metadata|__\d+_\d+\.distcp)")
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -54,7 +57,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _barrier(group: Any) -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and group is not None:
         dist.barrier(group=group)
 
 
@@ -64,26 +67,36 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _files(folder: str) -> list[str]:
+    """Every file under ``folder``, as relative paths with ``/``."""
+    out = []
+    for root, _, names in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in names]
+    return sorted(out)
+
+
+def _dcp(op: Any, state: dict[str, Any], group: Any, **kwargs: Any) -> Any:
+    """``dcp.save`` / ``dcp.load`` over the replica's group, or in this process alone."""
+    if dist.is_initialized() and group is not None:
+        return op(state, process_group=group, **kwargs)
+    with warnings.catch_warnings():  # one process on purpose: DCP's warning about it is noise
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return op(state, no_dist=True, **kwargs)
+
+
 def replica_dir(root: str, replica: int) -> str:
     return os.path.join(root, f"replica-{replica}")
 
 
-def save_checkpoint(
-    root: str,
-    replica: int,
-    step: int,
-    worker: int,
-    num_workers: int,
-    worker_state: dict[str, Any],
-    model_state: dict[str, torch.Tensor] | None = None,
-    trainer_state: dict[str, Any] | None = None,
-    teacher_states: dict[int, dict[str, torch.Tensor]] | None = None,
-    group: Any = None,
-    keep: int = 2,
-) -> str:
-    """Every rank of the replica calls this; the first rank (worker 0) passes the model,
-    trainer state and its teachers' weights (so a resume needs nothing from the exchange).
-    Returns the checkpoint folder."""
+def save_checkpoint(root: str, replica: int, step: int, worker: int, num_workers: int,
+                    worker_state: dict[str, Any], state: dict[str, Any],
+                    trainer_state: dict[str, Any] | None = None, group: Any = None, keep: int = 2) -> str:
+    """Every rank of the replica calls this with its worker state and the replica's
+    ``state`` (model, optimizer and teachers as the distributed state-dict APIs give them);
+    the first rank (worker 0) also passes the trainer state. Returns the checkpoint folder."""
+    import torch.distributed.checkpoint as dcp
+
     folder = replica_dir(root, replica)
     final = os.path.join(folder, f"{step:010d}")
     staging = os.path.join(folder, f".staging-{step:010d}")
@@ -92,22 +105,18 @@ def save_checkpoint(
         os.makedirs(staging)
     _barrier(group)
     _write_atomic(os.path.join(staging, f"worker-{worker}.pt"), _torch_bytes(worker_state))
+    _dcp(dcp.save, state, group, storage_writer=dcp.FileSystemWriter(os.path.join(staging, "state")))
     if worker == 0:
-        if model_state is None or trainer_state is None:
-            raise ValueError("the replica's first rank must pass model_state and trainer_state")
-        _write_atomic(os.path.join(staging, "model.safetensors"),
-                      st_save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}))
+        if trainer_state is None:
+            raise ValueError("the replica's first rank must pass trainer_state")
         _write_atomic(os.path.join(staging, "trainer.pt"), _torch_bytes(trainer_state))
-        for peer, state in (teacher_states or {}).items():
-            _write_atomic(os.path.join(staging, f"teacher-{peer}.safetensors"),
-                          st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
     _barrier(group)
     if worker == 0:
-        files = sorted(os.listdir(staging))
-        expected = {"model.safetensors", "trainer.pt"} | {f"worker-{w}.pt" for w in range(num_workers)}
-        expected |= {f"teacher-{p}.safetensors" for p in (teacher_states or {})}
-        if set(files) != expected:
-            raise RuntimeError(f"checkpoint {staging}: expected files {sorted(expected)}, found {files}")
+        files = _files(staging)
+        expected = {"trainer.pt", "state/.metadata"} | {f"worker-{w}.pt" for w in range(num_workers)}
+        missing = sorted(expected - set(files))
+        if missing:
+            raise RuntimeError(f"checkpoint {staging}: files {missing} are missing")
         sums = {}
         for name in files:
             with open(os.path.join(staging, name), "rb") as f:
@@ -115,6 +124,7 @@ def save_checkpoint(
         manifest = {"format": FORMAT, "replica": replica, "step": step, "workers": num_workers,
                     "sha256": sums}
         _write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
+        _fsync_dir(os.path.join(staging, "state"))
         _fsync_dir(staging)
         if os.path.exists(final):  # a checkpoint of this step from an earlier attempt
             shutil.rmtree(final)
@@ -134,22 +144,13 @@ def list_checkpoints(root: str, replica: int) -> list[int]:
     return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
-@dataclass
-class Checkpoint:
-    step: int
-    model_state: dict[str, torch.Tensor]
-    trainer_state: dict[str, Any]
-    worker_state: dict[str, Any]
-    teacher_states: dict[int, dict[str, torch.Tensor]]
-
-
 def _verify(folder: str, worker: int) -> str | None:
     """None if the checkpoint in ``folder`` is complete and intact, else the problem."""
     try:
         with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         if manifest.get("format") != FORMAT:
-            return "not a codistill checkpoint manifest"
+            return f"not a {FORMAT} manifest (written by another version of codistill?)"
         if f"worker-{worker}.pt" not in manifest["sha256"]:
             return (f"it was written by {manifest.get('workers')} workers per replica; "
                     f"worker {worker} has no state in it")
@@ -159,7 +160,7 @@ def _verify(folder: str, worker: int) -> str | None:
             with open(os.path.join(folder, name), "rb") as f:
                 if hashlib.sha256(f.read()).hexdigest() != digest:
                     return f"{name} fails its checksum"
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, AttributeError) as e:
         return str(e)
     return None
 
@@ -177,27 +178,22 @@ def valid_steps(root: str, replica: int, worker: int = 0) -> list[int]:
     return out
 
 
-def load_checkpoint(root: str, replica: int, step: int, worker: int) -> Checkpoint:
-    """Load one verified checkpoint for ``worker`` of ``replica``."""
-    folder = os.path.join(replica_dir(root, replica), f"{step:010d}")
-    problem = _verify(folder, worker)
-    if problem is not None:
-        raise ValueError(f"checkpoint {folder}: {problem}")
-    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-        model_state = st_load(f.read())
-    trainer_state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
-    worker_state = torch.load(os.path.join(folder, f"worker-{worker}.pt"), weights_only=True)
-    teachers = {}
-    for name in os.listdir(folder):
-        if name.startswith("teacher-") and name.endswith(".safetensors"):
-            with open(os.path.join(folder, name), "rb") as f:
-                teachers[int(name[len("teacher-") : -len(".safetensors")])] = st_load(f.read())
-    return Checkpoint(step, model_state, trainer_state, worker_state, teachers)
+def read_state(folder: str) -> dict[str, Any]:
+    """A checkpoint folder's ``state/`` as whole CPU tensors in one process (``model``,
+    ``optimizer``, ``teachers``): to inspect a checkpoint or take its weights elsewhere."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pt")
+        dcp_to_torch_save(os.path.join(folder, "state"), path)
+        return torch.load(path, weights_only=True)
 
 
 class Checkpointer:
     """Saves and restores one replica's full training state (every rank of the replica
-    calls :meth:`save` together; each restores its own worker state)."""
+    calls :meth:`save` and :meth:`restore` together)."""
 
     def __init__(self, root: str, replica: int, worker: int = 0, num_workers: int = 1,
                  group: Any = None, keep: int = 2, fingerprint: dict[str, Any] | None = None) -> None:
@@ -216,48 +212,64 @@ class Checkpointer:
         """Delete every checkpoint of this replica (a fresh start with --overwrite)."""
         shutil.rmtree(replica_dir(self.root, self.replica), ignore_errors=True)
 
+    @staticmethod
+    def _state(rep: Any) -> dict[str, Any]:
+        """Model, optimizer and teachers through the distributed state-dict APIs: whole or
+        sharded as they are laid out (tensors shared with the modules, so loading is in place)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from .parallel import model_state
+
+        return {"model": model_state(rep.model),
+                "optimizer": get_optimizer_state_dict(rep.model, rep.optimizer),
+                "teachers": {str(p): model_state(t.module) for p, t in rep.codistiller.teachers.items()
+                             if t.version is not None}}
+
     def save(self, step: int, rep: Any) -> str:
         """Write ``rep`` (a :class:`~codistill.replica.Replica`) as its checkpoint at ``step``."""
-        from .exchange import cpu_state
-
         worker_state = {"sampler": rep.sampler.state(), "torch_rng": rep.rng_state,
                         "generator": rep.generator.get_state()}
-        model_state = trainer_state = teachers = None
+        trainer_state = None
+        cd = rep.codistiller
         if self.worker == 0:
-            cd = rep.codistiller
             cd.exchange.flush()  # the version published at this step is readable before we record it
-            cd_state = cd.state_dict()
-            teachers = {p: t.pop("state") for p, t in cd_state["teachers"].items()}
-            model_state = cpu_state(rep.model)
-            trainer_state = {"step": step, "optimizer": rep.optimizer.state_dict(),
-                             "scheduler": rep.scheduler.state_dict(), "codistiller": cd_state,
-                             "fingerprint": self.fingerprint}
+            trainer_state = {"step": step, "scheduler": rep.scheduler.state_dict(),
+                             "codistiller": cd.state_dict(weights=False), "fingerprint": self.fingerprint}
             if rep.outer is not None:
                 trainer_state["outer"] = rep.outer.state_dict()
         return save_checkpoint(self.root, self.replica, step, self.worker, self.num_workers,
-                               worker_state, model_state, trainer_state, teachers, self.group, self.keep)
+                               worker_state, self._state(rep), trainer_state, self.group, self.keep)
 
     def restore(self, step: int, rep: Any) -> None:
         """Load the checkpoint at ``step`` into ``rep``; a changed setting is a ConfigError."""
-        from .config import ConfigError
-        from .exchange import unwrap
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        ck = load_checkpoint(self.root, self.replica, step, self.worker)
-        saved = ck.trainer_state.get("fingerprint", {})
+        from .config import ConfigError
+
+        folder = os.path.join(replica_dir(self.root, self.replica), f"{step:010d}")
+        problem = _verify(folder, self.worker)
+        if problem is not None:
+            raise ValueError(f"checkpoint {folder}: {problem}")
+        trainer = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
+        saved = trainer.get("fingerprint", {})
         changed = sorted(k for k, v in self.fingerprint.items() if k in saved and saved[k] != v)
         if changed:
             raise ConfigError(f"--resume: the checkpoint at step {step} was written with different "
                               f"{', '.join(changed)} ({', '.join(f'{k}={saved[k]}' for k in changed)}); "
                               "resume with the same settings or start a new run")
-        unwrap(rep.model).load_state_dict(ck.model_state)
-        rep.optimizer.load_state_dict(ck.trainer_state["optimizer"])
-        rep.scheduler.load_state_dict(ck.trainer_state["scheduler"])
-        cd_state = ck.trainer_state["codistiller"]
-        for peer, t in cd_state["teachers"].items():
-            t["state"] = ck.teacher_states[int(peer)]
-        rep.codistiller.load_state_dict(cd_state)
+        rep.codistiller.load_state_dict(trainer["codistiller"])  # builds the teachers (no weights yet)
+        state = self._state(rep)
+        _dcp(dcp.load, state, self.group, storage_reader=dcp.FileSystemReader(os.path.join(folder, "state")))
+        set_model_state_dict(rep.model, state["model"])
+        set_optimizer_state_dict(rep.model, rep.optimizer, state["optimizer"])
+        for peer, t in rep.codistiller.teachers.items():
+            if str(peer) in state["teachers"]:
+                set_model_state_dict(t.module, state["teachers"][str(peer)])
+        rep.scheduler.load_state_dict(trainer["scheduler"])
         if rep.outer is not None:
-            rep.outer.load_state_dict(ck.trainer_state["outer"])
-        rep.sampler.load_state(ck.worker_state["sampler"])
-        rep.rng_state = ck.worker_state["torch_rng"]
-        rep.generator.set_state(ck.worker_state["generator"])
+            rep.outer.load_state_dict(trainer["outer"])
+        worker = torch.load(os.path.join(folder, f"worker-{self.worker}.pt"), weights_only=True)
+        rep.sampler.load_state(worker["sampler"])
+        rep.rng_state = worker["torch_rng"]
+        rep.generator.set_state(worker["generator"])

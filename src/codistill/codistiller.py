@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .exchange import Exchange, Published, cpu_state, make_exchange, state_nbytes, unwrap
-from .exchange.base import Check, Header, header_nbytes, header_of
+from .exchange import BackgroundExchange, Exchange, Published, make_exchange, state_nbytes, unwrap
+from .exchange.base import Check, Header, HostBuffers, header_nbytes, header_of
 from .exchange.collective import share_teachers
 from .losses import DISTILL_KINDS, AlphaSchedule, distill_loss
+from .parallel import full_state, is_sharded
 from .teachers import Teacher, average_predictions
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class Codistiller:
     Args:
         model: this replica's model (may be DDP-wrapped).
         exchange: an :class:`Exchange` (for replicas in one process, one ``MemoryExchange``
-            passed to all of them), or a directory or URL.
+            passed to all of them), or a directory or URL (then written by a background
+            thread, off the training step: call :meth:`close` at the end).
         replica, num_replicas: this replica's index and N.
         exchange_every: K, steps between publishing and refreshing teachers.
         burn_in: B, α is 0 for steps < B.
@@ -59,6 +61,13 @@ class Codistiller:
         max_drift: asynchronous replicas: at an exchange, wait (at most ``drift_timeout``
             seconds) until every peer has published a version no more than this many steps
             behind this replica (0: never wait).
+        teacher_dtype: store and run teachers in this dtype (e.g. ``torch.bfloat16``);
+            published weights keep the model's dtype. None: as built.
+        teacher_layout: ``f(module) -> module`` lays a new teacher out over the replica's
+            ranks, e.g. :func:`codistill.parallel.shard_model` (FSDP2) so that each rank
+            holds a shard of every teacher. A model sharded that way (``model``) is published
+            by gathering one tensor at a time: then every rank calls :meth:`publish`,
+            :meth:`refresh` and :meth:`after_step` together.
     """
 
     def __init__(
@@ -81,6 +90,8 @@ class Codistiller:
         max_teacher_bytes: int | None = None,
         max_drift: int = 0,
         drift_timeout: float = 600.0,
+        teacher_dtype: torch.dtype | None = None,
+        teacher_layout: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -98,7 +109,9 @@ class Codistiller:
             raise ValueError("exchange='memory' cannot reach other Codistillers: create one "
                              "MemoryExchange() and pass it to every replica of this process")
         self.model = model
-        self.exchange = make_exchange(exchange)
+        # A location given by name is written by a background thread (publishing off the step).
+        self.exchange = BackgroundExchange(make_exchange(exchange)) if isinstance(exchange, str) \
+            else make_exchange(exchange)
         self.replica = replica
         self.num_replicas = num_replicas
         self.exchange_every = exchange_every
@@ -108,8 +121,9 @@ class Codistiller:
         self.model_spec = model_spec
         self.teacher_factory = teacher_factory or self._default_teacher_factory
         self._spec_teachers = teacher_factory is None  # teachers built from a manifest's (untrusted) spec
+        self.teacher_dtype, self.teacher_layout = teacher_dtype, teacher_layout
         if max_teacher_bytes is None:
-            max_teacher_bytes = 4 * state_nbytes(unwrap(model).state_dict())
+            max_teacher_bytes = 4 * _model_nbytes(model)
         self.max_teacher_bytes = max_teacher_bytes
         if self.exchange.max_bytes is None or self.exchange.max_bytes < max_teacher_bytes:
             self.exchange.limit(max_teacher_bytes)  # shared in-process exchanges take the largest
@@ -126,6 +140,8 @@ class Codistiller:
         self.sync_wait_s = 0.0  # time spent waiting for peers in lock-step mode
         self._publish_failures = 0
         self._rejected: set[tuple[int, int]] = set()  # (peer, step) versions that failed to load
+        self._pending: dict[int, Published] | None = None  # sharded teachers: chosen, loaded together
+        self._host = HostBuffers()  # reused host copies of the weights for a publish in flight
         self.last_exchange: int | None = None  # step of the last refresh
 
     # -- schedule ---------------------------------------------------------------------
@@ -166,13 +182,23 @@ class Codistiller:
             self.publish(step)
             self.refresh(step)
 
+    def close(self) -> None:
+        """Finish the write in flight and release the exchange (the end of training)."""
+        self.exchange.close()
+
     def publish(self, step: int) -> int:
         """Publish this replica's current weights as its version at ``step``; return the
         tensor bytes (0 on a rank that is not its replica's first). A failed write is a
         warning counted in :attr:`publish_failures`: the next exchange publishes again."""
-        if not self._leads():
+        if not self._leads() and not is_sharded(self.model):
             return 0
-        state = cpu_state(self.model)
+        if self.exchange.holds_state:  # a background writer: a copy, in buffers its last write freed
+            self.exchange.flush()
+            state = full_state(self.model, self._leads(), host=self._host)
+        else:  # the exchange reads the weights before it returns
+            state = full_state(self.model, self._leads(), copy=False)
+        if state is None:  # a sharded model is gathered by every rank; the first one publishes
+            return 0
         meta = {"replica": self.replica, "model": self.model_spec}
         try:
             self.exchange.publish(self.replica, step, state, meta)
@@ -192,6 +218,9 @@ class Codistiller:
         Returns ``{peer: loaded step}``; a peer with nothing valid keeps its old weights."""
         group = self._group()
         changed: dict[int, Published] | None = None
+        scatter = group is not None and self.teacher_layout is not None  # sharded teachers
+        if scatter and group[0]:
+            self._pending = {}  # the first rank chooses; every rank loads its shards below
         if group is None or group[0]:
             before = self.teacher_versions()
             if self.sync_timeout is not None and step is not None:
@@ -201,8 +230,11 @@ class Codistiller:
                     self._wait_for_drift(step)
                 self._load_newest()
             changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
-                       if v is not None and v != before[p]}
-        if group is not None:
+                       if v is not None and v != before[p]} if not scatter else self._pending
+            self._pending = None
+        if scatter:
+            self._load_sharded(changed, group)
+        elif group is not None:
             for published in share_teachers(changed, group[0], group[1], self.process_group,
                                             str(self._device())).values():
                 if not group[0]:
@@ -253,7 +285,7 @@ class Codistiller:
                                  f"{self.max_teacher_bytes}")
             teacher = self.teachers.get(peer)
             if teacher is not None:
-                expected: Header | None = header_of(teacher.module.state_dict())
+                expected: Header | None = teacher.header
             elif self._spec_teachers:
                 expected = self._skeleton_header(meta)
             else:
@@ -322,18 +354,45 @@ class Codistiller:
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # a diverged peer: keep distilling from its last finite version
             raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
-        if teacher is None:
-            try:
-                with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG
-                    module = self.teacher_factory(published.replica, published.meta)
-            except (TypeError, ValueError, KeyError) as e:
-                raise ValueError(f"cannot build a teacher from its manifest: {e}") from e
-            teacher = Teacher(published.replica, module)
-            self.teachers[published.replica] = teacher
+        teacher = self._teacher(published.replica, published.meta)
+        if self._pending is not None:  # sharded teachers: loaded on every rank in _load_sharded
+            self._pending[published.replica] = published
+            return
         teacher.load(published)
         if count:
             self.bytes_read += state_nbytes(published.state)
         log.debug("replica %d loaded peer %d at step %d", self.replica, published.replica, published.step)
+
+    def _teacher(self, peer: int, meta: dict[str, Any]) -> Teacher:
+        """``peer``'s teacher, built on first use: the factory's module, cast to
+        ``teacher_dtype`` and laid out by ``teacher_layout``."""
+        teacher = self.teachers.get(peer)
+        if teacher is not None:
+            return teacher
+        try:
+            with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG
+                module = self.teacher_factory(peer, meta)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot build a teacher from its manifest: {e}") from e
+        header = header_of(module.state_dict())  # as the peer publishes it
+        if self.teacher_dtype is not None:
+            module = module.to(self.teacher_dtype)
+        if self.teacher_layout is not None:
+            module = self.teacher_layout(module)
+        teacher = self.teachers[peer] = Teacher(peer, module, header)
+        return teacher
+
+    def _load_sharded(self, chosen: dict[int, Published] | None, group: tuple[bool, int]) -> None:
+        """Every rank of the replica: load the versions the first rank ``chose`` into the
+        sharded teachers, one tensor at a time (each rank keeps its shards)."""
+        leads, src = group
+        box: list[Any] = [{p: (v.step, v.meta, v.ident) for p, v in (chosen or {}).items()}]
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        for peer, (step, meta, ident) in sorted(box[0].items()):
+            published = (chosen or {}).get(peer) or Published(peer, step, {}, meta, ident=ident)
+            self._teacher(peer, meta).load(published, src, self.process_group)
+            if leads:
+                self.bytes_read += state_nbytes(published.state)
 
     def _leads(self) -> bool:
         group = self._group()
@@ -366,20 +425,29 @@ class Codistiller:
         return {p: (t.staleness(step) if (t := self.teachers.get(p)) else None) for p in self.peers}
 
     # -- state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The teachers (version, manifest meta, weights) and counters, for a checkpoint."""
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
+        """The teachers (version, manifest meta and, with ``weights``, whole weights; sharded
+        teachers are gathered: every rank calls this then) and counters, for a checkpoint."""
+        loaded = {p: t for p, t in self.teachers.items() if t.version is not None}
         return {
             "teachers": {p: {"version": t.version, "meta": t.meta, "ident": t.ident,
-                             "state": cpu_state(t.module)}
-                         for p, t in self.teachers.items() if t.version is not None},
+                             **({"state": full_state(t.module)} if weights else {})}
+                         for p, t in loaded.items()},
             "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
             "sync_wait_s": self.sync_wait_s, "last_exchange": self.last_exchange,
             "publish_failures": self._publish_failures,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`: the same teachers, so ψ continues where it was."""
+        """Restore :meth:`state_dict`: the same teachers, so ψ continues where it was. A
+        state without weights builds the teachers and records their versions; the caller
+        then loads their weights (as :class:`~codistill.checkpoint.Checkpointer` does)."""
         for peer, t in state["teachers"].items():
+            if "state" not in t:
+                teacher = self._teacher(int(peer), t.get("meta", {}))
+                teacher.version, teacher.meta = t["version"], t.get("meta", {})
+                teacher.ident = t.get("ident", "")
+                continue
             self._load(Published(int(peer), t["version"], t["state"], t.get("meta", {}),
                                  ident=t.get("ident", "")), count=False)
         self.bytes_published = state["bytes_published"]
@@ -400,3 +468,8 @@ class Codistiller:
         from .models import build_model
 
         return build_model(spec)
+
+
+def _model_nbytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s whole weights (a sharded model's global shapes)."""
+    return sum(v.numel() * v.element_size() for v in unwrap(model).state_dict().values())

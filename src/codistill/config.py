@@ -69,6 +69,10 @@ class CodistillConfig:
     # A peer's published weights may be at most this multiple of the largest model the run
     # declares (checked before they are read: the exchange is untrusted input).
     max_teacher_size: float = setting(4.0, ge=1)
+    # dtype teachers are stored and run in (auto: the run's precision); published weights keep theirs
+    teacher_dtype: str = setting("auto", choices=("auto", "fp32", "bf16"))
+    # under parallel: fsdp, shard each teacher across the replica's ranks like the student
+    shard_teachers: bool = True
 
 
 @dataclass
@@ -122,6 +126,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     backend: str = setting("auto", choices=("auto", "gloo", "nccl"))  # auto: nccl on CUDA, else gloo
     dist_timeout: float = setting(1800.0, gt=0)  # seconds before a stalled collective fails the run
+    parallel: str = setting("ddp", choices=("ddp", "fsdp"))  # a replica's layout over its W ranks
+    precision: str = setting("fp32", choices=("fp32", "bf16"))  # bf16: the student's forward under autocast
 
     def replica_model(self, replica: int) -> dict[str, Any]:
         """The model spec of ``replica``: ``model`` with that replica's overrides."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .exchange import make_exchange, state_nbytes
 from .loop import Loop, make_checkpointer, set_threads
 from .replica import build_replica
@@ -30,6 +30,9 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     ``stop_at`` checkpoints and stops there; ``task``: the loaded data of ``cfg`` (e.g. shared
     by a study's runs), else loaded here. Returns the summary (with the final evaluation).
     """
+    if cfg.parallel == "fsdp":
+        raise ConfigError("parallel: fsdp shards each replica across torchrun ranks; the one-process "
+                          "engine trains whole models (run under torchrun, or set parallel: ddp)")
     set_threads(cfg)
     if task is None:
         task = build_task(cfg)  # before anything is written: a bad data path leaves no debris

@@ -26,6 +26,7 @@ from .config import ConfigError, RunConfig
 from .exchange import BackgroundExchange, Exchange, MemoryExchange, make_exchange
 from .exchange.collective import CollectiveExchange
 from .loop import Loop, make_checkpointer, set_threads
+from .parallel import layout
 from .replica import build_replica
 from .rundir import RunDir
 from .tasks import build_task
@@ -49,15 +50,6 @@ def _exchange(cfg: RunConfig, topo: Topology, groups: Groups, device: str) -> Ex
         return MemoryExchange(keep=cfg.codistill.keep)
     exchange = make_exchange(spec, keep=cfg.codistill.keep)
     return BackgroundExchange(exchange) if topo.is_leader else exchange
-
-
-def _wrap(topo: Topology, groups: Groups, device: str) -> Any:
-    if topo.workers == 1:
-        return None
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return lambda m: DDP(m, device_ids=ids, process_group=groups.replica)
 
 
 def _resume_step(loop: Loop, topo: Topology, groups: Groups) -> int | None:
@@ -127,11 +119,12 @@ def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, dev
     exchange = _exchange(cfg, topo, groups, device)
     in_group = groups.replica if topo.workers > 1 else None
     rep = build_replica(cfg, task, topo.replica, exchange, cfg.batch_size, topo.worker, topo.workers,
-                        _wrap(topo, groups, device), in_group)
+                        layout(cfg.parallel, groups.replica, device), in_group)
     ck = make_checkpointer(cfg, out_dir, rep, topo.worker, topo.workers, groups.replica)
     rundir = RunDir(out_dir, f"-replica{topo.replica}") if topo.is_leader else None
     loop = Loop(cfg, task, [rep], [ck], rundir, device, leader=topo.is_leader,
-                progress=progress and topo.replica == 0, desc=f"{cfg.name} replica {topo.replica}")
+                progress=progress and topo.replica == 0, desc=f"{cfg.name} replica {topo.replica}",
+                worker=topo.worker, workers=topo.workers, group=groups.replica)
     restored = _resume_step(loop, topo, groups) if resume else None
     if resume and restored is None:
         log.warning("replica %d: --resume found no valid checkpoint; starting afresh, replacing "
@@ -191,9 +184,10 @@ def run_distributed(
     device = _device(cfg, local_rank)
     timeout = timedelta(seconds=cfg.dist_timeout)
     own_pg = False
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or cfg.parallel == "fsdp") and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, world))
+        alone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group(backend, timeout=timeout, **(_restart_store(rank, world) or alone))
         own_pg = True
     try:
         groups = make_groups(topo, timeout)

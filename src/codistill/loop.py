@@ -15,13 +15,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .averaging import outer_sync
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .exchange import unwrap
 from .metrics import evaluate_models
+from .parallel import full_state
 from .replica import Replica, replica_step
 from .rundir import RunDir
 from .tasks import Task
@@ -37,18 +37,24 @@ class Diverged(RuntimeError):
 class Loop:
     """Trains ``replicas`` (this process's) from a start step to an end step.
 
-    ``leader``: this process is the first rank of its replica(s): it evaluates and writes
-    metrics into ``rundir``. Every process checkpoints (each rank its own worker state).
+    ``leader``: this process is the first rank of its replica(s): it writes metrics into
+    ``rundir``. Every process checkpoints (each rank its own worker state) and evaluates its
+    share of the validation batches (``worker`` of ``workers`` ranks in the replica's
+    ``group``; the metrics are reduced over the group).
     """
 
     def __init__(self, cfg: RunConfig, task: Task, replicas: list[Replica],
                  checkpointers: list[Checkpointer], rundir: RunDir | None, device: str,
-                 leader: bool = True, progress: bool = True, desc: str | None = None) -> None:
+                 leader: bool = True, progress: bool = True, desc: str | None = None,
+                 worker: int = 0, workers: int = 1, group: Any = None) -> None:
         self.cfg, self.task, self.replicas, self.checkpointers = cfg, task, replicas, checkpointers
         self.rundir, self.device, self.leader = rundir, device, leader
         self.progress, self.desc = progress, desc or cfg.name
-        self.batches = (task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, device)
-                        if leader else [])
+        self.group = group if workers > 1 else None
+        every = task.val_batches(cfg.eval.batch_size, cfg.eval.max_batches, device)
+        self.batches = every[worker::workers]
+        # every rank runs as many forward passes (a sharded model's forward is a collective)
+        self.uncounted = every[:1] * (-(-len(every) // workers) - len(self.batches))
         self.final: dict[str, Any] | None = None
         self.bytes_averaged = 0  # per replica: pseudo-gradients sent for weight averaging
         self.first_loss: dict[int, float] = {}  # per replica: task loss of the first step run here
@@ -83,7 +89,11 @@ class Loop:
         return time.perf_counter() - t0 if due else 0.0
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        res = evaluate_models([unwrap(r.model) for r in self.replicas], self.batches, self.task.output)
+        res = evaluate_models([unwrap(r.model) for r in self.replicas], self.batches, self.task.output,
+                              self.group, self.uncounted)
+        self.final = res
+        if not self.leader:
+            return res
         assert self.rundir is not None
         for rep, metrics in zip(self.replicas, res["models"]):
             self.rundir.write({"step": step, "kind": "eval", "replica": rep.index, **metrics,
@@ -93,7 +103,6 @@ class Loop:
             self.rundir.write({"step": step, "kind": "ensemble", "replica": "ensemble", **ens,
                                **self.task.derived_metrics(ens)})
             self.rundir.write({"step": step, "kind": "churn", "replica": "pairs", **res["churn"]})
-        self.final = res
         return res
 
     def _means(self, acc: dict[str, Any], n: int) -> dict[str, float]:
@@ -138,13 +147,13 @@ class Loop:
         """Train from step ``start`` to ``end``; return a summary (``worker``: this rank's
         index inside its replica, recorded in it)."""
         cfg = self.cfg
-        if self.leader and start == 0:
+        if start == 0:
             self.evaluate(0)
         acc: dict[int, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
         nacc = 0
         t_start = time.perf_counter()
-        bar = tqdm(range(start, end), desc=self.desc, initial=start, total=end,
-                   disable=not (self.progress and self.leader), dynamic_ncols=True)
+        bar = _progress(range(start, end), desc=self.desc, initial=start, total=end,
+                        disable=not (self.progress and self.leader), dynamic_ncols=True)
         for step in bar:
             for rep in self.replicas:
                 out = replica_step(rep, self.task, rep.next_batch(self.task, self.device), step,
@@ -177,7 +186,7 @@ class Loop:
             if done % cfg.log_every == 0 or done == end:
                 acc.clear()
                 nacc = 0
-            if self.leader and (done % cfg.eval.every == 0 or done == cfg.steps):
+            if done % cfg.eval.every == 0 or done == cfg.steps:
                 res = self.evaluate(done)
                 bar.set_postfix(val=" ".join(f"{m['loss']:.3f}" for m in res["models"]))
             # Last: a checkpoint at this step holds every row written up to it.
@@ -198,12 +207,39 @@ class Loop:
             "publish_failures": {r.index: r.codistiller.publish_failures for r in self.replicas},
             "final": self.final, "worker": worker,
         }
+        if end == cfg.steps:  # a sharded model is gathered by every rank, one tensor at a time
+            states = [full_state(r.model, keep=self.leader) for r in self.replicas]
         if self.leader and self.rundir is not None:
             if end == cfg.steps:
-                summary["weights"] = [self.rundir.save_weights(r.index, r.model, r.spec)
-                                      for r in self.replicas]
+                summary["weights"] = [self.rundir.save_weights(r.index, state, r.spec)
+                                      for r, state in zip(self.replicas, states)]
             self.rundir.write_summary(summary)
         return summary
+
+
+class _Quiet:
+    """A progress bar that shows nothing (no tqdm, or progress off)."""
+
+    def __init__(self, steps: range, **_: Any) -> None:
+        self.steps = steps
+
+    def __iter__(self) -> Any:
+        return iter(self.steps)
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(steps: range, disable: bool, **kwargs: Any) -> Any:
+    """A tqdm bar over ``steps`` (the ``cli`` extra), or a silent one when off."""
+    if disable:
+        return _Quiet(steps)
+    from ._extras import require
+
+    return require("tqdm", "the progress bar (or pass progress=False)").tqdm(steps, **kwargs)
 
 
 def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, worker: int = 0, workers: int = 1,

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._extras import require
@@ -60,7 +61,8 @@ def _pairs_churn(probs: list[torch.Tensor], binary: bool) -> tuple[float, float]
 
 @torch.no_grad()
 def evaluate_models(
-    models: list[nn.Module], batches: Iterable[tuple[Any, torch.Tensor]], output: str = "categorical"
+    models: list[nn.Module], batches: Iterable[tuple[Any, torch.Tensor]], output: str = "categorical",
+    group: Any = None, uncounted: Sequence[tuple[Any, torch.Tensor]] = (),
 ) -> dict[str, Any]:
     """Validation metrics of each model, of their ensemble, and churn between them.
 
@@ -73,6 +75,10 @@ def evaluate_models(
 
     Returns ``{"models": [metrics per model], "count": N}`` and, for several models,
     ``"ensemble"`` (its metrics) and ``"churn"`` (``churn_prob``, ``churn_top1``).
+
+    ``group``: the ranks of one replica each evaluate their share of the batches and every
+    rank gets the metrics of the whole set. ``uncounted``: batches run but not counted, so
+    that every rank of a sharded model runs as many forward passes as the others.
     """
     if output not in ("categorical", "binary"):
         raise ValueError(f"output must be 'categorical' or 'binary', got {output!r}")
@@ -107,8 +113,22 @@ def evaluate_models(
             b_tv, b_top1 = _pairs_churn(probs, binary)
             tv, top1 = tv + b_tv, top1 + b_top1
         count += t.numel()
+    for inputs, _ in uncounted:
+        for m in models:
+            call_model(m, inputs)
     for m, w in zip(models, was_training):
         m.train(w)
+    if group is not None:
+        if binary:
+            parts: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, ([torch.cat(p) if p else torch.empty(0) for p in probs_all],
+                                           torch.cat(labels) if labels else torch.empty(0)), group=group)
+            probs_all = [[part[0][i] for part in parts] for i in range(n)]
+            labels = [part[1] for part in parts]
+        sums = torch.tensor([*nll, *correct, ens_nll, ens_correct, count, tv, top1], dtype=torch.float64)
+        dist.all_reduce(sums, group=group)
+        *nll, ens_nll, ens_correct, count, tv, top1 = sums.tolist()
+        nll, correct, count = nll[:n], [int(c) for c in nll[n:]], int(count)
     if count == 0:
         raise ValueError("evaluation got no batches")
     out: dict[str, Any] = {"count": count}

@@ -20,6 +20,7 @@ from .config import RunConfig
 from .data import ShardSampler, shard_indices
 from .exchange import Exchange, state_nbytes
 from .losses import task_and_distill_loss, uniform_loss
+from .parallel import DTYPES, autocast
 from .tasks import Batch, Task
 from .teachers import call_model
 
@@ -36,6 +37,7 @@ class Replica:
     generator: torch.Generator  # data randomness (augmentation)
     rng_state: torch.Tensor = field(repr=False)  # torch's CPU RNG (dropout) while it is not stepping
     outer: OuterSync | None = None  # weight averaging across replicas (local SGD / DiLoCo)
+    precision: str = "fp32"  # bf16: the student's forward and φ + ψ under autocast
 
     def next_batch(self, task: Task, device: str) -> Batch:
         return task.train_batch(self.sampler.next_batch(), self.generator, device)
@@ -96,8 +98,10 @@ def build_replica(
 
     ``batch_size`` is the batch one process draws per step (W×b in the engine, b per worker
     in the distributed path, where ``worker``/``num_workers`` pick this rank's slice).
-    ``wrap`` (e.g. a DDP constructor) wraps the model after it is built; ``process_group``
-    (the replica's group) lets its first rank hand the teachers to the other ranks;
+    ``wrap`` lays the model out over the replica's ranks after it is built (DDP or FSDP2,
+    :func:`codistill.parallel.layout`); ``process_group`` (the replica's group) lets its first
+    rank hand the teachers to the other ranks (under FSDP2, with ``codistill.shard_teachers``,
+    each rank keeps a shard of every teacher);
     ``fixed_teachers``: peers numbered from ``cfg.replicas`` that are a finished run's models
     (``codistill.teachers_from``), built from the spec saved with their weights, the largest
     of ``fixed_teacher_bytes``.
@@ -132,11 +136,13 @@ def build_replica(
         sync_timeout=c.sync_timeout if c.sync else None,
         max_drift=c.max_drift, drift_timeout=c.sync_timeout,
         max_teacher_bytes=int(c.max_teacher_size * max(largest_model_bytes(cfg, task), fixed_teacher_bytes)),
+        teacher_dtype=DTYPES[cfg.precision if c.teacher_dtype == "auto" else c.teacher_dtype],
+        teacher_layout=wrap if cfg.parallel == "fsdp" and c.shard_teachers and wrap is not None else None,
     )
     rng = torch.Generator().manual_seed(stream).get_state()
     outer = OuterSync(model, cfg.outer.lr, cfg.outer.momentum) if cfg.outer.every else None
     return Replica(replica, model, optimizer, scheduler, sampler, cd, spec,
-                   torch.Generator().manual_seed(stream + 7), rng, outer)
+                   torch.Generator().manual_seed(stream + 7), rng, outer, cfg.precision)
 
 
 def _fused(task: Task, cd: Codistiller, label_smoothing: float) -> bool:
@@ -156,19 +162,20 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     x, y = batch
     torch.set_rng_state(rep.rng_state)
     rep.model.train()
-    outputs = call_model(rep.model, x)
     cd = rep.codistiller
     alpha = cd.alpha(step)
-    target = cd.distill_target(x, step) if _fused(task, cd, label_smoothing) else None
-    if target is not None:  # φ and ψ share one softmax of the student's outputs
-        phi, psi = task_and_distill_loss(outputs, y, target[1], cd.distill)
-        term = target[0] * psi
-    else:
-        phi = task.loss(outputs, y)
-        if label_smoothing > 0:
-            phi = (1 - label_smoothing) * phi + label_smoothing * uniform_loss(outputs, task.output)
-        term = cd.distill_loss(x, outputs, step)
-    loss = phi + term
+    with autocast(str(x.device) if torch.is_tensor(x) else "cpu", rep.precision):
+        outputs = call_model(rep.model, x)
+        target = cd.distill_target(x, step) if _fused(task, cd, label_smoothing) else None
+        if target is not None:  # φ and ψ share one softmax of the student's outputs
+            phi, psi = task_and_distill_loss(outputs, y, target[1], cd.distill)
+            term = target[0] * psi
+        else:
+            phi = task.loss(outputs, y)
+            if label_smoothing > 0:
+                phi = (1 - label_smoothing) * phi + label_smoothing * uniform_loss(outputs, task.output)
+            term = cd.distill_loss(x, outputs, step)
+        loss = phi + term
     rep.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     skipped = 0.0

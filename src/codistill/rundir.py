@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import Checkpointer
 from .config import RunConfig, dump_config
-from .exchange import Exchange, cpu_state
+from .exchange import Exchange
 from .metrics import MetricsWriter, RunDirError
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,13 @@ class RunDir:
         assert self.writer is not None, "RunDir.open() first"
         self.writer.write(row)
 
-    def save_weights(self, replica: int, model: Any, spec: dict[str, Any]) -> str:
-        """Final weights of ``replica`` with its model spec in the file's metadata."""
+    def save_weights(self, replica: int, state: dict[str, Any], spec: dict[str, Any]) -> str:
+        """Final weights of ``replica`` (a whole CPU state) with its model spec in the file's
+        metadata."""
         folder = os.path.join(self.path, f"replica-{replica}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "model.safetensors")
-        save_file(cpu_state(model), path, metadata={"model": json.dumps(spec)})
+        save_file(state, path, metadata={"model": json.dumps(spec)})
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> str:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .exchange import Published
+from .exchange.base import Header, header_of
 from .losses import predict_probs
+from .parallel import is_sharded, load_full_state
 
 
 def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -50,19 +52,29 @@ def load_run_teachers(run_dir: str, first: int) -> list[Published]:
 
 
 class Teacher:
-    """A frozen copy of one peer, loaded in place from that peer's published weights."""
+    """A frozen copy of one peer, loaded in place from that peer's published weights.
 
-    def __init__(self, peer: int, module: nn.Module) -> None:
+    ``module`` may be cast (``teacher_dtype``) or sharded across the replica's ranks;
+    ``header`` then names the weights as the peer publishes them (default: ``module``'s)."""
+
+    def __init__(self, peer: int, module: nn.Module, header: Header | None = None) -> None:
         self.peer = peer
         self.module = freeze(module)
+        self.header = header if header is not None else header_of(module.state_dict())
+        self.sharded = is_sharded(module)
         self.version: int | None = None  # step at which the loaded weights were published
         self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec)
         self.ident = ""  # the loaded version's ident (see Published.ident)
 
-    def load(self, published: Published) -> None:
-        """Copy ``published`` weights into the preallocated module (no rebuild)."""
+    def load(self, published: Published, src: int | None = None, group: Any = None) -> None:
+        """Copy ``published`` weights into the preallocated module (no rebuild), cast to its
+        dtype. A sharded teacher: every rank of the replica calls this together, the weights
+        given on global rank ``src`` of ``group`` (an empty state elsewhere)."""
         try:
-            self.module.load_state_dict(published.state, strict=True)
+            if self.sharded:
+                load_full_state(self.module, published.state or None, src, group)
+            else:
+                self.module.load_state_dict(published.state, strict=True)
         except RuntimeError as e:
             raise ValueError(
                 f"published weights of replica {published.replica} at step {published.step} "
@@ -86,7 +98,14 @@ class Teacher:
 
     @torch.no_grad()
     def predict(self, inputs: Any, kind: str, temperature: float = 1.0) -> torch.Tensor:
-        return predict_probs(call_model(self.module, inputs).float(), kind, temperature)
+        """The teacher's predicted probabilities (in fp32), its forward run in its own dtype
+        (whatever autocast the student's step is under)."""
+        param = next(iter(self.module.parameters()), None)
+        device = param.device.type if param is not None else "cpu"
+        bf16 = param is not None and param.dtype == torch.bfloat16
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = call_model(self.module, inputs)
+        return predict_probs(out.float(), kind, temperature)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import Check, Exchange, Published, state_nbytes
+from .base import Check, Exchange, Published, ready, state_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 class BackgroundExchange(Exchange):
     """Wraps an exchange so that ``publish`` returns at once and the write runs on a thread.
 
-    The caller hands over a CPU snapshot of the weights that it will not modify (as
-    :func:`cpu_state` makes). At most one write is in flight:
+    The caller hands over a host copy of the weights that it will not modify until the next
+    publish (:class:`~codistill.exchange.base.HostBuffers`; device copies may still be landing:
+    the writer waits for them). At most one write is in flight:
     a new publish first waits for the previous one, so versions land in order. A write that
     fails with an ``OSError`` (full disk, unreachable store) is a warning and counts in
     ``publish_failures``; training goes on and the next publish is the retry.
     """
+
+    holds_state = True
 
     def __init__(self, inner: Exchange) -> None:
         self.inner = inner
@@ -35,7 +38,7 @@ class BackgroundExchange(Exchange):
     def _write(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict) -> int:
         t0 = time.perf_counter()
         try:
-            n = self.inner.publish(replica, step, state, meta)
+            n = self.inner.publish(replica, step, ready(state), meta)
         except OSError as e:
             self.publish_failures += 1
             log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",

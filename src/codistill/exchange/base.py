@@ -65,8 +65,61 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
+class HostBuffers:
+    """Host copies of a model's weights for a publish in flight, allocated once and reused
+    (pinned when the weights live on an accelerator, so the copies are non-blocking).
+    :meth:`put` fills one tensor; :meth:`state` returns them as a :class:`Staged` state."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._copies: dict[str, torch.Tensor] = {}
+        self._async = False
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
+            pin = value.device.type == "cuda"
+            buf = self.buffers[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=pin)
+        buf.copy_(value, non_blocking=value.device.type == "cuda")
+        self._async |= value.device.type == "cuda"
+        self._copies[name] = buf
+
+    def state(self) -> Staged:
+        event = None
+        if self._async:
+            event = torch.cuda.Event()
+            event.record()
+        out, self._copies, self._async = Staged(self._copies, event), {}, False
+        return out
+
+
+class Staged(dict):
+    """A state whose device-to-host copies may still be running: :meth:`ready` waits."""
+
+    def __init__(self, state: dict[str, torch.Tensor], event: Any = None) -> None:
+        super().__init__(state)
+        self.event = event
+
+    def ready(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+def ready(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` once its copies have landed (see :class:`Staged`)."""
+    if isinstance(state, Staged):
+        state.ready()
+    return state
+
+
 class Exchange(ABC):
-    """Where replicas publish their weights and read their peers'."""
+    """Where replicas publish their weights and read their peers'.
+
+    ``holds_state``: ``publish`` returns before it has read the tensors it was given (a
+    background writer), so the caller must hand over a copy it will not modify."""
+
+    holds_state = False
 
     durable = True  # versions outlive the process (a resumed replica republishes a lost one)
     wait_seconds = 0.0  # time the training thread spent waiting for writes

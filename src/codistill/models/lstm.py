@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -31,8 +33,20 @@ class LSTMLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.lstm(self.drop(self.embed(x)))
+        e = self.drop(self.embed(x))
+        if e.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not _cpu_bf16():
+            # oneDNN has no bf16 LSTM on CPUs without bf16 instructions: the recurrence runs
+            # in its weights' dtype, the rest of the model under autocast.
+            with torch.autocast("cpu", enabled=False):
+                h, _ = self.lstm(e.to(self.lstm.weight_ih_l0.dtype))
+        else:
+            h, _ = self.lstm(e)
         h = self.drop(h)
         if self.proj is not None:
             h = self.proj(h)
         return self.head(h)
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -29,8 +29,12 @@ from ..tasks import Task, build_task
 log = logging.getLogger(__name__)
 
 TUNE_SEED = 1000  # the seed tuning runs use; no reported figure uses it
-GUARDS = ("on_nonfinite", "diverge_factor")
+GUARDS = ("on_nonfinite", "diverge_factor", "dist_timeout")
 CODISTILL_GUARDS = ("max_teacher_size", "max_drift")  # the engine's replicas never drift
+# Fields added after studies were run, left out of the key while they hold their defaults
+# (which give the numbers the earlier code gave), so finished arms keep their keys.
+LATER = {"parallel": "ddp", "precision": "fp32"}
+CODISTILL_LATER = {"teacher_dtype": "auto", "shard_teachers": True}
 
 
 def arm_key(cfg: RunConfig) -> str:
@@ -40,6 +44,10 @@ def arm_key(cfg: RunConfig) -> str:
         values.pop(k, None)
     for k in CODISTILL_GUARDS:
         values["codistill"].pop(k, None)
+    for section, later in ((values, LATER), (values["codistill"], CODISTILL_LATER)):
+        for k, default in later.items():
+            if section.get(k) == default:
+                section.pop(k)
     blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

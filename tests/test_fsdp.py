@@ -1,0 +1,130 @@
+"""Sharded replicas (FSDP2) and mixed precision, with real processes on gloo.
+
+A replica sharded across its ranks publishes whole weights (gathered one tensor at a time),
+loads sharded teachers, evaluates on every rank, and checkpoints through Distributed
+Checkpoint; these tests check each of those against the whole-model (DDP) path.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from test_distributed import (
+    CONFIG,
+    SYNC,
+    _assert_same_weights,
+    _by_step,
+    _checkpoints,
+    _codistill,
+    _exchange_versions,
+    _max_diff,
+    _rows,
+    _run,
+    _summary,
+    _torchrun,
+    _weights,
+)
+
+from codistill.checkpoint import read_state
+
+FSDP = ["--set", "parallel=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def cfg_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fsdp-config") / "dist.yaml"
+    cfg: dict[str, Any] = copy.deepcopy(CONFIG)
+    cfg["eval"] = {"every": 20, "batch_size": 16, "max_batches": 3}  # 3 batches over 2 ranks: uneven
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _launch(cfg: Path, run: Path, nproc: int, log: Path, name: str, *args: str) -> None:
+    _run([*_torchrun(nproc), *_codistill(cfg, run, "--exchange", str(run / "exchange"), *SYNC, *args)],
+         log, name)
+
+
+@pytest.fixture(scope="module")
+def runs(cfg_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """2 replicas x 2 ranks: FSDP2 uninterrupted, FSDP2 stopped at 20 and resumed, DDP."""
+    root = tmp_path_factory.mktemp("fsdp-runs")
+    out = {name: root / name for name in ("fsdp", "resumed", "ddp")}
+    _launch(cfg_path, out["fsdp"], 4, root, "fsdp", *FSDP)
+    _launch(cfg_path, out["resumed"], 4, root, "stop", *FSDP, "--stop-at", "20")
+    _launch(cfg_path, out["resumed"], 4, root, "resume", *FSDP, "--resume")
+    _launch(cfg_path, out["ddp"], 4, root, "ddp")
+    return out
+
+
+def test_fsdp_replicas_train_publish_and_refresh(runs: dict[str, Path]) -> None:
+    run = runs["fsdp"]
+    for r in (0, 1):
+        train = _by_step(_rows(run, r), "train", r)
+        assert train[40]["task_loss"] < train[1]["task_loss"] - 0.3, "an FSDP replica did not learn"
+        assert train[40]["teacher_versions"] == {str(1 - r): 40}  # sync: the peer's latest version
+        # the exchange holds whole models, gathered from the shards
+        assert _exchange_versions(run / "exchange", r) == [30, 35, 40]
+        published = _weights(run, r)
+        assert published["embed.weight"].shape[0] == 256  # whole, not one rank's half
+        evals = _by_step(_rows(run, r), "eval", r)
+        assert sorted(evals) == [0, 20, 40] and evals[40]["loss"] < evals[0]["loss"]
+
+
+def test_fsdp_matches_ddp(runs: dict[str, Path]) -> None:
+    """Same seeds, same batches: sharding changes where the weights live, not the numbers."""
+    for r in (0, 1):
+        fsdp, ddp = _rows(runs["fsdp"], r), _rows(runs["ddp"], r)
+        for step in (1, 10, 20, 40):
+            a, b = _by_step(fsdp, "train", r)[step], _by_step(ddp, "train", r)[step]
+            assert a["task_loss"] == pytest.approx(b["task_loss"], abs=1e-4), (r, step)
+            assert a["distill_loss"] == pytest.approx(b["distill_loss"], abs=1e-4), (r, step)
+        # evaluation on both ranks (3 batches split 2 + 1, reduced) equals DDP's
+        for step in (0, 20, 40):
+            a, b = _by_step(fsdp, "eval", r)[step], _by_step(ddp, "eval", r)[step]
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), (r, step)
+        assert _max_diff(_weights(runs["fsdp"], r), _weights(runs["ddp"], r)) < 1e-3
+
+
+def test_fsdp_checkpoint_and_resume_equal_an_uninterrupted_run(runs: dict[str, Path]) -> None:
+    run = runs["resumed"]
+    for r in (0, 1):
+        assert (_summary(run, r)["start"], _summary(run, r)["end"]) == (20, 40)
+        assert _checkpoints(run, r) == [30, 40]
+        _assert_same_weights(_weights(run, r), _weights(runs["fsdp"], r), f"replica {r}: resumed vs whole")
+        # DCP: each rank wrote its shards; the optimizer's moments of every rank are in it
+        folder = run / "checkpoints" / f"replica-{r}" / f"{40:010d}"
+        assert sorted(p.name for p in (folder / "state").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                        "__1_0.distcp"]
+        state = read_state(str(folder))
+        final = _weights(run, r)
+        assert all(torch.equal(state["model"][k], final[k]) for k in final)
+        assert state["teachers"][str(1 - r)]["embed.weight"].shape == final["embed.weight"].shape
+        exp_avg = state["optimizer"]["state"]["embed.weight"]["exp_avg"]
+        assert exp_avg.shape == final["embed.weight"].shape and exp_avg.abs().sum() > 0
+
+
+def test_one_rank_fsdp_matches_ddp(cfg_path: Path, tmp_path: Path) -> None:
+    """W = 1: FSDP2 over a replica of one rank gives DDP's (plain) numbers."""
+    for name, args in (("fsdp", FSDP), ("ddp", [])):
+        _launch(cfg_path, tmp_path / name, 2, tmp_path, name, "--set", "steps=20", *args)
+    for r in (0, 1):
+        a, b = _rows(tmp_path / "fsdp", r), _rows(tmp_path / "ddp", r)
+        for step in range(1, 21):
+            assert _by_step(a, "train", r)[step]["task_loss"] == pytest.approx(
+                _by_step(b, "train", r)[step]["task_loss"], abs=1e-5), (r, step)
+
+
+def test_bf16_fsdp_runs_end_to_end(cfg_path: Path, tmp_path: Path) -> None:
+    """bf16 autocast for the student, bf16 sharded teachers; published weights stay fp32."""
+    run = tmp_path / "bf16"
+    _launch(cfg_path, run, 4, tmp_path, "bf16", *FSDP, "--set", "precision=bf16", "--set", "steps=20")
+    for r in (0, 1):
+        train = _by_step(_rows(run, r), "train", r)
+        assert train[20]["task_loss"] < train[1]["task_loss"] - 0.2
+        assert train[20]["distill_loss"] > 0 and train[20]["teacher_versions"] == {str(1 - r): 20}
+        assert all(t.dtype == torch.float32 for t in _weights(run, r).values())
