@@ -7,8 +7,9 @@ measures, in one process with a real directory exchange on local disk:
 * publish: what ``Codistiller.publish`` costs the training thread (the copy into reused
   host buffers; the serialisation, checksum and write run on the background writer, whose
   time is shown too: it must stay under K steps), and the same publish written synchronously;
-* refresh: ``Codistiller.refresh`` loading a peer's new version (read, checksum, header
-  check, copy into the preallocated teacher), all on the training thread;
+* refresh: ``Codistiller.refresh`` loading a peer's new version that the prefetch thread
+  has read meanwhile (only the copy into the preallocated teacher is on the training
+  thread), and without prefetching (read, checksum, header check and copy on the thread);
 * the floor: a plain memcpy of the weights, and a plain write + fsync of their bytes.
 
 It prints medians over repeats and the stall per exchange as a share of K steps (goal: < 1%
@@ -80,16 +81,23 @@ def measure(params: float, repeats: int, k: int, root: str) -> dict[str, float]:
     t_pub, t_writer = statistics.median(pub), statistics.median(writer)
     t_direct = median_time(lambda: direct.publish(next(steps)), repeats)
 
-    def refresh() -> None:
-        direct.publish(next(steps))  # a new version each time, outside the timed part
+    cold = Codistiller(stack(params), DirectoryExchange(folder), replica=1, num_replicas=2, exchange_every=k,
+                       prefetch=False)
+    reader.refresh()  # starts the prefetch thread
+    t_refresh, t_cold = [], []
+    for _ in range(repeats):
+        step_ = next(steps)
+        direct.publish(step_)  # a new version, outside the timed part
+        deadline = time.time() + 600  # K steps pass: the prefetch thread reads it meanwhile
+        while reader._prefetcher._ready.get(0) is None and time.time() < deadline:
+            time.sleep(0.01)
         t0 = time.perf_counter()
         reader.refresh()
-        refresh.t.append(time.perf_counter() - t0)
-
-    refresh.t = []  # type: ignore[attr-defined]
-    for _ in range(repeats):
-        refresh()
-    t_refresh = statistics.median(refresh.t)  # type: ignore[attr-defined]
+        t_refresh.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cold.refresh()
+        t_cold.append(time.perf_counter() - t0)
+    reader.close()
     state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
     t_memcpy = median_time(lambda: [v.copy_(p) for v, p in zip(state.values(), model.state_dict().values())],
                            repeats)
@@ -105,7 +113,8 @@ def measure(params: float, repeats: int, k: int, root: str) -> dict[str, float]:
     t_write = median_time(write, repeats)
     background.close()
     return {"params": sum(p.numel() for p in model.parameters()), "mb": nbytes / 2**20, "step": t_step,
-            "publish": t_pub, "writer": t_writer, "publish_sync": t_direct, "refresh": t_refresh,
+            "publish": t_pub, "writer": t_writer, "publish_sync": t_direct,
+            "refresh": statistics.median(t_refresh), "refresh_cold": statistics.median(t_cold),
             "memcpy": t_memcpy, "write": t_write}
 
 
@@ -121,15 +130,16 @@ def main() -> None:
     root = a.dir or tempfile.mkdtemp(prefix="codistill-stall-")
     print(f"K={a.k}, {a.threads} thread(s), medians of {a.repeats}; seconds unless noted")
     print(f"{'params':>11} {'MB':>7} {'step':>7} | {'publish':>8} {'writer':>7} {'(sync)':>7} "
-          f"{'refresh':>8} | {'memcpy':>7} {'write':>7} | {'pub/K·step':>10} {'refresh/K·step':>14} "
-          f"{'writer/K·step':>13}")
+          f"{'refresh':>8} {'(cold)':>7} | {'memcpy':>7} {'write':>7} | {'pub/K·step':>10} "
+          f"{'refresh/K·step':>14} {'writer/K·step':>13}")
     for size in a.sizes:
         r = measure(size, a.repeats, a.k, root)
         window = a.k * r["step"]
         print(f"{r['params']:>11,} {r['mb']:>7.1f} {r['step']:>7.3f} | {r['publish']:>8.4f} "
-              f"{r['writer']:>7.3f} {r['publish_sync']:>7.3f} {r['refresh']:>8.3f} | {r['memcpy']:>7.4f} "
-              f"{r['write']:>7.3f} | {r['publish'] / window:>10.2%} {r['refresh'] / window:>14.2%} "
-              f"{r['writer'] / window:>13.1%}", flush=True)
+              f"{r['writer']:>7.3f} {r['publish_sync']:>7.3f} {r['refresh']:>8.4f} "
+              f"{r['refresh_cold']:>7.3f} | {r['memcpy']:>7.4f} {r['write']:>7.3f} | "
+              f"{r['publish'] / window:>10.2%} {r['refresh'] / window:>14.2%} {r['writer'] / window:>13.1%}",
+              flush=True)
 
 
 if __name__ == "__main__":

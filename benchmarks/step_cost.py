@@ -9,6 +9,11 @@ and the Codistiller step with 1..3 teachers, and prints medians and the ratios
     # the word-LM case of issue 9: 2-layer LSTM 64/64, vocabulary 28k, 20x35 tokens, 1 thread
     .venv/bin/python benchmarks/step_cost.py --vocab 28000 --embed 64 --hidden 64 --layers 2 \
         --batch 20 --seq-len 35 --threads 1 --steps 5
+    # the other tasks, on their real data and default models (configs/image.yaml, click.yaml)
+    .venv/bin/python benchmarks/step_cost.py --task image [--model resnet]
+    .venv/bin/python benchmarks/step_cost.py --task click --batch 256
+
+``--fused`` computes φ and ψ in one pass as the engine does (categorical tasks).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from collections.abc import Callable
 import torch
 
 from codistill import Codistiller, MemoryExchange, task_loss
+from codistill.config import load_config
 from codistill.losses import task_and_distill_loss
 from codistill.models import build_model
+from codistill.tasks import build_task
 
 
 def timed(fn, steps: int) -> float:
@@ -33,8 +40,28 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def setup(a: argparse.Namespace) -> tuple[dict, object, torch.Tensor, Callable, str, str]:
+    """(model spec, inputs, targets, φ, ψ kind, description) of the task to measure."""
+    if a.task == "lm":
+        spec = {"name": "lstm", "vocab_size": a.vocab, "embed_dim": a.embed, "hidden_dim": a.hidden,
+                "num_layers": a.layers}
+        x = torch.randint(0, a.vocab, (a.batch, a.seq_len))
+        y = torch.randint(0, a.vocab, (a.batch, a.seq_len))
+        what = f"LSTM {a.layers}x{a.embed}/{a.hidden}, vocabulary {a.vocab}, batch {a.batch}x{a.seq_len}"
+        return spec, x, y, task_loss, "kl", what
+    overrides = [f"model.name={a.model}"] if a.model else []
+    cfg = load_config(f"configs/{a.task}.yaml", overrides)
+    task = build_task(cfg)
+    spec = task.model_spec(cfg.replica_model(0))
+    x, y = task.train_batch(list(range(a.batch)), torch.Generator().manual_seed(0), "cpu")
+    kind = "kl" if task.output == "categorical" else "bce"
+    return spec, x, y, task.loss, kind, f"{a.task} {spec['name']}, batch {a.batch}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="lm", choices=["lm", "image", "click"])
+    p.add_argument("--model", default=None, help="image/click: the model name (default: the config's)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=32)
@@ -48,42 +75,44 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    SPEC = {"name": "lstm", "vocab_size": a.vocab, "embed_dim": a.embed, "hidden_dim": a.hidden,
-            "num_layers": a.layers}
-    x = torch.randint(0, a.vocab, (a.batch, a.seq_len))
-    y = torch.randint(0, a.vocab, (a.batch, a.seq_len))
-    model = build_model(SPEC)
+    spec, x, y, phi_fn, kind, what = setup(a)
+    fused = a.fused and kind == "kl"
+    model = build_model(spec)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
+    def call(m: torch.nn.Module) -> torch.Tensor:
+        return m(*x) if isinstance(x, tuple) else m(x)
+
     def plain() -> None:
-        loss = task_loss(model(x), y)
+        loss = phi_fn(call(model), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    peer = build_model(SPEC).eval()
+    peer = build_model(spec).eval()
 
     @torch.no_grad()
     def forward() -> None:
-        peer(x)
+        call(peer)
 
     steps_with: dict[int, Callable[[], None]] = {}
     for k in (1, 2, 3):
         ex = MemoryExchange()
-        cd = Codistiller(model, ex, replica=0, num_replicas=k + 1, exchange_every=1, model_spec=SPEC)
+        cd = Codistiller(model, ex, replica=0, num_replicas=k + 1, exchange_every=1, model_spec=spec,
+                         distill=kind)
         for r in range(1, k + 1):
-            ex.publish(r, 1, build_model(SPEC).state_dict(), {"model": SPEC})
+            ex.publish(r, 1, build_model(spec).state_dict(), {"model": spec})
         if cd.refresh() != dict.fromkeys(range(1, k + 1), 1):
             raise RuntimeError("the teachers were not loaded")
 
         def step(cd: Codistiller = cd) -> None:
-            logits = model(x)
-            if a.fused:  # as the engine does: φ and ψ in one pass
+            out = call(model)
+            if fused:  # as the engine does: φ and ψ in one pass
                 alpha, probs = cd.distill_target(x, 10)
-                phi, psi = task_and_distill_loss(logits, y, probs)
+                phi, psi = task_and_distill_loss(out, y, probs)
                 loss = phi + alpha * psi
             else:  # as a plug-in user writes it
-                loss = task_loss(logits, y) + cd.distill_loss(x, logits, 10)
+                loss = phi_fn(out, y) + cd.distill_loss(x, out, 10)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -97,8 +126,7 @@ def main() -> None:
         for k, fn in steps_with.items():
             samples[f"k{k}"].append(timed(fn, a.steps))
     med = {name: statistics.median(v) for name, v in samples.items()}
-    print(f"LSTM {a.layers}x{a.embed}/{a.hidden}, vocabulary {a.vocab}, batch {a.batch}x{a.seq_len}, "
-          f"{a.threads} threads, {'fused φ+ψ' if a.fused else 'φ and ψ apart'}, "
+    print(f"{what}, {a.threads} threads, {'fused φ+ψ' if fused else 'φ and ψ apart'}, "
           f"medians of {a.repeats} x {a.steps} steps")
     print(f"plain training step: {med['plain'] * 1e3:.1f} ms; teacher forward (no grad): "
           f"{med['forward'] * 1e3:.1f} ms")

@@ -382,3 +382,54 @@ def test_a_failed_background_write_is_a_counted_warning(tmp_path, caplog):
     ex.flush()
     assert ex.versions(0) == [20] and ex.publish_failures == 1
     ex.close()
+
+
+def test_refresh_takes_the_version_prefetched_off_the_step(tmp_path):
+    """Between exchanges a background thread reads a peer's new version; the refresh then
+    only copies it into the teacher. A version published again with other content is read
+    again (the prefetched copy no longer matches the exchange)."""
+    import time
+
+    from torch import nn
+
+    from codistill import Codistiller
+    from codistill.exchange import DirectoryExchange
+
+    torch.manual_seed(0)
+    models = [nn.Linear(8, 4), nn.Linear(8, 4)]
+    writer = Codistiller(models[1], DirectoryExchange(str(tmp_path)), replica=1, num_replicas=2,
+                         exchange_every=5)
+    exchange = DirectoryExchange(str(tmp_path))
+    reader = Codistiller(models[0], exchange, replica=0, num_replicas=2, exchange_every=5)
+    assert reader._prefetcher is not None
+    reads = []
+    load = exchange.load
+    exchange.load = lambda *a, **k: (reads.append(a[:2]), load(*a, **k))[1]
+    reader.refresh(5)  # nothing published yet; starts watching
+    writer.publish(5)
+
+    def prefetched(step: int) -> bool:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if reader._prefetcher._ready.get(1) is not None and reader._prefetcher._ready[1].step == step:
+                return True
+            time.sleep(0.02)
+        return False
+
+    assert prefetched(5)
+    assert reads == [(1, 5)]  # read by the prefetch thread
+    assert reader.refresh(10) == {1: 5}
+    assert reads == [(1, 5)]  # the refresh read nothing more
+    assert torch.equal(reader.teachers[1].module.weight, models[1].weight)
+    with torch.no_grad():
+        models[1].weight.add_(1.0)
+    writer.publish(10)
+    assert prefetched(10)
+    with torch.no_grad():
+        models[1].weight.add_(1.0)
+    writer.publish(10)  # the same step again, other content (a restarted peer)
+    reader.refresh(15)
+    assert reads[-1] == (1, 10) and len(reads) == 3  # read again by the refresh itself
+    assert torch.equal(reader.teachers[1].module.weight, models[1].weight)
+    reader.close()
+    writer.close()

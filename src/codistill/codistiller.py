@@ -1,12 +1,15 @@
 """The plug-in: add codistillation to an existing PyTorch training loop in a few lines.
 
-    cd = Codistiller(model, exchange="/shared/run1", replica=r, num_replicas=N,
-                     exchange_every=50, burn_in=1000, distill="kl")
-    for step, (x, y) in enumerate(batches):
-        logits = model(x)
-        loss = task_loss(logits, y) + cd.distill_loss(x, logits, step)  # 0 during burn-in
+    cd = Codistiller.from_env(model, exchange_every=50, burn_in=1000)  # set by codistill launch
+    for x, y in batches:
+        out = model(x)
+        loss = task_loss(out, y) + cd.distill_loss(x, out)  # 0 during burn-in
         loss.backward(); opt.step(); opt.zero_grad()
-        cd.after_step(step + 1)      # publish own weights / refresh teachers when due
+        cd.after_step()              # count the step; publish / refresh teachers when due
+    cd.close()
+
+or with everything explicit: ``Codistiller(model, exchange="/shared/run1", replica=r,
+num_replicas=N, ...)``, ``cd.distill_loss(x, out, step)`` and ``cd.after_step(step + 1)``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,46 @@ from torch import nn
 from .exchange import BackgroundExchange, Exchange, Published, make_exchange, state_nbytes, unwrap
 from .exchange.base import Check, Header, HostBuffers, header_nbytes, header_of
 from .exchange.collective import share_teachers
+from .exchange.prefetch import Prefetcher
 from .losses import DISTILL_KINDS, AlphaSchedule, distill_loss
 from .parallel import full_state, is_sharded
 from .teachers import Teacher, average_predictions
 
 log = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "log_probs", "probs")
+
+
+def prediction(output: Any) -> torch.Tensor:
+    """The prediction in a model's output: a tensor as it is, the first element of a tuple
+    or list, the ``logits`` of a mapping or of an object that has them (Hugging Face model
+    outputs), else a mapping's first value."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return prediction(output[0])
+    if isinstance(output, dict) and output:
+        return prediction(output["logits"] if "logits" in output else next(iter(output.values())))
+    logits = getattr(output, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    raise TypeError(f"no prediction found in a model output of type {type(output).__name__}: pass "
+                    "teacher_forward=lambda module, inputs: <the logits> to the Codistiller")
+
+
+def as_logits(pred: torch.Tensor, outputs: str, kind: str) -> torch.Tensor:
+    """``pred`` (what a model outputs: ``logits``, ``log_probs`` or ``probs``) as logits of
+    the same distribution (for ``bce``: of the positive class)."""
+    if outputs == "logits" or (outputs == "log_probs" and kind != "bce"):
+        return pred  # log-probabilities are logits of the same softmax
+    tiny = torch.finfo(torch.float32).tiny
+    if outputs == "log_probs":  # binary: log p -> log p - log(1 - p)
+        return pred - torch.log1p(-pred.exp().clamp(max=1 - 1e-7))
+    p = pred.float().clamp(tiny, 1.0)
+    if kind == "bce":
+        p = p.clamp(max=1 - 1e-7)
+        return (p.log() - torch.log1p(-p)).to(pred.dtype)
+    return p.log().to(pred.dtype)
 
 
 class Codistiller:
@@ -63,6 +101,15 @@ class Codistiller:
             behind this replica (0: never wait).
         teacher_dtype: store and run teachers in this dtype (e.g. ``torch.bfloat16``);
             published weights keep the model's dtype. None: as built.
+        teacher_forward: ``f(module, inputs) -> output`` calls a teacher (default: ``module(x)``
+            for a tensor, ``module(*x)`` for a tuple, ``module(**x)`` for a dict); e.g. a
+            recurrent model that needs a fresh state: ``lambda m, x: m(x, m.init_hidden(len(x)))``.
+            The prediction is then found in the output as :func:`prediction` does.
+        outputs: what the model's prediction is: ``"logits"`` (default), ``"log_probs"``
+            or ``"probs"``; teachers' and student's alike.
+        prefetch: read peers' new versions in a background thread between exchanges, so a
+            refresh only copies them into the teachers (default: on for exchanges that
+            outlive the process, i.e. directories and URLs, unless ``sync_timeout`` is set).
         teacher_layout: ``f(module) -> module`` lays a new teacher out over the replica's
             ranks, e.g. :func:`codistill.parallel.shard_model` (FSDP2) so that each rank
             holds a shard of every teacher. A model sharded that way (``model``) is published
@@ -92,6 +139,9 @@ class Codistiller:
         drift_timeout: float = 600.0,
         teacher_dtype: torch.dtype | None = None,
         teacher_layout: Callable[[nn.Module], nn.Module] | None = None,
+        teacher_forward: Callable[[nn.Module, Any], Any] | None = None,
+        outputs: str = "logits",
+        prefetch: bool | None = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -101,6 +151,8 @@ class Codistiller:
             raise ValueError(f"distill must be one of {list(DISTILL_KINDS)}, got {distill!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if outputs not in OUTPUTS:
+            raise ValueError(f"outputs must be one of {list(OUTPUTS)}, got {outputs!r}")
         if max_drift < 0:
             raise ValueError(f"max_drift must be >= 0, got {max_drift}")
         if alpha < 0 or burn_in < 0 or ramp < 0:
@@ -122,6 +174,8 @@ class Codistiller:
         self.teacher_factory = teacher_factory or self._default_teacher_factory
         self._spec_teachers = teacher_factory is None  # teachers built from a manifest's (untrusted) spec
         self.teacher_dtype, self.teacher_layout = teacher_dtype, teacher_layout
+        self.teacher_forward, self.outputs = teacher_forward, outputs
+        self.step = 0  # optimizer steps done, as after_step counts them
         if max_teacher_bytes is None:
             max_teacher_bytes = 4 * _model_nbytes(model)
         self.max_teacher_bytes = max_teacher_bytes
@@ -142,7 +196,34 @@ class Codistiller:
         self._rejected: set[tuple[int, int]] = set()  # (peer, step) versions that failed to load
         self._pending: dict[int, Published] | None = None  # sharded teachers: chosen, loaded together
         self._host = HostBuffers()  # reused host copies of the weights for a publish in flight
+        if prefetch is None:
+            prefetch = self.exchange.durable and sync_timeout is None
+        self._prefetcher = Prefetcher(self.exchange) if prefetch else None
         self.last_exchange: int | None = None  # step of the last refresh
+
+    @classmethod
+    def from_env(cls, model: nn.Module, exchange: Exchange | str | None = None, **kwargs: Any) -> Codistiller:
+        """The Codistiller of this process as its launcher describes it (``codistill launch``
+        sets ``CODISTILL_REPLICA``, ``CODISTILL_NUM_REPLICAS``, ``CODISTILL_EXCHANGE``). Under
+        torchrun with several ranks per replica, the default process group is the replica's.
+        Without the variables: replica 0 of 1, which has no peers (ψ is 0), so the same script
+        also trains alone. ``kwargs`` are the constructor's."""
+        import os
+
+        from .exchange import MemoryExchange
+        from .launcher import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
+
+        replica = int(os.environ.get(ENV_REPLICA, 0))
+        num_replicas = int(os.environ.get(ENV_NUM_REPLICAS, 1))
+        where = exchange if exchange is not None else os.environ.get(ENV_EXCHANGE)
+        if where is None:
+            if num_replicas > 1:
+                raise ValueError(f"{ENV_NUM_REPLICAS}={num_replicas} but no exchange: set {ENV_EXCHANGE} "
+                                 "or pass exchange=")
+            where = MemoryExchange()
+        if "process_group" not in kwargs and dist.is_initialized() and dist.get_world_size() > 1:
+            kwargs["process_group"] = dist.group.WORLD
+        return cls(model, where, replica=replica, num_replicas=num_replicas, **kwargs)
 
     # -- schedule ---------------------------------------------------------------------
     def alpha(self, step: int) -> float:
@@ -154,17 +235,20 @@ class Codistiller:
         return step > 0 and step % k == 0 and self.alpha(step + k - 1) > 0
 
     # -- the loss term ----------------------------------------------------------------
-    def distill_loss(self, inputs: Any, student_logits: torch.Tensor, step: int) -> torch.Tensor:
-        """α(step)·ψ(mean of the teachers' predictions on ``inputs``, ``student_logits``).
+    def distill_loss(self, inputs: Any, student_outputs: Any, step: int | None = None) -> torch.Tensor:
+        """α(step)·ψ(mean of the teachers' predictions on ``inputs``, the student's).
 
-        Zero (a scalar that adds nothing) during burn-in or before any teacher is loaded.
+        ``student_outputs``: the model's output on ``inputs`` (a tensor, or a tuple / mapping /
+        object holding the prediction, see :func:`prediction`); ``step``: the step being
+        computed (default: the steps :meth:`after_step` has counted). Zero (a scalar that
+        adds nothing) during burn-in or before any teacher is loaded.
         """
-        target = self.distill_target(inputs, step)
+        logits = as_logits(prediction(student_outputs), self.outputs, self.distill)
+        target = self.distill_target(inputs, self.step if step is None else step)
         if target is None:
-            return student_logits.new_zeros(())
+            return logits.new_zeros(())
         a, probs = target
-        return a * distill_loss(student_logits, probs.to(student_logits.dtype), self.distill,
-                                self.temperature)
+        return a * distill_loss(logits, probs.to(logits.dtype), self.distill, self.temperature)
 
     def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
         """(α(step), the teachers' averaged predictions on ``inputs``), or None when α is 0
@@ -176,14 +260,21 @@ class Codistiller:
         return a, average_predictions(list(self.teachers.values()), inputs, self.distill, self.temperature)
 
     # -- exchange ---------------------------------------------------------------------
-    def after_step(self, step: int) -> None:
-        """Call once ``step`` optimizer steps are done: publish and refresh when due."""
+    def after_step(self, step: int | None = None) -> None:
+        """Call after each optimizer step: counts it (or takes ``step``, the number of steps
+        done), then publishes and refreshes when due. Every rank of a replica calls it."""
+        step = self.step + 1 if step is None else step
+        if not isinstance(step, int):
+            raise TypeError(f"after_step(step): step must be an int, got {type(step).__name__}")
+        self.step = step
         if self.exchange_due(step):
             self.publish(step)
             self.refresh(step)
 
     def close(self) -> None:
         """Finish the write in flight and release the exchange (the end of training)."""
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
         self.exchange.close()
 
     def publish(self, step: int) -> int:
@@ -212,6 +303,8 @@ class Codistiller:
         return n
 
     def refresh(self, step: int | None = None) -> dict[int, int | None]:
+        if step is not None and not isinstance(step, int):
+            raise TypeError(f"refresh(step): step must be an int or None, got {type(step).__name__}")
         """Load each peer's newest valid version into its teacher (with ``sync_timeout``:
         exactly its version ``step``, waiting for it). Under a process group the first rank
         chooses and loads, then hands the new teachers to the replica's other ranks.
@@ -222,6 +315,8 @@ class Codistiller:
         if scatter and group[0]:
             self._pending = {}  # the first rank chooses; every rank loads its shards below
         if group is None or group[0]:
+            if self._prefetcher is not None:
+                self._prefetcher.stop()
             before = self.teacher_versions()
             if self.sync_timeout is not None and step is not None:
                 self._load_exact(self._wait_for_peers(step))
@@ -232,6 +327,8 @@ class Codistiller:
             changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
                        if v is not None and v != before[p]} if not scatter else self._pending
             self._pending = None
+            if self._prefetcher is not None:
+                self._prefetcher.start(self.teacher_versions(), self._check)
         if scatter:
             self._load_sharded(changed, group)
         elif group is not None:
@@ -251,7 +348,10 @@ class Codistiller:
                     break  # newer versions were invalid: keep this one (unless published again)
                 if (peer, step) in self._rejected:
                     continue
-                published = self.exchange.load(peer, step, self._check(peer))
+                published = self._prefetcher.take(peer, step, self.exchange.ident(peer, step)) \
+                    if self._prefetcher is not None else None
+                if published is None:
+                    published = self.exchange.load(peer, step, self._check(peer))
                 if published is None:
                     continue
                 try:
@@ -379,8 +479,15 @@ class Codistiller:
             module = module.to(self.teacher_dtype)
         if self.teacher_layout is not None:
             module = self.teacher_layout(module)
-        teacher = self.teachers[peer] = Teacher(peer, module, header)
+        teacher = self.teachers[peer] = Teacher(peer, module, header, self._predict)
         return teacher
+
+    def _predict(self, module: nn.Module, inputs: Any) -> torch.Tensor:
+        """A teacher's prediction on ``inputs``, as logits."""
+        from .teachers import call_model
+
+        out = self.teacher_forward(module, inputs) if self.teacher_forward else call_model(module, inputs)
+        return as_logits(prediction(out), self.outputs, self.distill)
 
     def _load_sharded(self, chosen: dict[int, Published] | None, group: tuple[bool, int]) -> None:
         """Every rank of the replica: load the versions the first rank ``chose`` into the
@@ -435,7 +542,7 @@ class Codistiller:
                          for p, t in loaded.items()},
             "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
             "sync_wait_s": self.sync_wait_s, "last_exchange": self.last_exchange,
-            "publish_failures": self._publish_failures,
+            "publish_failures": self._publish_failures, "step": self.step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -455,6 +562,7 @@ class Codistiller:
         self.sync_wait_s = state.get("sync_wait_s", 0.0)
         self.last_exchange = state.get("last_exchange")
         self._publish_failures = state.get("publish_failures", 0)
+        self.step = state.get("step", self.last_exchange or 0)
 
     def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
         spec = meta.get("model")

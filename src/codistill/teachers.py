@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,8 +58,10 @@ class Teacher:
     ``module`` may be cast (``teacher_dtype``) or sharded across the replica's ranks;
     ``header`` then names the weights as the peer publishes them (default: ``module``'s)."""
 
-    def __init__(self, peer: int, module: nn.Module, header: Header | None = None) -> None:
+    def __init__(self, peer: int, module: nn.Module, header: Header | None = None,
+                 forward: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> None:
         self.peer = peer
+        self.forward = forward or call_model  # module, inputs -> logits
         self.module = freeze(module)
         self.header = header if header is not None else header_of(module.state_dict())
         self.sharded = is_sharded(module)
@@ -104,7 +107,7 @@ class Teacher:
         device = param.device.type if param is not None else "cpu"
         bf16 = param is not None and param.dtype == torch.bfloat16
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            out = call_model(self.module, inputs)
+            out = self.forward(self.module, inputs)
         return predict_probs(out.float(), kind, temperature)
 
 
