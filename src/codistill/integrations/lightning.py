@@ -1,0 +1,100 @@
+"""Codistillation in PyTorch Lightning (``pip install 'codistill[lightning]'``).
+
+    from codistill.integrations.lightning import CodistillCallback, distill_loss
+
+    class LitModel(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            return F.cross_entropy(logits, y) + distill_loss(self, x, logits)
+
+    trainer = L.Trainer(max_steps=1000, callbacks=[CodistillCallback(exchange_every=50, burn_in=200)])
+
+The callback builds the :class:`Codistiller` of the LightningModule when fitting starts
+(replica, number of replicas and exchange from ``codistill launch``'s environment), and
+publishes and refreshes the teachers after optimizer steps (``trainer.global_step``: with
+``accumulate_grad_batches``, one step per optimizer step). A teacher is a frozen copy of the
+LightningModule, called as ``teacher(x)`` (its ``forward``) unless ``teacher_forward`` says
+otherwise. Under a data-parallel strategy (``strategy="ddp"``) all the Trainer's processes are
+one replica: its first rank publishes and loads, and hands the teachers to the others. The
+teachers travel in Lightning's checkpoints, so ``fit(ckpt_path=...)`` resumes ψ as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._extras import require
+from ..codistiller import Codistiller
+from .common import masked_distill_loss, use_default_group
+
+L = require("lightning.pytorch", "the PyTorch Lightning integration")
+
+__all__ = ["CodistillCallback", "distill_loss"]
+
+
+class CodistillCallback(L.Callback):
+    """Owns one replica's :class:`Codistiller` in a Lightning ``Trainer``.
+
+    Args:
+        codistiller: a ready :class:`Codistiller` of the LightningModule; None: built in
+            ``setup`` by :meth:`Codistiller.from_env` with ``kwargs`` (e.g.
+            ``exchange_every=50, burn_in=200, teacher_forward=...``).
+
+    The Codistiller is closed when training ends: a further ``fit`` needs a new callback.
+    """
+
+    def __init__(self, codistiller: Codistiller | None = None, **kwargs: Any) -> None:
+        self.codistiller = codistiller
+        self.kwargs = kwargs
+        self._trainer: Any = None
+        self._done: int | None = None  # the global step after_step last saw
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        if self.codistiller is None:
+            self.codistiller = Codistiller.from_env(pl_module, **self.kwargs)
+        use_default_group(self.codistiller)  # the strategy's processes are one replica
+
+    def distill_loss(self, inputs: Any, outputs: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """α·ψ at the Trainer's step (see :func:`distill_loss`)."""
+        if self.codistiller is None or self._trainer is None:
+            raise RuntimeError("CodistillCallback.distill_loss is for training_step (the callback is "
+                               "set up when fit starts)")
+        return masked_distill_loss(self.codistiller, inputs, outputs, self._trainer.global_step, mask)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._done = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self._done:  # an optimizer step was taken
+            self._done = trainer.global_step
+            self.codistiller.after_step(trainer.global_step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.codistiller.close()  # the last publish is written, prefetching stops
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"codistiller": self.codistiller.state_dict()} if self.codistiller is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "codistiller" in state_dict and self.codistiller is not None:  # restored after setup
+            self.codistiller.load_state_dict(state_dict["codistiller"])
+
+
+def distill_loss(module: Any, inputs: Any, outputs: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """α·ψ to add to ``module``'s loss in its ``training_step``: the distillation term of the
+    :class:`CodistillCallback` of ``module``'s Trainer toward the teachers' predictions on
+    ``inputs`` (what a teacher is called with), ``outputs`` being ``module``'s on them. ``mask``:
+    the positions that count (e.g. ``[batch, tokens]``, false for padding); default all. Zero
+    during burn-in, before teachers are loaded, and when training alone."""
+    for callback in module.trainer.callbacks:
+        if isinstance(callback, CodistillCallback):
+            return callback.distill_loss(inputs, outputs, mask)
+    raise RuntimeError("distill_loss: the Trainer has no CodistillCallback; pass "
+                       "callbacks=[CodistillCallback(...)] to lightning.Trainer")
