@@ -433,3 +433,22 @@ def test_refresh_takes_the_version_prefetched_off_the_step(tmp_path):
     assert torch.equal(reader.teachers[1].module.weight, models[1].weight)
     reader.close()
     writer.close()
+
+
+def test_tied_weights_publish_to_a_directory(tmp_path):
+    """A model whose output layer shares the embedding's weight (a language model with tied
+    weights) publishes through a directory exchange object, written at once."""
+    from codistill import Codistiller
+    from codistill.exchange import DirectoryExchange
+    from codistill.models import build_model
+
+    spec = {"name": "lstm", "vocab_size": 50, "embed_dim": 16, "hidden_dim": 16, "tie_weights": True}
+    models = [build_model(spec), build_model(spec)]
+    assert models[0].head.weight is models[0].embed.weight
+    cds = [Codistiller(m, DirectoryExchange(str(tmp_path)), replica=r, num_replicas=2, exchange_every=1,
+                       model_spec=spec) for r, m in enumerate(models)]
+    cds[1].publish(1)
+    assert cds[0].refresh(1) == {1: 1}
+    teacher = cds[0].teachers[1].module
+    assert torch.equal(teacher.embed.weight, models[1].embed.weight)
+    assert torch.equal(teacher.head.weight, models[1].head.weight)

@@ -235,19 +235,30 @@ class Codistiller:
         return step > 0 and step % k == 0 and self.alpha(step + k - 1) > 0
 
     # -- the loss term ----------------------------------------------------------------
-    def distill_loss(self, inputs: Any, student_outputs: Any, step: int | None = None) -> torch.Tensor:
+    def distill_loss(self, inputs: Any, student_outputs: Any, step: int | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
         """α(step)·ψ(mean of the teachers' predictions on ``inputs``, the student's).
 
         ``student_outputs``: the model's output on ``inputs`` (a tensor, or a tuple / mapping /
         object holding the prediction, see :func:`prediction`); ``step``: the step being
-        computed (default: the steps :meth:`after_step` has counted). Zero (a scalar that
-        adds nothing) during burn-in or before any teacher is loaded.
+        computed (default: the steps :meth:`after_step` has counted); ``mask``: shaped like
+        the prediction without its last axis (e.g. ``[batch, tokens]``), ψ is the mean over
+        the positions where it is true (padding does not count). Zero (a scalar that adds
+        nothing) during burn-in, before any teacher is loaded, or with nothing unmasked.
         """
         logits = as_logits(prediction(student_outputs), self.outputs, self.distill)
+        if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit predictions of shape "
+                             f"{tuple(logits.shape)} (it should be {tuple(logits.shape[:-1])})")
         target = self.distill_target(inputs, self.step if step is None else step)
         if target is None:
             return logits.new_zeros(())
         a, probs = target
+        if mask is not None:
+            keep = mask.to(device=logits.device, dtype=torch.bool)
+            logits, probs = logits[keep], probs[keep]
+            if logits.shape[0] == 0:
+                return logits.new_zeros(())
         return a * distill_loss(logits, probs.to(logits.dtype), self.distill, self.temperature)
 
     def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
@@ -271,10 +282,16 @@ class Codistiller:
             self.publish(step)
             self.refresh(step)
 
-    def close(self) -> None:
-        """Finish the write in flight and release the exchange (the end of training)."""
+    def flush(self) -> None:
+        """Finish the write in flight and stop reading ahead (until the next refresh): the
+        end of one training run, after which the Codistiller can train again."""
         if self._prefetcher is not None:
             self._prefetcher.stop()
+        self.exchange.flush()
+
+    def close(self) -> None:
+        """:meth:`flush`, then release the exchange (the end of training)."""
+        self.flush()
         self.exchange.close()
 
     def publish(self, step: int) -> int:

@@ -166,6 +166,18 @@ def _make_store(location: str) -> _LocalStore | _FsspecStore:
     return _LocalStore(location)
 
 
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with its own memory (safetensors refuses tied weights,
+    e.g. a language model's embedding shared with its output layer)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 class DirectoryExchange(Exchange):
     """Exchange through a directory or an fsspec URL; keeps the newest ``keep`` versions."""
 
@@ -185,7 +197,7 @@ class DirectoryExchange(Exchange):
         self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict[str, Any]
     ) -> int:
         folder, name = self._folder(replica), _version_name(step)
-        data = st_save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+        data = st_save(_unshared(state))
         manifest = {
             "format": FORMAT,
             "replica": replica,

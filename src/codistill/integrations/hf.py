@@ -25,7 +25,7 @@ from torch import nn
 
 from .._extras import require
 from ..codistiller import Codistiller, prediction
-from .common import masked_distill_loss, token_mask, use_default_group
+from .common import token_mask, use_default_group
 
 transformers = require("transformers", "the Hugging Face Trainer integration")
 
@@ -33,9 +33,9 @@ __all__ = ["CodistillCallback", "CodistillTrainer"]
 
 
 class CodistillCallback(transformers.TrainerCallback):
-    """Publishes and refreshes ``codistiller``'s teachers after each optimizer step, and closes
-    it when training ends (the last publish written, prefetching stopped). Every process calls
-    it (the Trainer does)."""
+    """Publishes and refreshes ``codistiller``'s teachers after each optimizer step, and
+    flushes it when training ends (the last publish written, prefetching stopped). Every
+    process calls it (the Trainer does)."""
 
     def __init__(self, codistiller: Codistiller) -> None:
         self.codistiller = codistiller
@@ -44,7 +44,7 @@ class CodistillCallback(transformers.TrainerCallback):
         self.codistiller.after_step(state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.codistiller.close()
+        self.codistiller.flush()
 
 
 class CodistillTrainer(transformers.Trainer):
@@ -59,7 +59,7 @@ class CodistillTrainer(transformers.Trainer):
         args, kwargs: the Trainer's.
 
     Logs ``distill_loss`` (ψ with α, this process's mean since the last log) beside ``loss``.
-    The Codistiller is closed when training ends: a further ``train()`` needs a new Trainer.
+    The Codistiller is flushed when training ends (a further ``train()`` goes on with it).
     """
 
     def __init__(self, *args: Any, codistiller: Codistiller | Mapping[str, Any] | None = None,
@@ -84,8 +84,8 @@ class CodistillTrainer(transformers.Trainer):
         teacher_inputs = {k: v for k, v in inputs.items() if k not in labels}
         mask = self.distill_mask(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kw)
-        psi = masked_distill_loss(self.codistiller, teacher_inputs, outputs, self.state.global_step,
-                                  mask if _fits(mask, outputs) else None)
+        psi = self.codistiller.distill_loss(teacher_inputs, outputs, self.state.global_step,
+                                            mask if _fits(mask, outputs) else None)
         self._psi_sum = self._psi_sum + psi.detach()
         self._psi_count += 1
         if self._loss_scaled_for_accumulation(num_items_in_batch):

@@ -28,7 +28,7 @@ import torch
 
 from .._extras import require
 from ..codistiller import Codistiller
-from .common import masked_distill_loss, use_default_group
+from .common import use_default_group
 
 L = require("lightning.pytorch", "the PyTorch Lightning integration")
 
@@ -43,7 +43,7 @@ class CodistillCallback(L.Callback):
             ``setup`` by :meth:`Codistiller.from_env` with ``kwargs`` (e.g.
             ``exchange_every=50, burn_in=200, teacher_forward=...``).
 
-    The Codistiller is closed when training ends: a further ``fit`` needs a new callback.
+    The Codistiller is flushed when training ends (a further ``fit`` goes on with it).
     """
 
     def __init__(self, codistiller: Codistiller | None = None, **kwargs: Any) -> None:
@@ -65,7 +65,7 @@ class CodistillCallback(L.Callback):
         if self.codistiller is None or self._trainer is None:
             raise RuntimeError("CodistillCallback.distill_loss is for training_step (the callback is "
                                "set up when fit starts)")
-        return masked_distill_loss(self.codistiller, inputs, outputs, self._trainer.global_step, mask)
+        return self.codistiller.distill_loss(inputs, outputs, self._trainer.global_step, mask)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._done = trainer.global_step
@@ -77,7 +77,7 @@ class CodistillCallback(L.Callback):
             self.codistiller.after_step(trainer.global_step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self.codistiller.close()  # the last publish is written, prefetching stops
+        self.codistiller.flush()  # the last publish is written, prefetching stops
 
     def state_dict(self) -> dict[str, Any]:
         return {"codistiller": self.codistiller.state_dict()} if self.codistiller is not None else {}
