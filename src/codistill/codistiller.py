@@ -344,8 +344,6 @@ class Codistiller:
             changed = {p: self.teachers[p].published() for p, v in self.teacher_versions().items()
                        if v is not None and v != before[p]} if not scatter else self._pending
             self._pending = None
-            if self._prefetcher is not None:
-                self._prefetcher.start(self.teacher_versions(), self._check)
         if scatter:
             self._load_sharded(changed, group)
         elif group is not None:
@@ -353,6 +351,8 @@ class Codistiller:
                                             str(self._device())).values():
                 if not group[0]:
                     self._load(published)
+        if self._prefetcher is not None and (group is None or group[0]):  # after the loads: their versions
+            self._prefetcher.start(self.teacher_versions(), self._check)
         self.last_exchange = step
         return self.teacher_versions()
 
