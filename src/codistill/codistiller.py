@@ -14,6 +14,7 @@ num_replicas=N, ...)``, ``cd.distill_loss(x, out, step)`` and ``cd.after_step(st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -86,8 +87,9 @@ class Codistiller:
         model_spec: ``{"name": ..., **settings}`` written into the manifest so that peers
             can build a teacher of this replica's architecture.
         teacher_factory: ``f(peer, meta) -> module`` builds an empty teacher for ``peer``
-            (``meta``: the peer's manifest meta); the default builds from the peer's
-            published ``model`` spec, or copies ``model`` if there is none.
+            (``meta``: the peer's manifest meta; the Codistiller moves it to the model's
+            device, and with a ``teacher_layout`` calls it under ``torch.device("meta")``); the
+            default builds from the peer's published ``model`` spec, or copies ``model``.
         peers: which replicas to distil from (default: all others).
         process_group: under DDP, the replica's process group: its first rank then publishes
             and loads the teachers and broadcasts them, so every rank of the replica distils
@@ -481,21 +483,28 @@ class Codistiller:
         log.debug("replica %d loaded peer %d at step %d", self.replica, published.replica, published.step)
 
     def _teacher(self, peer: int, meta: dict[str, Any]) -> Teacher:
-        """``peer``'s teacher, built on first use: the factory's module, cast to
-        ``teacher_dtype`` and laid out by ``teacher_layout``."""
+        """``peer``'s teacher, built on first use: the factory's module on this replica's
+        device, cast to ``teacher_dtype``. With a ``teacher_layout`` (sharded teachers) it is
+        built on the meta device, cast, laid out, and only then given memory, its shards
+        alone: no rank ever holds a whole teacher (its weights are loaded next anyway)."""
         teacher = self.teachers.get(peer)
         if teacher is not None:
             return teacher
+        sharded = self.teacher_layout is not None
         try:
             with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG
-                module = self.teacher_factory(peer, meta)
+                with torch.device("meta") if sharded else contextlib.nullcontext():
+                    module = self.teacher_factory(peer, meta)
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"cannot build a teacher from its manifest: {e}") from e
         header = header_of(module.state_dict())  # as the peer publishes it
+        if not sharded:
+            module = module.to(self._device())
         if self.teacher_dtype is not None:
             module = module.to(self.teacher_dtype)
-        if self.teacher_layout is not None:
+        if sharded:
             module = self.teacher_layout(module)
+            module.to_empty(device=self._device())
         teacher = self.teachers[peer] = Teacher(peer, module, header, self._predict)
         return teacher
 
@@ -583,8 +592,7 @@ class Codistiller:
 
     def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
         spec = meta.get("model")
-        module = self._build_from_spec(spec) if spec else copy.deepcopy(unwrap(self.model))
-        return module.to(self._device())
+        return self._build_from_spec(spec) if spec else copy.deepcopy(unwrap(self.model))
 
     @staticmethod
     def _build_from_spec(spec: Any) -> nn.Module:

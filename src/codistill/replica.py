@@ -124,9 +124,9 @@ def build_replica(
 
     def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:
         if peer >= cfg.replicas:  # a finished run's model: the spec saved with its weights
-            return task.build_model(meta["model"]).to(cfg.device)
+            return task.build_model(meta["model"])
         # Teachers follow this run's config, not the spec a file in the exchange claims.
-        return task.build_model(task.model_spec(cfg.replica_model(peer))).to(cfg.device)
+        return task.build_model(task.model_spec(cfg.replica_model(peer)))
 
     cd = Codistiller(
         model, exchange, replica=replica, num_replicas=cfg.replicas + fixed_teachers,
