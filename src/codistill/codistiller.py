@@ -469,8 +469,7 @@ class Codistiller:
         teacher = self.teachers.get(published.replica)
         if teacher is not None and teacher.version == published.step and teacher.ident == published.ident:
             return
-        bad = [k for k, v in published.state.items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [k for k, v in published.state.items() if v.is_floating_point() and not _finite(v)]
         if bad:  # a diverged peer: keep distilling from its last finite version
             raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
         teacher = self._teacher(published.replica, published.meta)
@@ -606,3 +605,9 @@ class Codistiller:
 def _model_nbytes(model: nn.Module) -> int:
     """Bytes of ``model``'s whole weights (a sharded model's global shapes)."""
     return sum(v.numel() * v.element_size() for v in unwrap(model).state_dict().values())
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """True if every element of ``t`` is finite: one sum (a NaN or infinity makes it
+    non-finite), and the exact test only when the sum is not finite (it may overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
