@@ -261,7 +261,8 @@ class Codistiller:
             logits, probs = logits[keep], probs[keep]
             if logits.shape[0] == 0:
                 return logits.new_zeros(())
-        return a * distill_loss(logits, probs.to(logits.dtype), self.distill, self.temperature)
+        psi = distill_loss(logits, probs.to(logits.dtype), self.distill, self.temperature)
+        return psi if a == 1.0 else a * psi
 
     def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
         """(α(step), the teachers' averaged predictions on ``inputs``), or None when α is 0

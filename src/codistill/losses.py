@@ -64,8 +64,9 @@ def distill_loss(
         )
     t = float(temperature)
     if kind == "bce":
-        loss = F.binary_cross_entropy_with_logits(student_logits / t, target)
-        return loss * (t * t) if t != 1.0 else loss
+        if t == 1.0:
+            return F.binary_cross_entropy_with_logits(student_logits, target)
+        return F.binary_cross_entropy_with_logits(student_logits / t, target) * (t * t)
     if kind not in ("kl", "ce"):
         raise ValueError(f"distill kind must be one of {DISTILL_KINDS}, got {kind!r}")
     v = student_logits.shape[-1]
