@@ -307,3 +307,33 @@ def test_max_drift_waits_for_the_slowest_peer_and_times_out_clearly(make_lm, tmp
     assert cds[0].refresh(30) == {1: 20}  # waited for the peer, then loaded its version
     assert time.perf_counter() - t0 >= 0.09
     later.join()
+
+
+def test_a_sharded_teacher_keeps_the_models_constants_and_predicts_as_its_peer():
+    """FSDP2 teachers (one-rank group): a model whose constants are buffers outside its state
+    dict (the click model's field offsets and limits) predicts exactly as the peer it was
+    loaded from, through the sharded load and forward."""
+    import torch.distributed as dist
+
+    from codistill.exchange import MemoryExchange
+    from codistill.models import build_model
+    from codistill.parallel import is_sharded, layout
+
+    spec = {"name": "click", "cardinalities": [7, 5, 3], "num_numeric": 2, "embed_dim": 4, "hidden": [8]}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard = layout("fsdp", dist.group.WORLD, "cpu")
+        torch.manual_seed(0)
+        peer, student = build_model(spec), build_model(spec)
+        ex = MemoryExchange()
+        ex.publish(1, 5, peer.state_dict(), {"model": spec})
+        cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=5, distill="bce",
+                         model_spec=spec, teacher_layout=shard)
+        assert cd.refresh(5) == {1: 5}
+        teacher = cd.teachers[1]
+        assert is_sharded(teacher.module)
+        x = (torch.tensor([[6, 4, 2], [0, 1, 0]]), torch.randn(2, 2))
+        want = torch.sigmoid(peer(*x).float())
+        torch.testing.assert_close(teacher.predict(x, "bce"), want)
+    finally:
+        dist.destroy_process_group()

@@ -14,7 +14,6 @@ num_replicas=N, ...)``, ``cd.distill_loss(x, out, step)`` and ``cd.after_step(st
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -88,8 +87,8 @@ class Codistiller:
             can build a teacher of this replica's architecture.
         teacher_factory: ``f(peer, meta) -> module`` builds an empty teacher for ``peer``
             (``meta``: the peer's manifest meta; the Codistiller moves it to the model's
-            device, and with a ``teacher_layout`` calls it under ``torch.device("meta")``); the
-            default builds from the peer's published ``model`` spec, or copies ``model``.
+            device); the default builds from the peer's published ``model`` spec, or copies
+            ``model``.
         peers: which replicas to distil from (default: all others).
         process_group: under DDP, the replica's process group: its first rank then publishes
             and loads the teachers and broadcasts them, so every rank of the replica distils
@@ -484,27 +483,24 @@ class Codistiller:
 
     def _teacher(self, peer: int, meta: dict[str, Any]) -> Teacher:
         """``peer``'s teacher, built on first use: the factory's module on this replica's
-        device, cast to ``teacher_dtype``. With a ``teacher_layout`` (sharded teachers) it is
-        built on the meta device, cast, laid out, and only then given memory, its shards
-        alone: no rank ever holds a whole teacher (its weights are loaded next anyway)."""
+        device, cast to ``teacher_dtype`` and laid out by ``teacher_layout`` (e.g. sharded:
+        each rank then keeps only its shards)."""
         teacher = self.teachers.get(peer)
         if teacher is not None:
             return teacher
-        sharded = self.teacher_layout is not None
         try:
             with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG
-                with torch.device("meta") if sharded else contextlib.nullcontext():
-                    module = self.teacher_factory(peer, meta)
+                module = self.teacher_factory(peer, meta)
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"cannot build a teacher from its manifest: {e}") from e
         header = header_of(module.state_dict())  # as the peer publishes it
-        if not sharded:
-            module = module.to(self._device())
+        # Built whole, not on the meta device: buffers outside the state dict (a model's
+        # constants) would otherwise be left uninitialised.
+        module = module.to(self._device())
         if self.teacher_dtype is not None:
             module = module.to(self.teacher_dtype)
-        if sharded:
+        if self.teacher_layout is not None:
             module = self.teacher_layout(module)
-            module.to_empty(device=self._device())
         teacher = self.teachers[peer] = Teacher(peer, module, header, self._predict)
         return teacher
 
