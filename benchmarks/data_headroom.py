@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from engine_efficiency import CLOCKS
 
 from codistill.config import load_config
 from codistill.exchange import MemoryExchange
@@ -34,7 +34,6 @@ from codistill.tasks import build_task
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TASKS = {"lm": "demo.yaml", "image": "image.yaml", "click": "click.yaml"}
 POOL = 256  # batches the training step cycles through
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: this thread's CPU time
 
 
 def rate(fn: Callable[[], object], calls: int, clock: Callable[[], float]) -> float:

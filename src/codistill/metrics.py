@@ -127,8 +127,10 @@ def evaluate_models(
             labels = [part[1] for part in parts]
         sums = torch.tensor([*nll, *correct, ens_nll, ens_correct, count, tv, top1], dtype=torch.float64)
         dist.all_reduce(sums, group=group)
-        *nll, ens_nll, ens_correct, count, tv, top1 = sums.tolist()
-        nll, correct, count = nll[:n], [int(c) for c in nll[n:]], int(count)
+        got = sums.tolist()
+        nll, correct = got[:n], [int(c) for c in got[n : 2 * n]]
+        ens_nll, ens_correct, count, tv, top1 = got[2 * n :]
+        count = int(count)
     if count == 0:
         raise ValueError("evaluation got no batches")
     out: dict[str, Any] = {"count": count}

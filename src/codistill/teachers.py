@@ -65,6 +65,9 @@ class Teacher:
         self.module = freeze(module)
         self.header = header if header is not None else header_of(module.state_dict())
         self.sharded = is_sharded(module)
+        param = next(iter(module.parameters()), None)  # the forward's autocast: the teacher's own dtype
+        self._device_type = param.device.type if param is not None else "cpu"
+        self._bf16 = param is not None and param.dtype == torch.bfloat16
         self.version: int | None = None  # step at which the loaded weights were published
         self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec)
         self.ident = ""  # the loaded version's ident (see Published.ident)
@@ -103,10 +106,7 @@ class Teacher:
     def predict(self, inputs: Any, kind: str, temperature: float = 1.0) -> torch.Tensor:
         """The teacher's predicted probabilities (in fp32), its forward run in its own dtype
         (whatever autocast the student's step is under)."""
-        param = next(iter(self.module.parameters()), None)
-        device = param.device.type if param is not None else "cpu"
-        bf16 = param is not None and param.dtype == torch.bfloat16
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self._bf16):
             out = self.forward(self.module, inputs)
         return predict_probs(out.float(), kind, temperature)
 
