@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import kl_tolerance
 
 from codistill.codistiller import Codistiller
 from codistill.exchange import MemoryExchange
-from codistill.losses import AlphaSchedule, distill_loss, predict_probs, task_loss
+from codistill.losses import AlphaSchedule, distill_loss, predict_probs, task_and_distill_loss, task_loss
 from codistill.teachers import average_predictions
 
 
@@ -257,3 +258,20 @@ def test_fused_task_and_distill_loss_equals_the_two_losses(monkeypatch, kind, ch
     torch.testing.assert_close(phi.double(), phi_ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(psi.double(), psi_ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("v", [20, 1000, 32768])
+def test_kl_value_keeps_its_precision_when_the_peers_nearly_agree(v):
+    """KL ≈ 5e-5 of two nearly equal distributions: the fp32 value (ψ alone and fused with φ)
+    is within the bound argued in ``numerics.kl_tolerance`` of a float64 reference, and far
+    from zero or negative."""
+    g = torch.Generator().manual_seed(v)
+    z = torch.randn(64, v, generator=g) * 3
+    p = torch.softmax(z + 0.01 * torch.randn(64, v, generator=g), -1)
+    logq = torch.log_softmax(z.double(), -1)
+    ref = float(F.kl_div(logq, p.double(), reduction="batchmean"))
+    tol = kl_tolerance(p, logq)
+    assert tol < ref / 3  # the bound is tight enough to tell the value from zero
+    _, psi = task_and_distill_loss(z, torch.zeros(64, dtype=torch.long), p, "kl")
+    for got in (distill_loss(z, p, "kl"), psi):
+        assert abs(float(got) - ref) <= tol

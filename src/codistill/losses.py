@@ -81,8 +81,19 @@ def _chunks(rows: int, width: int) -> list[slice]:
     return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
+def _soft_target_sum(p: torch.Tensor, logq: torch.Tensor, kl: bool) -> torch.Tensor:
+    """Σ p·(log p − log q) (``kl``) or −Σ p·log q over a chunk, with 0·log 0 = 0.
+
+    KL is summed term by term, not as cross entropy minus entropy: those two are each about
+    log V and nearly equal when peers agree, so their difference would lose the relative
+    precision of the small KL value."""
+    if not kl:
+        return -torch.vdot(p.reshape(-1), logq.reshape(-1))
+    return torch.where(p > 0, p * (p.log() - logq), 0.0).sum()
+
+
 class _SoftTargetLoss(torch.autograd.Function):
-    """T²·mean over rows of CE(p, softmax(z/T)) (minus the teacher's entropy for ``kl``),
+    """T²·mean over rows of KL(p ‖ softmax(z/T)) (``kl``) or CE(p, softmax(z/T)),
     computed in fp32 over chunks of rows, with the gradient T·(softmax(z/T)·Σp − p)/N written
     straight into the logits' gradient in the backward pass. No [rows, vocabulary] tensor is
     kept between the passes beyond the inputs themselves."""
@@ -94,9 +105,7 @@ class _SoftTargetLoss(torch.autograd.Function):
             z = logits[rows].float()
             pc = p[rows].float()
             logq = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
-            total -= torch.vdot(pc.reshape(-1), logq.reshape(-1))
-            if kl:
-                total -= torch.special.entr(pc).sum()
+            total += _soft_target_sum(pc, logq, kl)
         ctx.save_for_backward(logits, p)
         ctx.t = t
         return total * (t * t / logits.shape[0])
@@ -142,9 +151,7 @@ class _TaskDistillLoss(torch.autograd.Function):
             logq = torch.log_softmax(logits[rows].float(), dim=-1)
             pc = p[rows].float()
             phi -= logq.gather(1, y[rows, None]).sum()
-            psi -= torch.vdot(pc.reshape(-1), logq.reshape(-1))
-            if kl:
-                psi -= torch.special.entr(pc).sum()
+            psi += _soft_target_sum(pc, logq, kl)
         ctx.save_for_backward(logits, y, p)
         n = logits.shape[0]
         return phi / n, psi / n
