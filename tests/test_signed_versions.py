@@ -173,6 +173,31 @@ def test_key_rotation_needs_no_stop(tmp_path, caplog):
     _rejected(_exchange(tmp_path, KEY), 10, caplog, "signed with a key this reader does not have")
 
 
+def test_a_key_file_that_changes_is_read_again_so_keys_rotate_without_a_restart(tmp_path, caplog):
+    path = tmp_path / "exchange.key"
+    path.write_text(OLD)
+    path.chmod(0o600)
+    writer, reader = (DirectoryExchange(str(tmp_path / "ex")) for _ in range(2))
+    for ex in (writer, reader):
+        signing.attach(ex, Signer(run_id=RUN, key_file=str(path)))
+    writer.publish(1, 10, _state(), {})
+    assert reader.load(1, 10) is not None
+    path.write_text(f"{KEY} {OLD}")  # NEW signs, OLD still verifies
+    writer.publish(1, 20, _state(), {})
+    assert json.loads(_manifest(tmp_path / "ex", 20).read_text())["kid"] == key_id(bytes.fromhex(KEY))
+    assert reader.load(1, 20) is not None and reader.load(1, 10) is not None
+    path.write_text("half-written")  # unusable: the keys in use are kept
+    with caplog.at_level(logging.WARNING, logger="codistill"):
+        writer.publish(1, 30, _state(), {})
+        assert reader.load(1, 30) is not None
+    assert caplog.text.count("keeping the 2 key(s) in use") == 2 and KEY not in caplog.text
+    path.write_text(KEY)  # OLD retired
+    assert reader.load(1, 30) is not None
+    fresh = DirectoryExchange(str(tmp_path / "ex"))
+    signing.attach(fresh, Signer(run_id=RUN, key_file=str(path)))
+    assert fresh.load(1, 10) is None  # signed with OLD
+
+
 @pytest.mark.parametrize("value, message", [
     ("", "holds no key"),
     (" , ", "holds no key"),
@@ -214,6 +239,17 @@ def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog):
     assert "can be read by other users (mode 644): chmod 600 it" in caplog.text and KEY not in caplog.text
     with pytest.raises(ExchangeKeyError, match="not both"):
         load_keys(KEY, str(path))
+
+
+def test_codistill_launch_refuses_a_bad_key_before_starting_a_replica(tmp_path, monkeypatch, capsys):
+    from codistill.cli import main
+
+    monkeypatch.setenv("CODISTILL_EXCHANGE_KEY", "ab" * 8)
+    assert main(["launch", "--replicas", "2", "--exchange", str(tmp_path / "ex"), "--", sys.executable,
+                 "-c", f"open({str(tmp_path / 'started')!r}, 'w')"]) == 2
+    err = capsys.readouterr().err
+    assert "CODISTILL_EXCHANGE_KEY: key 1 has 8 bytes" in err and "ab" * 8 not in err
+    assert not (tmp_path / "started").exists()
 
 
 def test_a_missing_key_file_in_the_config_fails_the_run_before_training(tmp_path, tiny_config, capsys):

@@ -11,7 +11,8 @@ step than where it lies, after reading its manifest and before a byte of its wei
 
 Keys are hexadecimal, at least 32 digits (16 bytes); several, separated by commas or white
 space, make a rotation possible without stopping a run: the first signs, every one verifies
-(a manifest's ``kid``, the first 8 hex digits of SHA-256 of the key, picks it).
+(a manifest's ``kid``, the first 8 hex digits of SHA-256 of the key, picks it). A key file
+is read again whenever it changes, so replicas follow a rotation without a restart.
 
 Every manifest also carries the publisher's ``run_id``; a reader that has a run id rejects
 versions of any other (or none), so a new run does not read an old run's versions left in a
@@ -37,10 +38,10 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..launcher import ENV_KEY, ENV_RUN_ID  # the variables `codistill launch` passes on
+
 log = logging.getLogger(__name__)
 
-ENV_KEY = "CODISTILL_EXCHANGE_KEY"  # shared key(s), hex; the first signs
-ENV_RUN_ID = "CODISTILL_RUN_ID"  # the run id, when the config or the caller gives none
 MIN_KEY_BYTES = 16
 FAR_AHEAD = 10_000  # steps; at least 10 exchange intervals (see Signer)
 SIGNED = ("format", "replica", "step", "run_id", "weights", "sha256", "nbytes", "meta", "kid")
@@ -126,15 +127,18 @@ def load_keys(key: str | bytes | Sequence[str | bytes] | None = None, key_file: 
 class Signer:
     """Signs the manifests one exchange writes and admits the versions it reads.
 
-    ``keys``: the first signs, all verify ([]: nothing signed, nothing required);
+    ``keys``: the first signs, all verify ([]: nothing signed, nothing required), or
+    ``key_file``: read now, and read again whenever it changes (so keys rotate without a
+    restart; a changed file that is unusable keeps the keys in use, with a warning);
     ``run_id``: written into every manifest; a reader with one rejects other run ids (None:
     accept any); ``exchange_every``: K, for the far-ahead distance ``max(10·K, 10,000)``.
     """
 
     def __init__(self, keys: Sequence[bytes] = (), run_id: str | None = None,
-                 exchange_every: int | None = None) -> None:
-        self._keys = {key_id(k): bytes(k) for k in keys}
-        self._signing = key_id(keys[0]) if keys else None
+                 exchange_every: int | None = None, key_file: str | None = None) -> None:
+        self.key_file = os.path.expanduser(key_file) if key_file else None
+        self._stamp = _stamp(self.key_file) if self.key_file else None
+        self._use(read_key_file(self.key_file) if self.key_file else keys)
         self.run_id = run_id
         self.far_ahead = max(10 * exchange_every, FAR_AHEAD) if exchange_every else FAR_AHEAD
         self.rejected = 0  # versions rejected: unsigned, wrongly signed, another run
@@ -143,12 +147,30 @@ class Signer:
         self.seen: dict[int, int] = {}  # per peer: newest step admitted
         self._warned: set[tuple[int, int]] = set()
 
+    def _use(self, keys: Sequence[bytes]) -> None:
+        # One assignment: the writer and the prefetch threads never see half a key set.
+        self._ring = ({key_id(k): bytes(k) for k in keys}, key_id(keys[0]) if keys else None)
+
+    def _reload(self) -> None:
+        """Read the key file again if it changed since it was last read."""
+        if self.key_file is None or (stamp := _stamp(self.key_file)) == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            keys = read_key_file(self.key_file)
+        except ExchangeKeyError as e:
+            log.warning("%s: keeping the %d key(s) in use", e, len(self._ring[0]))
+            return
+        self._use(keys)
+        log.info("exchange keys read again from %s: kids %s, %s signs", self.key_file,
+                 ", ".join(self._ring[0]), self._ring[1])
+
     def __repr__(self) -> str:  # never the keys
-        return f"Signer(kids={sorted(self._keys)}, run_id={self.run_id!r})"
+        return f"Signer(kids={sorted(self._ring[0])}, run_id={self.run_id!r})"
 
     @property
     def keyed(self) -> bool:
-        return bool(self._keys)
+        return bool(self._ring[0])
 
     def note_published(self, step: int) -> None:
         self.published = step if self.published is None else max(self.published, step)
@@ -157,23 +179,27 @@ class Signer:
         """Add ``run_id`` and, with a key, ``kid`` and ``hmac`` to ``manifest`` (in place)."""
         manifest["run_id"] = self.run_id
         self.note_published(manifest["step"])
-        if self._signing is None:
+        self._reload()
+        keys, signing = self._ring
+        if signing is None:
             return
         # The meta as a reader will parse it back (tuples become lists, keys strings).
         manifest["meta"] = json.loads(json.dumps(manifest["meta"]))
-        manifest["kid"] = self._signing
-        manifest["hmac"] = _mac(self._keys[self._signing], manifest)
+        manifest["kid"] = signing
+        manifest["hmac"] = _mac(keys[signing], manifest)
 
     def admit(self, manifest: dict[str, Any], replica: int, step: int, where: str) -> bool:
         """True if the version may be read. ValueError (rejected for good) if it is unsigned
         or wrongly signed while this reader has a key, or of another run; False (not now,
         warned once) if there is no key and it is implausibly far ahead."""
+        self._reload()
+        keys = self._ring[0]
         try:
-            self._verify(manifest, replica, step)
+            self._verify(keys, manifest, replica, step)
         except ValueError:
             self.rejected += 1
             raise
-        if not self._keys:
+        if not keys:
             ref = max((s for s in (self.published, self.seen.get(replica)) if s is not None), default=None)
             if ref is not None and step > ref + self.far_ahead:
                 if (replica, step) not in self._warned:
@@ -187,12 +213,12 @@ class Signer:
         self.seen[replica] = max(self.seen.get(replica, step), step)
         return True
 
-    def _verify(self, manifest: dict[str, Any], replica: int, step: int) -> None:
-        if self._keys:
+    def _verify(self, keys: dict[str, bytes], manifest: dict[str, Any], replica: int, step: int) -> None:
+        if keys:
             kid, mac = manifest.get("kid"), manifest.get("hmac")
             if kid is None and mac is None:
                 raise ValueError("unsigned version (this reader has an exchange key)")
-            key = self._keys.get(kid) if isinstance(kid, str) else None
+            key = keys.get(kid) if isinstance(kid, str) else None
             if key is None:
                 raise ValueError(f"signed with a key this reader does not have (kid {kid!r})")
             if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, manifest)):
@@ -203,6 +229,14 @@ class Signer:
                                  f"{replica} step {step}")
         if self.run_id is not None and manifest.get("run_id") != self.run_id:
             raise ValueError(f"published by run {manifest.get('run_id')!r}, this is run {self.run_id!r}")
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _mac(key: bytes, manifest: dict[str, Any]) -> str:
@@ -263,9 +297,11 @@ def configure(exchange: Any, key: Any = None, key_file: str | None = None, run_i
         return
     if key is None and key_file is None and run_id is None and attached(exchange):
         return
-    keys = load_keys(key, key_file)
+    if key is not None and key_file is not None:
+        raise ExchangeKeyError("give exchange_key or exchange_key_file, not both")
+    keys = [] if key_file else load_keys(key)
     attach(exchange, Signer(keys, run_id if run_id is not None else os.environ.get(ENV_RUN_ID) or None,
-                            exchange_every))
+                            exchange_every, key_file))
 
 
 def run_id_of(cfg: Any) -> str:
@@ -280,4 +316,5 @@ def secure(exchange: Any, cfg: Any) -> None:
     if _directory(exchange) is None:
         return
     c = cfg.codistill
-    attach(exchange, Signer(load_keys(key_file=c.exchange_key_file), run_id_of(cfg), c.exchange_every))
+    keys = [] if c.exchange_key_file else load_keys()
+    attach(exchange, Signer(keys, run_id_of(cfg), c.exchange_every, c.exchange_key_file))
