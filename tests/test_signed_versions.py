@@ -191,11 +191,20 @@ def test_a_key_file_that_changes_is_read_again_so_keys_rotate_without_a_restart(
         writer.publish(1, 30, _state(), {})
         assert reader.load(1, 30) is not None
     assert caplog.text.count("keeping the 2 key(s) in use") == 2 and KEY not in caplog.text
+    late = tmp_path / "late.key"  # a replica whose copy of the key file has not been updated yet
+    late.write_text(OLD)
+    late.chmod(0o600)
+    behind = DirectoryExchange(str(tmp_path / "ex"))
+    signing.attach(behind, Signer(run_id=RUN, key_file=str(late)))
+    spy = _spied(behind)
+    with caplog.at_level(logging.WARNING, logger="codistill"):
+        assert behind.load(1, 30) is None and behind.load(1, 30) is None
+    assert caplog.text.count("read again if that key is added") == 1 and spy.touched == []
+    late.write_text(f"{OLD},{KEY}")
+    assert behind.load(1, 30) is not None  # not rejected for good: read once the key is there
     path.write_text(KEY)  # OLD retired
-    assert reader.load(1, 30) is not None
-    fresh = DirectoryExchange(str(tmp_path / "ex"))
-    signing.attach(fresh, Signer(run_id=RUN, key_file=str(path)))
-    assert fresh.load(1, 10) is None  # signed with OLD
+    writer.publish(1, 40, _state(), {})
+    assert reader.load(1, 40) is not None
 
 
 @pytest.mark.parametrize("value, message", [

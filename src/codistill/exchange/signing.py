@@ -145,7 +145,7 @@ class Signer:
         self.skipped_far_ahead = 0  # versions skipped as implausibly far ahead (no key)
         self.published: int | None = None  # newest step published through this exchange
         self.seen: dict[int, int] = {}  # per peer: newest step admitted
-        self._warned: set[tuple[int, int]] = set()
+        self._warned: set[tuple] = set()
 
     def _use(self, keys: Sequence[bytes]) -> None:
         # One assignment: the writer and the prefetch threads never see half a key set.
@@ -190,10 +190,18 @@ class Signer:
 
     def admit(self, manifest: dict[str, Any], replica: int, step: int, where: str) -> bool:
         """True if the version may be read. ValueError (rejected for good) if it is unsigned
-        or wrongly signed while this reader has a key, or of another run; False (not now,
-        warned once) if there is no key and it is implausibly far ahead."""
+        or wrongly signed while this reader has a key, or of another run. False (not now,
+        warned once) if it is signed with a key this reader does not have yet (a rotation
+        under way) or, without a key, if it is implausibly far ahead."""
         self._reload()
         keys = self._ring[0]
+        kid = manifest.get("kid")
+        if keys and isinstance(kid, str) and kid not in keys and manifest.get("hmac") is not None:
+            if self._warn_once((replica, step, kid)):
+                self.rejected += 1
+                log.warning("skipping %s: signed with a key this reader does not have (kid %r); read "
+                            "again if that key is added", where, kid)
+            return False
         try:
             self._verify(keys, manifest, replica, step)
         except ValueError:
@@ -202,8 +210,7 @@ class Signer:
         if not keys:
             ref = max((s for s in (self.published, self.seen.get(replica)) if s is not None), default=None)
             if ref is not None and step > ref + self.far_ahead:
-                if (replica, step) not in self._warned:
-                    self._warned.add((replica, step))
+                if self._warn_once((replica, step)):
                     self.skipped_far_ahead += 1
                     log.warning("skipping %s: step %d is more than %d steps ahead of step %d, the newest "
                                 "this replica has published or taken from replica %d (unsigned: set "
@@ -211,6 +218,12 @@ class Signer:
                                 where, step, self.far_ahead, ref, replica, ENV_KEY)
                 return False
         self.seen[replica] = max(self.seen.get(replica, step), step)
+        return True
+
+    def _warn_once(self, key: tuple) -> bool:
+        if key in self._warned:
+            return False
+        self._warned.add(key)
         return True
 
     def _verify(self, keys: dict[str, bytes], manifest: dict[str, Any], replica: int, step: int) -> None:
