@@ -226,10 +226,13 @@ def test_a_bad_key_in_the_environment_is_one_clear_error(monkeypatch, value, mes
     (b"", "holds no key"),
     (b"ab" * 8 + b"\n", "key 1 has 8 bytes"),
     (b"\xff\xfe binary", "not a hexadecimal key"),
+    ("fifo", "is not a regular file"),
 ])
 def test_a_bad_key_file_is_one_clear_error_naming_it(tmp_path, content, message):
     path = tmp_path / "exchange.key"
-    if content is not None:
+    if content == "fifo":  # would block a plain open() forever
+        os.mkfifo(path)
+    elif content is not None:
         path.write_bytes(content)
         path.chmod(0o600)
     with pytest.raises(ExchangeKeyError, match=f"exchange key file {path}") as e:

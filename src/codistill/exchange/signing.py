@@ -67,8 +67,8 @@ def parse_keys(text: str, source: str) -> list[bytes]:
         try:
             key = bytes.fromhex(part)
         except ValueError:
-            raise ExchangeKeyError(f"{source}: key {i} is not hexadecimal (generate one with {GENERATE})"
-                                   ) from None
+            raise ExchangeKeyError(f"{source}: key {i} is not hexadecimal (an even number of digits "
+                                   f"0-9a-f; generate one with {GENERATE})") from None
         if len(key) < MIN_KEY_BYTES:
             raise ExchangeKeyError(f"{source}: key {i} has {len(key)} bytes, fewer than {MIN_KEY_BYTES} "
                                    f"({2 * MIN_KEY_BYTES} hex digits; generate one with {GENERATE})")
@@ -79,8 +79,8 @@ def parse_keys(text: str, source: str) -> list[bytes]:
 def read_key_file(path: str) -> list[bytes]:
     """The keys in the file ``path``; warns if other users may read it."""
     source = f"exchange key file {path}"
-    try:
-        with open(path, "rb") as f:
+    try:  # non-blocking: a FIFO named as the key file must not hang the run
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(mode):
                 raise ExchangeKeyError(f"{source} is not a regular file")
