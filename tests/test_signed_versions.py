@@ -289,6 +289,19 @@ def test_the_plug_in_signs_with_its_key_argument_and_rejects_unsigned_peers(tmp_
     assert "hmac" in json.loads(_manifest(tmp_path, 15, replica=0).read_text())
 
 
+def test_from_env_takes_the_key_and_run_id_the_launcher_passes_on(tmp_path, monkeypatch):
+    env = {"CODISTILL_REPLICA": "1", "CODISTILL_NUM_REPLICAS": "2", "CODISTILL_EXCHANGE": str(tmp_path),
+           "CODISTILL_EXCHANGE_KEY": KEY, "CODISTILL_RUN_ID": RUN}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cd = Codistiller.from_env(torch.nn.Linear(2, 2), exchange_every=5)
+    cd.after_step(5)
+    cd.close()
+    manifest = json.loads(_manifest(tmp_path, 5).read_text())
+    assert (manifest["kid"], manifest["run_id"]) == (key_id(bytes.fromhex(KEY)), RUN)
+    assert _exchange(tmp_path, KEY, run_id=RUN).load(1, 5) is not None
+
+
 # -- no key -----------------------------------------------------------------------------
 def test_without_a_key_versions_are_read_as_before(tmp_path):
     _exchange(tmp_path, run_id=None).publish(1, 10, _state(), {})
