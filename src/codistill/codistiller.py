@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .exchange import BackgroundExchange, Exchange, Published, make_exchange, state_nbytes, unwrap
+from .exchange import BackgroundExchange, Exchange, Published, make_exchange, signing, state_nbytes, unwrap
 from .exchange.base import Check, Header, HostBuffers, header_nbytes, header_of
 from .exchange.collective import share_teachers
 from .exchange.prefetch import Prefetcher
@@ -116,6 +116,12 @@ class Codistiller:
             holds a shard of every teacher. A model sharded that way (``model``) is published
             by gathering one tensor at a time: then every rank calls :meth:`publish`,
             :meth:`refresh` and :meth:`after_step` together.
+        exchange_key, exchange_key_file: the key shared by every replica (hex text, raw bytes or
+            a list, the first signing; or a file holding it), default ``CODISTILL_EXCHANGE_KEY``:
+            a directory or URL exchange then signs every version and rejects unsigned or
+            wrongly signed ones before reading their weights (:mod:`codistill.exchange.signing`).
+        run_id: written into every version; peers' versions of another run id are rejected
+            (default ``CODISTILL_RUN_ID``; None: any run's versions are read).
     """
 
     def __init__(
@@ -143,6 +149,9 @@ class Codistiller:
         teacher_forward: Callable[[nn.Module, Any], Any] | None = None,
         outputs: str = "logits",
         prefetch: bool | None = None,
+        exchange_key: str | bytes | list[str | bytes] | None = None,
+        exchange_key_file: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -165,6 +174,7 @@ class Codistiller:
         # A location given by name is written by a background thread (publishing off the step).
         self.exchange = BackgroundExchange(make_exchange(exchange)) if isinstance(exchange, str) \
             else make_exchange(exchange)
+        signing.configure(self.exchange, exchange_key, exchange_key_file, run_id, exchange_every)
         self.replica = replica
         self.num_replicas = num_replicas
         self.exchange_every = exchange_every
@@ -310,6 +320,7 @@ class Codistiller:
         if state is None:  # a sharded model is gathered by every rank; the first one publishes
             return 0
         meta = {"replica": self.replica, "model": self.model_spec}
+        signing.note_published(self.exchange, step)  # before a background write lands
         try:
             self.exchange.publish(self.replica, step, state, meta)
         except OSError as e:  # a full disk or an unreachable store must not end the run

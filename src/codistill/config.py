@@ -73,6 +73,11 @@ class CodistillConfig:
     teacher_dtype: str = setting("auto", choices=("auto", "fp32", "bf16"))
     # under parallel: fsdp, shard each teacher across the replica's ranks like the student
     shard_teachers: bool = True
+    # Signed versions (docs/security.md): a file holding the key every replica shares (hex;
+    # default: the CODISTILL_EXCHANGE_KEY variable), and the run id written into every version
+    # (peers' versions of another run id are rejected; default: CODISTILL_RUN_ID, else NAME-seedSEED).
+    exchange_key_file: str | None = None
+    run_id: str | None = None
 
 
 @dataclass

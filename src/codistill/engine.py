@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from .config import ConfigError, RunConfig
-from .exchange import make_exchange, state_nbytes
+from .exchange import make_exchange, signing, state_nbytes
 from .loop import Loop, make_checkpointer, set_threads
 from .replica import build_replica
 from .rundir import RunDir
@@ -39,6 +39,7 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     # In one process every exchange is equivalent; a directory is still written if given.
     spec = "memory" if cfg.codistill.exchange == "collective" else cfg.codistill.exchange
     exchange = make_exchange(spec, keep=cfg.codistill.keep)
+    signing.secure(exchange, cfg)  # the key and run id, before anything is published
     source = cfg.codistill.teachers_from
     fixed = load_run_teachers(source, cfg.replicas) if source else []
     for t in fixed:  # offline distillation: a finished run's models, published once

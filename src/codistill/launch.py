@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, RunConfig
-from .exchange import BackgroundExchange, Exchange, MemoryExchange, make_exchange
+from .exchange import BackgroundExchange, Exchange, MemoryExchange, make_exchange, signing
 from .exchange.collective import CollectiveExchange
 from .loop import Loop, make_checkpointer, set_threads
 from .parallel import layout
@@ -49,6 +49,7 @@ def _exchange(cfg: RunConfig, topo: Topology, groups: Groups, device: str) -> Ex
                               "directory, a URL or 'collective'")
         return MemoryExchange(keep=cfg.codistill.keep)
     exchange = make_exchange(spec, keep=cfg.codistill.keep)
+    signing.secure(exchange, cfg)  # the key and run id
     return BackgroundExchange(exchange) if topo.is_leader else exchange
 
 

@@ -30,6 +30,9 @@ ENV_REPLICA = "CODISTILL_REPLICA"  # this replica's index, 0..N-1
 ENV_NUM_REPLICAS = "CODISTILL_NUM_REPLICAS"  # N
 ENV_EXCHANGE = "CODISTILL_EXCHANGE"  # the exchange directory or URL
 ENV_RESTART = "CODISTILL_RESTART"  # 0 on the first start, k on the k-th restart
+# Passed on from the launcher's own environment when set (exchange/signing.py):
+ENV_KEY = "CODISTILL_EXCHANGE_KEY"  # the key(s) every replica signs and verifies versions with
+ENV_RUN_ID = "CODISTILL_RUN_ID"  # the run id written into every version
 
 
 def replica_env() -> tuple[int, int]:
@@ -121,6 +124,10 @@ class Launcher:
             raise ValueError("launch: no command given (e.g. -- python train.py)")
         if replicas < 1 or workers < 1 or max_restarts < 0:
             raise ValueError("launch: --replicas and --workers must be >= 1, --max-restarts >= 0")
+        if ENV_KEY in os.environ:  # passed on to every replica: one clear error here, not N
+            from .exchange.signing import load_keys
+
+            load_keys()
         self.command = list(command)
         self.replicas, self.workers, self.max_restarts = replicas, workers, max_restarts
         self.exchange = exchange if "://" in exchange else os.path.abspath(exchange)

@@ -34,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .base import Check, Exchange, Header, Published, tensor_nbytes
+from .signing import signer_of
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class DirectoryExchange(Exchange):
             "time": time.time(),
             "meta": meta,
         }
+        signer_of(self).sign(manifest)  # run_id; with a key, kid and hmac (signing.py)
         self.store.write(f"{folder}/{name}.safetensors", data)
         self.store.write(f"{folder}/{name}.json", json.dumps(manifest, indent=1).encode())
         self._prune(replica)
@@ -253,6 +255,8 @@ class DirectoryExchange(Exchange):
             return None
         try:
             weights, expected, nbytes, meta = self._parse_manifest(manifest, step)
+            if not signer_of(self).admit(json.loads(manifest), replica, step, where):  # signing.py
+                return None
             rel = f"{folder}/{weights}"
             actual = self.store.size(rel)
             if self.max_bytes is not None and max(nbytes, actual) > self.max_bytes:

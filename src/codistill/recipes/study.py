@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 TUNE_SEED = 1000  # the seed tuning runs use; no reported figure uses it
 GUARDS = ("on_nonfinite", "diverge_factor", "dist_timeout")
-CODISTILL_GUARDS = ("max_teacher_size", "max_drift")  # the engine's replicas never drift
+# The engine's replicas never drift; who may publish and which run is read leave the numbers alone.
+CODISTILL_GUARDS = ("max_teacher_size", "max_drift", "exchange_key_file", "run_id")
 # Fields added after studies were run, left out of the key while they hold their defaults
 # (which give the numbers the earlier code gave), so finished arms keep their keys.
 LATER = {"parallel": "ddp", "precision": "fp32"}
