@@ -221,8 +221,8 @@ class Codistiller:
         also trains alone. ``kwargs`` are the constructor's."""
         import os
 
+        from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
         from .exchange import MemoryExchange
-        from .launcher import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
 
         replica = int(os.environ.get(ENV_REPLICA, 0))
         num_replicas = int(os.environ.get(ENV_NUM_REPLICAS, 1))

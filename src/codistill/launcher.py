@@ -23,23 +23,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+# The environment of every replica (read by the script, Codistiller.from_env, shard_dataset);
+# re-exported here: `codistill.launcher.replica_env()` is documented.
+from .env import (  # noqa: F401
+    ENV_EXCHANGE,
+    ENV_KEY,
+    ENV_NUM_REPLICAS,
+    ENV_REPLICA,
+    ENV_RESTART,
+    ENV_RUN_ID,
+    replica_env,
+)
+
 log = logging.getLogger(__name__)
-
-# The environment of every replica (read by the script, Codistiller.from_env, shard_dataset).
-ENV_REPLICA = "CODISTILL_REPLICA"  # this replica's index, 0..N-1
-ENV_NUM_REPLICAS = "CODISTILL_NUM_REPLICAS"  # N
-ENV_EXCHANGE = "CODISTILL_EXCHANGE"  # the exchange directory or URL
-ENV_RESTART = "CODISTILL_RESTART"  # 0 on the first start, k on the k-th restart
-# Passed on from the launcher's own environment when set (exchange/signing.py):
-ENV_KEY = "CODISTILL_EXCHANGE_KEY"  # the key(s) every replica signs and verifies versions with
-ENV_RUN_ID = "CODISTILL_RUN_ID"  # the run id written into every version
-
-
-def replica_env() -> tuple[int, int]:
-    """``(replica, num_replicas)`` from the launcher's environment; ``(0, 1)`` outside it."""
-    if ENV_REPLICA not in os.environ:
-        return 0, 1
-    return int(os.environ[ENV_REPLICA]), int(os.environ[ENV_NUM_REPLICAS])
 
 
 def free_ports(count: int) -> list[int]:

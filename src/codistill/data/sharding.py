@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
-from ..launcher import replica_env
+from ..env import replica_env
 
 
 def shard_indices(n: int, num_shards: int, shard: int, seed: int = 0, mode: str = "disjoint") -> np.ndarray:

@@ -38,7 +38,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..launcher import ENV_KEY, ENV_RUN_ID  # the variables `codistill launch` passes on
+from ..env import ENV_KEY, ENV_RUN_ID  # the variables `codistill launch` passes on
 
 log = logging.getLogger(__name__)
 
