@@ -427,3 +427,75 @@ def test_a_failed_write_is_not_counted_as_published(tmp_path, monkeypatch):
     assert cd.publish_failures == 1 and cd.bytes_published == 0 and cd.exchange.versions(1) == []
     state = cd.state_dict(weights=False)
     assert state["bytes_published"] == 0
+
+
+def test_an_object_store_refuses_folders_and_oversized_manifests(caplog):
+    """The fsspec store: an entry must be a file (fs.info), reads are bounded (cat_file with
+    an end), folders are not versions."""
+    import fsspec
+
+    from codistill.exchange.directory import MAX_MANIFEST_BYTES
+
+    url = "memory://hostile-store"
+    fs = fsspec.filesystem("memory")
+    fs.rm(url, recursive=True) if fs.exists(url) else None
+    torch.manual_seed(0)
+    peer = build_model(SPEC)
+    ex = DirectoryExchange(url)
+    cd = Codistiller(build_model(SPEC), ex, replica=0, num_replicas=2, model_spec=SPEC, prefetch=False)
+    ex.publish(1, 10, peer.state_dict(), {"model": SPEC})
+    fs.mkdir(f"{url}/replica-1/0000000030.json")  # a folder named like a manifest: not a version
+    fs.pipe_file(f"{url}/replica-1/0000000020.json", b" " * (MAX_MANIFEST_BYTES + 1))
+    manifest = json.loads(fs.cat_file(f"{url}/replica-1/0000000010.json"))
+    fs.mkdir(f"{url}/replica-1/0000000015.safetensors")  # weights that are a folder
+    fs.pipe_file(f"{url}/replica-1/0000000015.json", json.dumps(
+        {**manifest, "step": 15, "weights": "0000000015.safetensors"}).encode())
+    assert ex.versions(1) == [10, 15, 20]
+    with caplog.at_level(logging.WARNING, logger="codistill"):
+        assert cd.refresh(20) == {1: 10} and cd.refresh(25) == {1: 10}
+    assert "more than 1048576" in caplog.text and "not a file" in caplog.text
+    assert cd.rejected_versions == 2
+    fs.rm(url, recursive=True)
+
+
+def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_factory, tmp_path):
+    """End to end through the CLI: replica 0 of 2 runs alone; replica 1's folder holds a
+    FIFO, a symlink to /dev/zero, a folder, a symlink loop, JSON nested 100,000 deep, weights
+    linked out of the exchange, a weights folder, a deep header, unicode-digit names, and a
+    valid version whose weights overflow in the forward (every weight 3e38). Before, any of
+    the first five hung or killed the run, and the last stopped it ("training loss nan")."""
+    from codistill.config import from_dict
+    from codistill.tasks import build_task
+
+    values = tiny_config_factory(name="hostile")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps(values))
+    ex = tmp_path / "ex"
+    cfg = from_dict(values)
+    task = build_task(cfg)
+    torch.manual_seed(1)
+    spec = task.model_spec(cfg.replica_model(1))
+    real = task.build_model(spec)
+    DirectoryExchange(str(ex)).publish(1, 5, _overflowing(real), {"model": spec})
+    planted = {14: "manifest is a FIFO", 13: "manifest links to /dev/zero", 12: "manifest is a folder",
+               11: "manifest links to itself", 9: "manifest nested 100,000 deep",
+               8: "weights link outside the exchange", 7: "weights are a folder",
+               6: "header nested 100,000 deep"}  # tried newest first, CANDIDATES per refresh
+    for step, case in planted.items():
+        _plant(ex, real, case, step)
+    for name in ("².json", "٣٣٣٣٣٣٣٣٣٣.json", "0000000016.json.tmp"):
+        (ex / "replica-1" / name).write_text("{}")
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "codistill", "train", str(cfg_path), "--out", str(run),
+                          "--no-progress", "--replica", "0", "--num-replicas", "2", "--exchange", str(ex)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    rows = [json.loads(line) for line in (run / "metrics-replica0.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train[-1]["step"] == values["steps"] and all(r["loss"] == r["loss"] for r in train)  # no NaN
+    assert train[-1]["teacher_versions"] == {"1": 5}  # loaded (finite weights), then dropped
+    assert train[-1]["rejected_versions"] == len(planted) + 1  # each planted entry, and the dropped teacher
+    assert "peer 1 (its version of step 5) predicts non-finite values" in out.stderr
+    assert out.stderr.count("skipping") <= len(planted)
+    assert sorted(os.listdir(ex)) == ["replica-0", "replica-1"]
