@@ -66,7 +66,7 @@ def _version_name(step: int) -> str:
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder",
           stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
@@ -74,7 +74,8 @@ def parse_json(raw: bytes) -> Any:
     """``raw`` as JSON, refused (ValueError) when nested deeper than ``MAX_DEPTH``: the depth
     is measured before parsing (brackets outside strings, counted in one vectorised pass), so
     the parser never recurses deeper than that."""
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads decodes bytes
+    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
     if len(brackets) > 2 * MAX_DEPTH:  # shallow and short needs no count
         steps = torch.frombuffer(bytearray(brackets), dtype=torch.uint8)
         opens = (steps == ord("[")) | (steps == ord("{"))
@@ -86,7 +87,7 @@ def parse_json(raw: bytes) -> Any:
             depth = max(depth, level)
     if depth > MAX_DEPTH:
         raise ValueError(f"JSON nested {depth} deep (more than {MAX_DEPTH})")
-    return json.loads(raw)
+    return json.loads(text)
 
 
 class _LocalStore:
