@@ -54,7 +54,6 @@ FORMAT = "codistill-exchange/1"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_DEPTH = 16  # JSON nesting: a manifest (its meta's model spec) and a safetensors header are shallow
-NAME = re.compile(r"([0-9]{10})\.json")  # the names publish writes (ASCII digits: not '²' or '٣')
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -355,11 +354,9 @@ class DirectoryExchange(Exchange):
     def listing(self, replica: int) -> dict[int, Any]:
         """``{step: token}``: the versions named as publish names them (``0000000050.json``),
         the token changing when one is written again (its inode, or an object's size and time)."""
-        out = {}
-        for fname, token in self.store.list(self._folder(replica)).items():
-            if m := NAME.fullmatch(fname):
-                out[int(m[1])] = token
-        return out
+        return {int(fname[:10]): token for fname, token in self.store.list(self._folder(replica)).items()
+                if len(fname) == 15 and fname.endswith(".json") and fname[:10].isascii()
+                and fname[:10].isdigit()}  # ASCII digits: '²'.isdigit() and '٣'.isdigit() are true
 
     def versions(self, replica: int) -> list[int]:
         return sorted(self.listing(replica))
