@@ -458,16 +458,19 @@ def test_an_object_store_refuses_folders_and_oversized_manifests(caplog):
     fs.rm(url, recursive=True)
 
 
-def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_factory, tmp_path):
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_factory, tmp_path,
+                                                                  on_nonfinite):
     """End to end through the CLI: replica 0 of 2 runs alone; replica 1's folder holds a
     FIFO, a symlink to /dev/zero, a folder, a symlink loop, JSON nested 100,000 deep, weights
     linked out of the exchange, a weights folder, a deep header, unicode-digit names, and a
     valid version whose weights overflow in the forward (every weight 3e38). Before, any of
-    the first five hung or killed the run, and the last stopped it ("training loss nan")."""
+    the first five hung or killed the run, and the last stopped it ("training loss nan"; with
+    ``on_nonfinite: skip``, every step was skipped and it stopped the same way)."""
     from codistill.config import from_dict
     from codistill.tasks import build_task
 
-    values = tiny_config_factory(name="hostile")
+    values = tiny_config_factory(name="hostile", on_nonfinite=on_nonfinite)
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(json.dumps(values))
     ex = tmp_path / "ex"
@@ -494,6 +497,7 @@ def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_fa
     rows = [json.loads(line) for line in (run / "metrics-replica0.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert train[-1]["step"] == values["steps"] and all(r["loss"] == r["loss"] for r in train)  # no NaN
+    assert all(r["skipped"] == 0 for r in train)
     assert train[-1]["teacher_versions"] == {"1": 5}  # loaded (finite weights), then dropped
     assert train[-1]["rejected_versions"] == len(planted) + 1  # each planted entry, and the dropped teacher
     assert "peer 1 (its version of step 5) predicts non-finite values" in out.stderr

@@ -216,6 +216,10 @@ class Exchange(ABC):
         else:
             log.debug("skipping %s: %s", where, reason)
 
+    def _refuse(self, key: Any, where: str, reason: str) -> None:
+        """:meth:`refuse` of the version ``key`` = ``(replica, step, ...)`` names."""
+        self.refuse(key[0], key[1], where, reason, key)
+
     def rejected(self, replica: int) -> int:
         """How many versions of ``replica`` were rejected (each counted once)."""
         return self._rejections().count.get(replica, 0)
