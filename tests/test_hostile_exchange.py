@@ -503,3 +503,17 @@ def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_fa
     assert "peer 1 (its version of step 5) predicts non-finite values" in out.stderr
     assert out.stderr.count("skipping") <= len(planted)
     assert sorted(os.listdir(ex)) == ["replica-0", "replica-1"]
+
+
+def test_a_store_that_cannot_be_listed_keeps_the_teachers(tmp_path, monkeypatch, caplog):
+    cd, peer, ex = _pair(tmp_path, prefetch=False)
+    _valid(tmp_path, peer)
+    assert cd.refresh(10) == {1: 10}
+
+    def unreachable(*_):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ex.store, "list", unreachable)
+    with caplog.at_level(logging.WARNING, logger="codistill"):
+        assert cd.refresh(15) == {1: 10}
+    assert "cannot list the versions of peer 1" in caplog.text

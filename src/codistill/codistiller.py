@@ -363,7 +363,12 @@ class Codistiller:
         versions per refresh (rejected ones are remembered and not tried again)."""
         for peer in self.peers:
             teacher = self.teachers.get(peer)
-            for tried, step in enumerate(self.exchange.candidates(peer)):
+            try:
+                steps = self.exchange.candidates(peer)
+            except OSError as e:  # an unreachable store: the teachers stay as they are
+                log.warning("replica %d: cannot list the versions of peer %d (%s)", self.replica, peer, e)
+                continue
+            for tried, step in enumerate(steps):
                 if teacher is not None and teacher.version == step and \
                         self.exchange.ident(peer, step) in (None, teacher.ident):
                     break  # newer versions were invalid: keep this one (unless published again)
