@@ -409,11 +409,14 @@ def test_a_full_disk_prunes_older_versions_to_make_room(tmp_path, monkeypatch):
     cd.publish(10)
     cd.exchange.flush()
     version = sum(p.stat().st_size for p in (tmp_path / "replica-1").iterdir())  # weights and manifest
-    _full_disk(monkeypatch, int(3.5 * version))  # room for three versions and half of a fourth
+    orphan = tmp_path / "replica-1" / f"{5:010d}.safetensors"  # weights whose manifest write failed
+    orphan.write_bytes(bytes(version // 4))
+    _full_disk(monkeypatch, int(3.5 * version))  # room for three versions (and the orphan)
     for step in (20, 30, 40):
         cd.publish(step)
         cd.exchange.flush()
     assert cd.exchange.versions(1) == [30, 40] and cd.exchange.inner.load(1, 30) is not None
+    assert not orphan.exists()
     assert cd.publish_failures == 0 and cd.bytes_published == 4 * n
 
 

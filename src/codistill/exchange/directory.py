@@ -335,11 +335,18 @@ class DirectoryExchange(Exchange):
 
     def _make_room(self, replica: int, step: int) -> list[int]:
         """Remove ``replica``'s versions other than the newest complete one before ``step``
-        (and any after it); the steps removed."""
+        (and any after it), and weights without a manifest (a write that failed between the
+        two); the steps removed."""
         steps = self.versions(replica)
         gone = [s for s in steps if s > step] + [s for s in steps if s < step][:-1]
         for s in gone:
             self._remove(replica, s)
+        folder, names = self._folder(replica), self.store.list(self._folder(replica))
+        for name in names:
+            stem = name.removesuffix(".safetensors")
+            if stem != name and f"{stem}.json" not in names and stem != _version_name(step):
+                self.store.remove(f"{folder}/{name}")
+                gone.append(int(stem) if stem.isascii() and stem.isdigit() else stem)
         return gone
 
     def _remove(self, replica: int, step: int) -> None:
