@@ -520,3 +520,21 @@ def test_a_store_that_cannot_be_listed_keeps_the_teachers(tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING, logger="codistill"):
         assert cd.refresh(15) == {1: 10}
     assert "cannot list the versions of peer 1" in caplog.text
+
+
+def test_a_file_whose_size_lies_is_read_only_to_the_bound(tmp_path, monkeypatch):
+    """A regular file whose fstat says 0 bytes (as /proc's files do) is still read only to
+    the bound + 1 bytes, then refused."""
+    from codistill.exchange import directory
+    from codistill.exchange.directory import MAX_MANIFEST_BYTES
+
+    ex = DirectoryExchange(str(tmp_path))
+    (tmp_path / "replica-1").mkdir()
+    (tmp_path / "replica-1" / f"{20:010d}.json").write_bytes(bytes(64 << 20))
+    real = os.fstat
+    monkeypatch.setattr(directory.os, "fstat", lambda fd: os.stat_result((*real(fd)[:6], 0, *real(fd)[7:])))
+    before = _bytes_read()
+    with pytest.raises(ValueError, match="more than 1048576 bytes"):
+        ex.store.read(f"replica-1/{20:010d}.json", MAX_MANIFEST_BYTES)
+    assert _bytes_read() - before <= MAX_MANIFEST_BYTES + 1 + (64 << 10)  # the bound, and a buffer
+    assert ex.load(1, 20) is None and ex.rejected(1) == 1
