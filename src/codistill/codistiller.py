@@ -25,12 +25,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .exchange import BackgroundExchange, Exchange, Published, make_exchange, signing, state_nbytes, unwrap
-from .exchange.base import Check, Header, HostBuffers, header_nbytes, header_of
+from .exchange.base import CANDIDATES, Check, Header, HostBuffers, header_nbytes, header_of
 from .exchange.collective import share_teachers
 from .exchange.prefetch import Prefetcher
 from .losses import DISTILL_KINDS, AlphaSchedule, distill_loss
 from .parallel import full_state, is_sharded
-from .teachers import Teacher, average_predictions
+from .teachers import Teacher, average_predictions, finite
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,6 @@ class Codistiller:
         self.bytes_read = 0
         self.sync_wait_s = 0.0  # time spent waiting for peers in lock-step mode
         self._publish_failures = 0
-        self._rejected: set[tuple[int, int]] = set()  # (peer, step) versions that failed to load
         self._pending: dict[int, Published] | None = None  # sharded teachers: chosen, loaded together
         self._host = HostBuffers()  # reused host copies of the weights for a publish in flight
         if prefetch is None:
@@ -275,12 +274,13 @@ class Codistiller:
 
     def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
         """(α(step), the teachers' averaged predictions on ``inputs``), or None when α is 0
-        or no teacher is loaded: the parts of ψ for a caller that computes it itself (e.g.
-        fused with φ, :func:`codistill.losses.task_and_distill_loss`)."""
+        or no teacher is loaded (or every one is dropped): the parts of ψ for a caller that
+        computes it itself (e.g. fused with φ, :func:`codistill.losses.task_and_distill_loss`)."""
         a = self.alpha(step)
         if a == 0.0 or not any(t.version is not None for t in self.teachers.values()):
             return None
-        return a, average_predictions(list(self.teachers.values()), inputs, self.distill, self.temperature)
+        probs = average_predictions(list(self.teachers.values()), inputs, self.distill, self.temperature)
+        return None if probs is None else (a, probs)
 
     # -- exchange ---------------------------------------------------------------------
     def after_step(self, step: int | None = None) -> None:
@@ -370,14 +370,21 @@ class Codistiller:
         return self.teacher_versions()
 
     def _load_newest(self) -> None:
+        """Load each peer's newest valid version, trying at most ``CANDIDATES`` of its
+        versions per refresh (rejected ones are remembered and not tried again)."""
         for peer in self.peers:
             teacher = self.teachers.get(peer)
-            for step in reversed(self.exchange.versions(peer)):
+            try:
+                steps = self.exchange.candidates(peer)
+            except OSError as e:  # an unreachable store: the teachers stay as they are
+                log.warning("replica %d: cannot list the versions of peer %d (%s)", self.replica, peer, e)
+                continue
+            for tried, step in enumerate(steps):
                 if teacher is not None and teacher.version == step and \
                         self.exchange.ident(peer, step) in (None, teacher.ident):
                     break  # newer versions were invalid: keep this one (unless published again)
-                if (peer, step) in self._rejected:
-                    continue
+                if tried == CANDIDATES:
+                    break
                 published = self._prefetcher.take(peer, step, self.exchange.ident(peer, step)) \
                     if self._prefetcher is not None else None
                 if published is None:
@@ -388,9 +395,8 @@ class Codistiller:
                     self._load(published)
                     break
                 except ValueError as e:  # a peer's bad version must not stop this replica
-                    self._rejected.add((peer, step))
-                    log.warning("replica %d: skipping peer %d step %d: %s", self.replica, peer,
-                                published.step, e)
+                    self.exchange.refuse(peer, step, f"peer {peer} step {step}", str(e),
+                                         (peer, step, "loaded", published.ident))
 
     def _load_exact(self, versions: dict[int, int]) -> None:
         for peer, want in versions.items():
@@ -480,7 +486,7 @@ class Codistiller:
         teacher = self.teachers.get(published.replica)
         if teacher is not None and teacher.version == published.step and teacher.ident == published.ident:
             return
-        bad = [k for k, v in published.state.items() if v.is_floating_point() and not _finite(v)]
+        bad = [k for k, v in published.state.items() if v.is_floating_point() and not finite(v)]
         if bad:  # a diverged peer: keep distilling from its last finite version
             raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
         teacher = self._teacher(published.replica, published.meta)
@@ -551,6 +557,23 @@ class Codistiller:
 
     # -- read-only views --------------------------------------------------------------
     @property
+    def bytes_published(self) -> int:
+        """Tensor bytes of this replica's versions written to the exchange (a write that
+        failed in the background writer is taken back once it has failed)."""
+        return self._published - (self.exchange.unwritten(self.replica) - self._unwritten)
+
+    @bytes_published.setter
+    def bytes_published(self, n: int) -> None:
+        self._published, self._unwritten = n, self.exchange.unwritten(self.replica)
+
+    @property
+    def rejected_versions(self) -> int:
+        """Peers' versions rejected: unreadable or invalid entries in the exchange, versions
+        that do not fit or hold non-finite weights, teachers dropped for non-finite predictions."""
+        return sum(self.exchange.rejected(p) for p in self.peers) + \
+            sum(t.drops for t in self.teachers.values())
+
+    @property
     def publish_failures(self) -> int:
         """Publishes that failed (a full disk, an unreachable store), in this call or in the
         exchange's background writer."""
@@ -613,9 +636,3 @@ class Codistiller:
 def _model_nbytes(model: nn.Module) -> int:
     """Bytes of ``model``'s whole weights (a sharded model's global shapes)."""
     return sum(v.numel() * v.element_size() for v in unwrap(model).state_dict().values())
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """True if every element of ``t`` is finite: one sum (a NaN or infinity makes it
-    non-finite), and the exact test only when the sum is not finite (it may overflow)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

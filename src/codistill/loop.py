@@ -139,7 +139,7 @@ class Loop:
                 "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
                 "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
                 "publish_wait_s": cd.exchange.wait_seconds, "sync_wait_s": cd.sync_wait_s,
-                "publish_failures": cd.publish_failures,
+                "publish_failures": cd.publish_failures, "rejected_versions": cd.rejected_versions,
                 **({"bytes_averaged": self.bytes_averaged} if rep.outer is not None else {})}
 
     # -- the loop ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,14 @@ from .exchange import Published
 from .exchange.base import Header, header_of
 from .losses import predict_probs
 from .parallel import is_sharded, load_full_state
+
+log = logging.getLogger(__name__)
+
+
+def finite(t: torch.Tensor) -> bool:
+    """True if every element of ``t`` is finite: one sum (a NaN or infinity makes it
+    non-finite), and the exact test only when the sum is not finite (it may overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -71,6 +80,8 @@ class Teacher:
         self.version: int | None = None  # step at which the loaded weights were published
         self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec)
         self.ident = ""  # the loaded version's ident (see Published.ident)
+        self.dropped = False  # the loaded version predicted non-finite values: left out of ψ
+        self.drops = 0  # versions dropped so far
 
     def load(self, published: Published, src: int | None = None, group: Any = None) -> None:
         """Copy ``published`` weights into the preallocated module (no rebuild), cast to its
@@ -87,6 +98,7 @@ class Teacher:
                 f"do not fit its teacher module: {e}"
             ) from e
         freeze(self.module)
+        self.dropped = False
         self.version = published.step
         self.meta = published.meta
         self.ident = published.ident
@@ -114,12 +126,27 @@ class Teacher:
 @torch.no_grad()
 def average_predictions(
     teachers: list[Teacher], inputs: Any, kind: str, temperature: float = 1.0
-) -> torch.Tensor:
-    """mean_j p_j(x) over the loaded teachers; raises if none is loaded."""
+) -> torch.Tensor | None:
+    """mean_j p_j(x) over the loaded teachers; raises if none is loaded, None if every one
+    is dropped. A teacher whose predictions on ``inputs`` are not finite (weights that are
+    finite but overflow in its forward) is dropped, from this step until its peer's next
+    version is loaded, with a warning naming the peer. The test is one reduction per
+    teacher (:func:`finite`)."""
     loaded = [t for t in teachers if t.version is not None]
     if not loaded:
         raise RuntimeError("no teacher has weights loaded yet")
-    total = loaded[0].predict(inputs, kind, temperature)
-    for t in loaded[1:]:
-        total += t.predict(inputs, kind, temperature)
-    return total.div_(len(loaded)) if len(loaded) > 1 else total
+    total, n = None, 0
+    for t in loaded:
+        if t.dropped and not t.sharded:
+            continue
+        probs = t.predict(inputs, kind, temperature)  # a sharded forward is collective: every rank runs it
+        if t.dropped:
+            continue
+        if not finite(probs):
+            t.dropped, t.drops = True, t.drops + 1
+            log.warning("the teacher of peer %d (its version of step %d) predicts non-finite values; "
+                        "distilling without it until peer %d publishes a newer version", t.peer,
+                        t.version, t.peer)
+            continue
+        total, n = (probs, 1) if total is None else (total.add_(probs), n + 1)
+    return total.div_(n) if total is not None and n > 1 else total

@@ -34,6 +34,7 @@ class BackgroundExchange(Exchange):
         self._pending: Future | None = None
         self.last_write_seconds = 0.0
         self.wait_seconds = 0.0  # time training spent waiting for a previous write
+        self._unwritten: dict[int, int] = {}  # replica -> tensor bytes of failed writes
 
     def _write(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict) -> int:
         t0 = time.perf_counter()
@@ -41,6 +42,7 @@ class BackgroundExchange(Exchange):
             n = self.inner.publish(replica, step, ready(state), meta)
         except OSError as e:
             self.publish_failures += 1
+            self._unwritten[replica] = self._unwritten.get(replica, 0) + state_nbytes(state)
             log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",
                         replica, step, e)
             return 0
@@ -74,6 +76,18 @@ class BackgroundExchange(Exchange):
 
     def ident(self, replica: int, step: int) -> str | None:
         return self.inner.ident(replica, step)
+
+    def unwritten(self, replica: int) -> int:
+        return self._unwritten.get(replica, 0)
+
+    def candidates(self, replica: int) -> list[int]:
+        return self.inner.candidates(replica)
+
+    def refuse(self, replica: int, step: int, where: str, reason: str, key: Any = None) -> None:
+        self.inner.refuse(replica, step, where, reason, key)
+
+    def rejected(self, replica: int) -> int:
+        return self.inner.rejected(replica)
 
     def limit(self, max_bytes: int | None) -> None:
         self.max_bytes = max_bytes

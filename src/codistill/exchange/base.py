@@ -12,6 +12,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+WARN_EACH = 5  # rejected versions of one replica warned about one by one (then at powers of ten)
+CANDIDATES = 4  # versions of one peer a refresh tries, newest first (rejected ones are then skipped)
+_UNSEEN = object()
+
 Header = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype, shape)
 Check = Callable[[Header, dict[str, Any]], None]  # (header, manifest meta); raises ValueError to reject
 
@@ -26,6 +30,16 @@ class Published:
     meta: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
     ident: str = ""  # names this content: a step published again (after a crash) gets another
+
+
+@dataclass
+class _Rejections:
+    """An exchange's record of the versions it rejected."""
+
+    warned: set[Any] = field(default_factory=set)  # keys warned about (a version's content)
+    count: dict[int, int] = field(default_factory=dict)  # replica -> versions rejected
+    bad: dict[tuple[int, int], Any] = field(default_factory=dict)  # (replica, step) -> token then
+    listed: dict[int, dict[int, Any]] = field(default_factory=dict)  # replica -> its last listing
 
 
 def state_nbytes(state: dict[str, torch.Tensor]) -> int:
@@ -159,24 +173,68 @@ class Exchange(ABC):
         published = self.load(replica, step)
         return None if published is None else published.ident
 
+    def unwritten(self, replica: int) -> int:
+        """Tensor bytes of ``replica``'s versions whose write failed after ``publish`` had
+        returned (a background writer)."""
+        return 0
+
     def limit(self, max_bytes: int | None) -> None:
         """Reject versions whose weights exceed ``max_bytes`` (None: no bound)."""
         self.max_bytes = max_bytes
 
-    def _refuse(self, key: Any, where: str, reason: str) -> None:
-        """Warn that a version is rejected, once per version (``key`` names it)."""
-        rejected = self.__dict__.setdefault("_rejected", set())
-        if key not in rejected:
-            rejected.add(key)
+    def listing(self, replica: int) -> dict[int, Any]:
+        """``{step: token}`` of ``replica``'s versions, the token changing when a version is
+        written again (default: None, as for an exchange whose versions never change)."""
+        return dict.fromkeys(self.versions(replica))
+
+    def candidates(self, replica: int) -> list[int]:
+        """Steps of ``replica``'s versions, newest first, without those rejected before
+        (unless written again since)."""
+        listed = self.listing(replica)
+        rejections = self._rejections()
+        rejections.listed[replica] = listed
+        return [s for s in sorted(listed, reverse=True)
+                if rejections.bad.get((replica, s), _UNSEEN) != listed[s]]
+
+    def refuse(self, replica: int, step: int, where: str, reason: str, key: Any = None) -> None:
+        """Reject ``replica``'s version ``step``: :meth:`candidates` leaves it out until it is
+        written again; warned about and counted once per ``key`` (default: the version), one
+        by one for the first ``WARN_EACH`` of a replica, then at each power of ten."""
+        rejections = self._rejections()
+        rejections.bad[(replica, step)] = rejections.listed.get(replica, {}).get(step)
+        key = (replica, step) if key is None else key
+        if key in rejections.warned:
+            return
+        rejections.warned.add(key)
+        n = rejections.count[replica] = rejections.count.get(replica, 0) + 1
+        if n <= WARN_EACH:
             log.warning("skipping %s: %s", where, reason)
+        elif n == WARN_EACH + 1 or f"{n}".strip("0") == "1":
+            log.warning("skipping %d bad versions of replica %d so far (the last: %s: %s); counted in "
+                        "rejected_versions, warned about again at each power of ten", n, replica, where,
+                        reason)
+        else:
+            log.debug("skipping %s: %s", where, reason)
+
+    def _refuse(self, key: Any, where: str, reason: str) -> None:
+        """:meth:`refuse` of the version ``key`` = ``(replica, step, ...)`` names."""
+        self.refuse(key[0], key[1], where, reason, key)
+
+    def rejected(self, replica: int) -> int:
+        """How many versions of ``replica`` were rejected (each counted once)."""
+        return self._rejections().count.get(replica, 0)
 
     def _refused(self, key: Any) -> bool:
-        return key in self.__dict__.get("_rejected", ())
+        return key in self._rejections().warned
+
+    def _rejections(self) -> _Rejections:
+        return self.__dict__.setdefault("_rejections_state", _Rejections())
 
     def _checked(self, published: Published, check: Check | None, where: str) -> Published | None:
         """``published`` if it passes the size bound and ``check``, else None (warned once)."""
         key = (published.replica, published.step, id(published))
         if self._refused(key):
+            self.refuse(published.replica, published.step, where, "", key)
             return None
         header = header_of(published.state)
         try:
@@ -185,7 +243,7 @@ class Exchange(ABC):
             if check is not None:
                 check(header, published.meta)
         except ValueError as e:
-            self._refuse(key, where, str(e))
+            self.refuse(published.replica, published.step, where, str(e), key)
             return None
         return published
 

@@ -7,22 +7,35 @@ Layout under the root::
 
 The manifest is written last, so its presence marks a complete version. On a local
 filesystem both files are written to a hidden temporary name, fsynced and renamed, so a
-reader never sees a half-written file.
+reader never sees a half-written file. A publisher keeps its newest ``keep`` versions up to
+the step it publishes and removes any after it (not its own: planted, or lost in a crash
+before a resume); on a full disk it removes all but its newest complete version and writes
+once more.
 
-Everything in the exchange is untrusted input (other jobs can write there). A reader checks,
-in this order and before reading more: the manifest's size and fields; the declared and
-actual size of the weights against ``max_bytes``; the safetensors header (every tensor's
-dtype, shape and byte range) and the caller's ``check`` of it; then the whole file's
-checksum. A version that fails is skipped (warned about once, never read again) and the
-previous one is used. Nothing is ever unpickled.
+Everything in the exchange is untrusted input (other jobs can write there). Only names of
+the form publish writes (ten ASCII digits) are versions. A reader reads only regular files:
+on a local filesystem every path component is checked with lstat and opened with
+``O_NOFOLLOW | O_NONBLOCK`` (no symlink, FIFO, device or folder is followed or read), the
+opened file checked again with fstat; an object store's entry must be a file. Every read is
+bounded before it starts (at most the bound + 1 bytes, whatever the file claims or however
+it grows), and JSON nested deeper than ``MAX_DEPTH`` is refused before it is parsed. In
+order and before reading more, a reader checks: the manifest's size and fields; the declared
+and actual size of the weights against ``max_bytes``; the safetensors header (every
+tensor's dtype, shape and byte range) and the caller's ``check`` of it; then the whole
+file's checksum. A version that fails in any way is skipped (warned about once, counted,
+never read again unless written again) and the previous one is used. Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import struct
 import time
 import uuid
@@ -41,12 +54,40 @@ log = logging.getLogger(__name__)
 FORMAT = "codistill-exchange/1"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_DEPTH = 16  # JSON nesting: a manifest (its meta's model spec) and a safetensors header are shallow
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _version_name(step: int) -> str:
     return f"{step:010d}"
+
+
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder",
+          stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, refused (ValueError) when nested deeper than ``MAX_DEPTH``: the depth
+    is measured before parsing (brackets outside strings, counted in one vectorised pass), so
+    the parser never recurses deeper than that."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads decodes bytes
+    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
+    if len(brackets) > 2 * MAX_DEPTH:  # shallow and short needs no count
+        steps = torch.frombuffer(bytearray(brackets), dtype=torch.uint8)
+        opens = (steps == ord("[")) | (steps == ord("{"))
+        depth = int((opens.to(torch.int32) * 2 - 1).cumsum(0, dtype=torch.int32).max())
+    else:
+        depth = level = 0
+        for c in brackets:
+            level += 1 if c in b"[{" else -1
+            depth = max(depth, level)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"JSON nested {depth} deep (more than {MAX_DEPTH})")
+    return json.loads(text)
 
 
 class _LocalStore:
@@ -82,23 +123,67 @@ class _LocalStore:
         finally:
             os.close(fd)
 
-    def read(self, rel: str) -> bytes:
-        with open(os.path.join(self.root, rel), "rb") as f:
-            return f.read()
+    def _open(self, rel: str) -> tuple[int, int]:
+        """(an fd, the size) of the regular file ``rel``; ValueError if it is anything else (a
+        symlink, FIFO, device or folder), at any level below the root. Nothing blocks: a FIFO
+        is refused from its lstat before it is opened, and O_NONBLOCK covers a swap in between."""
+        *folders, name = rel.split("/")
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for i, part in enumerate([*folders, name]):
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                last = i == len(folders)
+                if not (stat.S_ISREG(st.st_mode) if last else stat.S_ISDIR(st.st_mode)):
+                    raise ValueError(f"{rel} is not a regular file in the exchange "
+                                     f"({part!r}: {_KINDS.get(stat.S_IFMT(st.st_mode), 'other')})")
+                flags = _READ if last else os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd, parent = os.open(part, flags, dir_fd=fd), fd
+                os.close(parent)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped since the lstat
+                raise ValueError(f"{rel} is not a regular file in the exchange")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
+
+    def read(self, rel: str, limit: int) -> bytes:
+        """The whole regular file ``rel``; ValueError if it has more than ``limit`` bytes (at
+        most ``limit`` + 1 are read, whatever its size claims or however it grows)."""
+        fd, size = self._open(rel)
+        with open(fd, "rb") as f:
+            if size > limit:
+                raise ValueError(f"{size} bytes (more than {limit})")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"more than {limit} bytes (it grew while read)")
+        return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        with open(os.path.join(self.root, rel), "rb") as f:
+        fd, _ = self._open(rel)
+        with open(fd, "rb") as f:
             f.seek(start)
             return f.read(end - start)
 
     def size(self, rel: str) -> int:
-        return os.path.getsize(os.path.join(self.root, rel))
+        fd, size = self._open(rel)
+        os.close(fd)
+        return size
 
-    def list(self, rel: str) -> list[str]:
+    def list(self, rel: str) -> dict[str, Any]:
+        """``{name: inode}`` of the folder ``rel`` (empty if it is missing or not a folder)."""
         try:
-            return os.listdir(os.path.join(self.root, rel))
-        except FileNotFoundError:
-            return []
+            fd = os.open(os.path.join(self.root, rel), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError):
+                log.debug("exchange folder %s is unusable: %s", rel, e)
+            return {}
+        try:
+            with os.scandir(fd) as entries:
+                return {e.name: e.inode() for e in entries}
+        finally:
+            os.close(fd)
 
     def remove(self, rel: str) -> None:
         try:
@@ -136,21 +221,36 @@ class _FsspecStore:
     def write(self, rel: str, data: bytes) -> None:
         self._retry(self.fs.pipe_file, self._path(rel), data)
 
-    def read(self, rel: str) -> bytes:
-        return self._retry(self.fs.cat_file, self._path(rel))
+    def size(self, rel: str) -> int:
+        """The size of the file ``rel``; ValueError if it is not a file (a folder)."""
+        info = self._retry(self.fs.info, self._path(rel))
+        if info.get("type") != "file":
+            raise ValueError(f"{rel} is not a file in the exchange ({info.get('type')})")
+        return int(info["size"])
+
+    def read(self, rel: str, limit: int) -> bytes:
+        """The whole file ``rel``; ValueError if it has more than ``limit`` bytes (at most
+        ``limit`` + 1 are fetched)."""
+        size = self.size(rel)
+        if size > limit:
+            raise ValueError(f"{size} bytes (more than {limit})")
+        data = self._retry(self.fs.cat_file, self._path(rel), start=0, end=limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"more than {limit} bytes (it grew while read)")
+        return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         return self._retry(self.fs.cat_file, self._path(rel), start=start, end=end)
 
-    def size(self, rel: str) -> int:
-        return int(self._retry(self.fs.size, self._path(rel)))
-
-    def list(self, rel: str) -> list[str]:
+    def list(self, rel: str) -> dict[str, Any]:
+        """``{name: (size, time)}`` of the files in the folder ``rel`` (folders left out)."""
         try:
-            paths = self._retry(self.fs.ls, self._path(rel), detail=False)
+            entries = self._retry(self.fs.ls, self._path(rel), detail=True)
         except FileNotFoundError:
-            return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), str(
+                    e.get("mtime") or e.get("LastModified") or e.get("ETag") or e.get("created")))
+                for e in entries if e.get("type") == "file"}
 
     def remove(self, rel: str) -> None:
         try:
@@ -182,6 +282,8 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class DirectoryExchange(Exchange):
     """Exchange through a directory or an fsspec URL; keeps the newest ``keep`` versions."""
 
+    shared_storage = True  # others can write here: versions are signed and admitted (signing.py)
+
     def __init__(self, location: str, keep: int = 3) -> None:
         if keep < 2:
             # A reader may be loading the previous version while a new one lands.
@@ -210,52 +312,85 @@ class DirectoryExchange(Exchange):
             "meta": meta,
         }
         signer_of(self).sign(manifest)  # run_id; with a key, kid and hmac (signing.py)
-        self.store.write(f"{folder}/{name}.safetensors", data)
-        self.store.write(f"{folder}/{name}.json", json.dumps(manifest, indent=1).encode())
-        self._prune(replica)
+        self._write(replica, step, f"{folder}/{name}.safetensors", data)
+        self._write(replica, step, f"{folder}/{name}.json", json.dumps(manifest, indent=1).encode())
+        self._prune(replica, step)
         return len(data)
 
-    def _prune(self, replica: int) -> None:
-        folder = self._folder(replica)
-        for step in self.versions(replica)[: -self.keep]:
-            name = _version_name(step)
-            self.store.remove(f"{folder}/{name}.json")
-            self.store.remove(f"{folder}/{name}.safetensors")
+    def _write(self, replica: int, step: int, rel: str, data: bytes) -> None:
+        """Write ``rel``; on a full disk, make room among ``replica``'s older versions and
+        try once more."""
+        try:
+            self.store.write(rel, data)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not (gone := self._make_room(replica, step)):
+                raise
+            log.warning("replica %d: the exchange is full (%s); removed its versions %s to publish "
+                        "step %d", replica, e, gone, step)
+            self.store.write(rel, data)
+
+    def _prune(self, replica: int, step: int) -> None:
+        """Keep the newest ``keep`` versions up to ``step``; remove those after it: not this
+        run's (planted, or lost in a crash before a resume)."""
+        steps = self.versions(replica)
+        ahead, mine = [s for s in steps if s > step], [s for s in steps if s <= step]
+        for s in ahead + mine[: -self.keep]:
+            self._remove(replica, s)
+
+    def _make_room(self, replica: int, step: int) -> list[int]:
+        """Remove ``replica``'s versions other than the newest complete one before ``step``
+        (and any after it), and weights without a manifest (a write that failed between the
+        two); the steps removed."""
+        steps = self.versions(replica)
+        gone = [s for s in steps if s > step] + [s for s in steps if s < step][:-1]
+        for s in gone:
+            self._remove(replica, s)
+        folder, names = self._folder(replica), self.store.list(self._folder(replica))
+        for name in names:
+            stem = name.removesuffix(".safetensors")
+            if stem != name and f"{stem}.json" not in names and stem != _version_name(step):
+                self.store.remove(f"{folder}/{name}")
+                gone.append(int(stem) if stem.isascii() and stem.isdigit() else stem)
+        return gone
+
+    def _remove(self, replica: int, step: int) -> None:
+        rel = f"{self._folder(replica)}/{_version_name(step)}"
+        self.store.remove(f"{rel}.json")  # manifest first: never a half version
+        self.store.remove(f"{rel}.safetensors")
 
     def clear(self, replica: int) -> None:
-        folder = self._folder(replica)
         for step in self.versions(replica):
-            name = _version_name(step)
-            self.store.remove(f"{folder}/{name}.json")  # manifest first: never a half version
-            self.store.remove(f"{folder}/{name}.safetensors")
+            self._remove(replica, step)
+
+    def listing(self, replica: int) -> dict[int, Any]:
+        """``{step: token}``: the versions named as publish names them (``0000000050.json``),
+        the token changing when one is written again (its inode, or an object's size and time)."""
+        return {int(fname[:10]): token for fname, token in self.store.list(self._folder(replica)).items()
+                if len(fname) == 15 and fname.endswith(".json") and fname[:10].isascii()
+                and fname[:10].isdigit()}  # ASCII digits: '²'.isdigit() and '٣'.isdigit() are true
 
     def versions(self, replica: int) -> list[int]:
-        steps = []
-        for fname in self.store.list(self._folder(replica)):
-            stem, dot, ext = fname.partition(".")
-            if ext == "json" and stem.isdigit():
-                steps.append(int(stem))
-        return sorted(steps)
+        return sorted(self.listing(replica))
 
     def load(self, replica: int, step: int, check: Check | None = None) -> Published | None:
         folder, name = self._folder(replica), _version_name(step)
         where = f"{self.location}/{folder}/{name}"
         try:
-            size = self.store.size(f"{folder}/{name}.json")
-            if size > MAX_MANIFEST_BYTES:
-                self._refuse((replica, step, "manifest", size), f"{where}.json",
-                             f"manifest of {size} bytes (more than {MAX_MANIFEST_BYTES})")
-                return None
-            manifest = self.store.read(f"{folder}/{name}.json")
+            manifest = self.store.read(f"{folder}/{name}.json", MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             log.debug("version %s vanished while reading (pruned)", where)
             return None
+        except Exception as e:  # noqa: BLE001 - a FIFO, a symlink, a folder, an oversized file...
+            self.refuse(replica, step, f"{where}.json", f"unreadable manifest: {e}",
+                        (replica, step, "manifest", str(e)))
+            return None
         key = (replica, step, hashlib.sha256(manifest).hexdigest())
         if self._refused(key):
+            self.refuse(replica, step, where, "", key)  # known: skipped until written again
             return None
         try:
             weights, expected, nbytes, meta = self._parse_manifest(manifest, step)
-            if not signer_of(self).admit(json.loads(manifest), replica, step, where):  # signing.py
+            if not signer_of(self).admit(parse_json(manifest), replica, step, where):  # signing.py
                 return None
             rel = f"{folder}/{weights}"
             actual = self.store.size(rel)
@@ -267,20 +402,21 @@ class DirectoryExchange(Exchange):
             header = self._read_header(rel, nbytes)
             if check is not None:
                 check(header, meta)
-            data = self.store.read(rel)
+            data = self.store.read(rel, nbytes)
         except FileNotFoundError:
             log.debug("version %s vanished while reading (pruned)", where)
             return None
-        except (ValueError, KeyError, TypeError, struct.error) as e:
-            self._refuse(key, f"{where}", str(e))
+        except Exception as e:  # noqa: BLE001 - whatever a hostile entry raises rejects only it
+            self.refuse(replica, step, where, str(e) or type(e).__name__, key)
             return None
         if hashlib.sha256(data).hexdigest() != expected or len(data) != nbytes:
-            self._refuse(key, f"{where}.safetensors", "checksum mismatch (corrupted or replaced file)")
+            self.refuse(replica, step, f"{where}.safetensors",
+                        "checksum mismatch (corrupted or replaced file)", key)
             return None
         try:
             state = st_load(data)
         except Exception as e:  # safetensors raises its own error types
-            self._refuse(key, f"{where}.safetensors", f"unreadable ({e})")
+            self.refuse(replica, step, f"{where}.safetensors", f"unreadable ({e})", key)
             return None
         return Published(replica, step, state, meta, len(data), expected)
 
@@ -288,16 +424,14 @@ class DirectoryExchange(Exchange):
         """The weights' sha256 from the version's manifest (None if missing or unusable)."""
         rel = f"{self._folder(replica)}/{_version_name(step)}.json"
         try:
-            if self.store.size(rel) > MAX_MANIFEST_BYTES:
-                return None
-            return self._parse_manifest(self.store.read(rel), step)[1]
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return self._parse_manifest(self.store.read(rel, MAX_MANIFEST_BYTES), step)[1]
+        except Exception:  # noqa: BLE001 - load rejects it and says why
             return None
 
     @staticmethod
     def _parse_manifest(raw: bytes, step: int) -> tuple[str, str, int, dict[str, Any]]:
         """(weights file name, sha256, size, meta) of a manifest, or ValueError."""
-        manifest = json.loads(raw)
+        manifest = parse_json(raw)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("step") != step:
             raise ValueError(f"bad manifest: not a {FORMAT} manifest for step {step}")
         weights, expected, nbytes = manifest["weights"], manifest["sha256"], manifest.get("nbytes")
@@ -314,7 +448,7 @@ class DirectoryExchange(Exchange):
         (n,) = struct.unpack("<Q", self.store.read_range(rel, 0, 8))
         if n > min(MAX_HEADER_BYTES, nbytes - 8):
             raise ValueError(f"safetensors header of {n} bytes in a file of {nbytes}")
-        raw = json.loads(self.store.read_range(rel, 8, 8 + n))
+        raw = parse_json(self.store.read_range(rel, 8, 8 + n))
         if not isinstance(raw, dict):
             raise ValueError("safetensors header is not a mapping")
         header: Header = {}

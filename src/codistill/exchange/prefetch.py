@@ -39,8 +39,7 @@ class Prefetcher:
         while not stop.is_set():
             for peer, have in newest.items():
                 try:
-                    versions = self.exchange.versions(peer)
-                    step = versions[-1] if versions else None
+                    step = next(iter(self.exchange.candidates(peer)), None)  # bad ones left out
                     if step is None or (have is not None and step <= have) or (peer, step) in tried:
                         continue
                     tried.add((peer, step))

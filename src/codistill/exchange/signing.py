@@ -261,11 +261,9 @@ def _mac(key: bytes, manifest: dict[str, Any]) -> str:
 # -- attaching a signer to an exchange ------------------------------------------------
 def _directory(exchange: Any) -> Any:
     """The directory exchange inside ``exchange`` (unwrapping a background writer), or None."""
-    from .directory import DirectoryExchange
-
-    while not isinstance(exchange, DirectoryExchange) and hasattr(exchange, "inner"):
+    while not getattr(exchange, "shared_storage", False) and hasattr(exchange, "inner"):
         exchange = exchange.inner
-    return exchange if isinstance(exchange, DirectoryExchange) else None
+    return exchange if getattr(exchange, "shared_storage", False) else None
 
 
 def signer_of(exchange: Any) -> Signer:
