@@ -317,6 +317,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
     return from_dict(apply_overrides(values, overrides or []))
 
 
-def dump_config(cfg: RunConfig, path: str) -> None:
+def dump_config(cfg: RunConfig, path: str, header: str = "") -> None:
     with open(path, "w", encoding="utf-8") as f:
+        f.write(header)
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

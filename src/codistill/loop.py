@@ -22,7 +22,7 @@ from .config import RunConfig
 from .exchange import unwrap
 from .metrics import evaluate_models
 from .parallel import full_state
-from .replica import Replica, replica_step
+from .replica import Replica, apply_optimizer_config, replica_step
 from .rundir import RunDir
 from .tasks import Task
 
@@ -70,6 +70,7 @@ class Loop:
         background write a crash may have lost."""
         for rep, ck in zip(self.replicas, self.checkpointers):
             ck.restore(step, rep)
+            apply_optimizer_config(self.cfg, rep.optimizer, rep.scheduler)
             cd = rep.codistiller
             if (cd.exchange.durable and cd.exchange_due(step)
                     and step not in cd.exchange.versions(rep.index)):
@@ -253,7 +254,7 @@ def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, worker: int = 
                    "batch_size": cfg.batch_size, "data": dataclasses.asdict(cfg.data), "model": rep.spec,
                    "outer": dataclasses.asdict(cfg.outer)}
     return Checkpointer(os.path.join(run_dir, "checkpoints"), rep.index, worker, workers, group,
-                        cfg.checkpoint.keep, fingerprint)
+                        cfg.checkpoint.keep, fingerprint, cfg.to_dict())
 
 
 def set_threads(cfg: RunConfig, local_processes: int = 1) -> None:
