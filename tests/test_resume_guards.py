@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,14 +167,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _interrupt_once(cmd: list[str], cwd: Path, checkpoint: Path,
+def _interrupt_once(cmd: list[str], cwd: Path, step: int,
                     timeout: float = 120) -> subprocess.CompletedProcess:
-    """Start ``cmd``, send SIGINT to its process group (as a terminal's Ctrl-C does) once
-    ``checkpoint`` exists, and return what it did."""
+    """Start ``cmd``, send SIGINT to its process group (as a terminal's Ctrl-C does) once both
+    replicas have a checkpoint at ``step`` in ``cwd/run``, and return what it did."""
+    checkpoints = [cwd / "run" / "checkpoints" / f"replica-{r}" / f"{step:010d}" for r in (0, 1)]
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while not checkpoint.exists():
+    while not all(c.exists() for c in checkpoints):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
@@ -185,9 +187,8 @@ def test_ctrl_c_is_one_line_naming_the_resume_command_which_completes_the_run(ti
     values = tiny_config_factory(steps=60, checkpoint={"every": 10})
     values["eval"]["max_batches"] = 2
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
-    ckpt = tmp_path / "run" / "checkpoints" / "replica-1" / f"{10:010d}"
     cmd = [sys.executable, "-m", "codistill", "train", "c.yaml", "--out", "run", "--no-progress"]
-    done = _interrupt_once(cmd, tmp_path, ckpt)
+    done = _interrupt_once(cmd, tmp_path, 10)
     lines = [ln for ln in done.stderr.splitlines() if " INFO " not in ln and " WARNING " not in ln]
     assert done.returncode == 130 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     (line,) = lines
@@ -255,3 +256,71 @@ def _interrupted(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("codistill: interrupted")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+# -- under torchrun: one world of 2 replicas x 1 worker, gloo, a directory exchange ---------------
+def _torchrun(*args: str) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={port}", "-m", "codistill", "train", "c.yaml", "--out", "run", "--no-progress",
+            "--exchange", "run/exchange", *args]
+
+
+def _launch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun(*args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def torchrun_dir(tiny_config_factory, tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_values(tiny_config_factory)))
+    return tmp_path
+
+
+def test_torchrun_resume_of_a_finished_run_changes_nothing(torchrun_dir):
+    assert _launch(torchrun_dir).returncode == 0
+    before = _snapshot(torchrun_dir / "run")
+    assert ".elastic" in before  # torchrun's marker: a first attempt used to delete it
+    again = _launch(torchrun_dir, "--resume")
+    assert again.returncode == 0, again.stderr
+    said = [ln for ln in again.stderr.splitlines() if "is finished" in ln]
+    assert len(said) == 1 and "step 10 of 10" in said[0], again.stderr  # rank 0 only
+    assert "steps" not in again.stdout and _snapshot(torchrun_dir / "run") == before
+
+
+def test_torchrun_resume_with_a_changed_config_is_refused_unless_allowed(torchrun_dir):
+    assert _launch(torchrun_dir, "--stop-at", "5").returncode == 0
+    run_dir = torchrun_dir / "run"
+    before, before_config = _snapshot(run_dir), (run_dir / "config.yaml").read_bytes()
+    refused = _launch(torchrun_dir, "--resume", "--set", "optimizer.lr=0.01")
+    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr  # torchrun's own report
+    lines = _errors(refused.stderr)
+    assert lines and all("checkpoint at step 5 was written with: optimizer.lr 0.003 → 0.01;" in ln
+                         for ln in lines), refused.stderr
+    assert _snapshot(run_dir) == before
+    allowed = _launch(torchrun_dir, "--resume", "--set", "optimizer.lr=0.01", "--allow-changes")
+    assert allowed.returncode == 0, allowed.stderr
+    assert (run_dir / "config.yaml").read_bytes() == before_config
+    assert load_config(str(run_dir / "config.yaml")).optimizer.lr == 0.003
+    assert load_config(str(run_dir / "config.resume-5.yaml")).optimizer.lr == 0.01
+    for r in (0, 1):
+        rows = read_metrics(str(run_dir / f"metrics-replica{r}.jsonl"))
+        assert {x["step"]: x["lr"] for x in rows if x["kind"] == "train"} == {5: 0.003, 10: 0.01}
+
+
+def test_torchrun_ctrl_c_is_one_line_and_resume_completes(tiny_config_factory, tmp_path):
+    values = tiny_config_factory(steps=100, checkpoint={"every": 10})
+    values["eval"] = {"every": 50, "batch_size": 16, "max_batches": 2}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    done = _interrupt_once(_torchrun(), tmp_path, 10)
+    assert done.returncode != 0
+    line = _interrupted(done.stderr)  # once: rank 0 says it for the world
+    assert "run directory run, newest checkpoint step" in line and line.endswith(
+        "--resume under the same torchrun launch"), line
+    assert not list((tmp_path / "run" / "checkpoints").glob("*/.staging-*"))
+    resumed = _launch(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for r in (0, 1):
+        summary = json.loads((tmp_path / "run" / f"summary-replica{r}.json").read_text())
+        assert summary["end"] == 100 and summary["start"] >= 10 and summary["final"]
