@@ -84,6 +84,25 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(config_file, tmp_p
     assert json.loads((out / "summary.json").read_text())["final"]["models"]
 
 
+def test_a_crash_after_the_final_checkpoint_is_completed_not_called_finished(config_file, tmp_path, capsys):
+    """The final checkpoint is written before the final weights and summary: a resume that
+    finds it without them writes them (the final evaluation again, its rows not twice)."""
+    out = tmp_path / "run"
+    assert _train(config_file, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    weights = {r: (out / f"replica-{r}" / "model.safetensors").read_bytes() for r in (0, 1)}
+    metrics = (out / "metrics.jsonl").read_bytes()
+    (out / "summary.json").unlink()
+    (out / "replica-1" / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert _train(config_file, out, "--resume") == 0
+    assert "steps 10..10; validation loss per replica" in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())
+    assert again["final"] == summary["final"] and (again["start"], again["end"]) == (10, 10)
+    assert {r: (out / f"replica-{r}" / "model.safetensors").read_bytes() for r in (0, 1)} == weights
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_the_engine_api_returns_the_saved_summary_of_a_finished_run(tiny_config_factory, tmp_path):
     cfg = from_dict(_values(tiny_config_factory, replicas=1))
     done = run(cfg, str(tmp_path / "run"), progress=False)

@@ -61,7 +61,7 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     plan = plan_resume(cfg, out_dir, checkpointers[0], restored, allow_changes)
     if plan is not None and plan.finished:
         exchange.close()
-        return plan.summary(out_dir)
+        return plan.summary()
     if restored is not None:
         loop.restore(restored)
     elif fixed:

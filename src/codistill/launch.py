@@ -135,10 +135,11 @@ def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, dev
         log.warning("replica %d: --resume found no valid checkpoint; starting afresh, replacing "
                     "its earlier metrics and exchange versions", topo.replica)
     who = "" if topo.one_world else f" (replica {topo.replica})"
-    plan = plan_resume(cfg, out_dir, ck, restored, allow_changes, announce=topo.rank == 0, who=who)
+    plan = plan_resume(cfg, out_dir, ck, restored, allow_changes, announce=topo.rank == 0, who=who,
+                       suffix=f"-replica{topo.replica}")
     if plan is not None and plan.finished:
         exchange.close()
-        return plan.summary(out_dir, f"-replica{topo.replica}", topo.worker)
+        return plan.summary(topo.worker)
     if restored is not None:
         loop.restore(restored)
     start = restored or 0

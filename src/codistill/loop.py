@@ -89,11 +89,11 @@ class Loop:
             cd.refresh(done)
         return time.perf_counter() - t0 if due else 0.0
 
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int, write: bool = True) -> dict[str, Any]:
         res = evaluate_models([unwrap(r.model) for r in self.replicas], self.batches, self.task.output,
                               self.group, self.uncounted)
         self.final = res
-        if not self.leader:
+        if not (self.leader and write):
             return res
         assert self.rundir is not None
         for rep, metrics in zip(self.replicas, res["models"]):
@@ -150,6 +150,8 @@ class Loop:
         cfg = self.cfg
         if start == 0:
             self.evaluate(0)
+        elif start == end == cfg.steps:  # the final checkpoint, not the summary: its eval rows are in
+            self.evaluate(end, write=False)
         acc: dict[int, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
         nacc = 0
         t_start = time.perf_counter()

@@ -171,30 +171,41 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 
 @dataclass
 class Resume:
-    """What a ``--resume`` found: the step, every changed field (old, new) and whether the run
-    had already finished (then nothing is to be written)."""
+    """What a ``--resume`` found: the step, every changed field (old, new), and the summary of
+    a run that had already finished (then nothing is to be written)."""
 
     step: int
     changes: dict[str, tuple[Any, Any]]
-    finished: bool
+    saved: dict[str, Any] | None = None
 
-    def summary(self, path: str, suffix: str = "", worker: int = 0) -> dict[str, Any]:
-        """A finished run's saved summary (final evaluation included), marked ``finished``."""
-        try:
-            with open(os.path.join(path, f"summary{suffix}.json"), encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            saved = {"start": self.step, "end": self.step, "final": None}
-        return {**saved, "finished": True, "worker": worker}
+    @property
+    def finished(self) -> bool:
+        return self.saved is not None
+
+    def summary(self, worker: int = 0) -> dict[str, Any]:
+        """The finished run's saved summary (final evaluation included), marked ``finished``."""
+        return {**(self.saved or {}), "finished": True, "worker": worker}
+
+
+def _saved_summary(path: str, suffix: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, f"summary{suffix}.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def plan_resume(cfg: RunConfig, path: str, checkpointer: Checkpointer, step: int | None,
-                allow_changes: bool = False, announce: bool = True, who: str = "") -> Resume | None:
+                allow_changes: bool = False, announce: bool = True, who: str = "",
+                suffix: str = "") -> Resume | None:
     """Check a resume from the checkpoint at ``step`` (None: nothing to resume) before
-    anything is written: a finished run is reported (``announce``: log it here) and left
-    alone; a config that differs from the checkpoint's in a field outside
+    anything is written. A finished run (its final checkpoint and ``summary{suffix}.json``
+    of the last step: written after the final weights) is reported (``announce``: logged
+    here) and left alone; a final checkpoint without that summary (a crash in between) is
+    completed. A config that differs from the checkpoint's in a field outside
     :data:`FREE_ON_RESUME` is refused (a ConfigError naming each field, old → new) unless
-    ``allow_changes``. ``who``: e.g. " replica 1", for the messages."""
+    ``allow_changes``. ``who``: e.g. " (replica 1)", for the messages."""
     if step is None:
         return None
     old = checkpointer.saved_config(step)
@@ -202,19 +213,24 @@ def plan_resume(cfg: RunConfig, path: str, checkpointer: Checkpointer, step: int
         with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
             old = yaml.safe_load(f)
     changes = config_changes(old, cfg.to_dict()) if isinstance(old, dict) else {}
-    if step == cfg.steps and "steps" not in changes:
+    last = step == cfg.steps and "steps" not in changes
+    saved = _saved_summary(path, suffix) if last else None
+    if saved is not None and saved.get("end") == cfg.steps:
         if announce:
             log.info("run %s%s is finished (its final checkpoint is step %d of %d): nothing to resume, "
                      "nothing changed in %s (to train on: --resume --set steps=MORE --allow-changes)",
                      cfg.name, who, step, cfg.steps, path)
-        return Resume(step, changes, finished=True)
+        return Resume(step, changes, saved)
     refused = {k: v for k, v in changes.items() if k not in FREE_ON_RESUME}
     if refused and not allow_changes:
         raise ConfigError(f"--resume{who}: the config differs from the one its checkpoint at step {step} was "
                           f"written with: {describe_changes(refused)}; resume with the same settings, pass "
                           "--allow-changes to continue with the new ones (both configs are kept), or start "
                           "a new run")
-    if step >= cfg.steps:
+    if step >= cfg.steps and not last:
         raise ConfigError(f"--resume{who}: the checkpoint at step {step} is not before steps={cfg.steps}: "
                           "nothing to train")
-    return Resume(step, changes, finished=False)
+    if last:
+        log.warning("run %s%s: the final checkpoint (step %d) is there but not the final summary: "
+                    "writing the final weights and summary", cfg.name, who, step)
+    return Resume(step, changes)
