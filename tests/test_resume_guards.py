@@ -153,6 +153,24 @@ def test_allow_changes_records_both_configs_and_trains_with_the_new_one(config_f
     assert lrs == {5: 0.003, 8: 0.01, 10: 0.01}
 
 
+def test_a_checkpoint_without_a_saved_config_is_compared_with_config_yaml(config_file, tmp_path, capsys):
+    """Checkpoints written before configs were saved in them: the run's config.yaml is the
+    reference."""
+    out = tmp_path / "run"
+    assert _train(config_file, out, "--stop-at", "5") == 0
+    for r in (0, 1):  # as an older codistill wrote it: no config in trainer.pt
+        folder = out / "checkpoints" / f"replica-{r}" / f"{5:010d}"
+        trainer = torch.load(folder / "trainer.pt", weights_only=True)
+        del trainer["config"]
+        torch.save(trainer, folder / "trainer.pt")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["sha256"]["trainer.pt"] = hashlib.sha256((folder / "trainer.pt").read_bytes()).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert _train(config_file, out, "--resume", "--set", "optimizer.lr=0.01") == 2
+    assert "optimizer.lr 0.003 → 0.01" in _errors(capsys.readouterr().err)[0]
+    assert _train(config_file, out, "--resume") == 0
+
+
 def test_placement_fields_may_change_without_allow_changes(config_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(config_file, out, "--stop-at", "5") == 0
@@ -343,3 +361,25 @@ def test_torchrun_ctrl_c_is_one_line_and_resume_completes(tiny_config_factory, t
     for r in (0, 1):
         summary = json.loads((tmp_path / "run" / f"summary-replica{r}.json").read_text())
         assert summary["end"] == 100 and summary["start"] >= 10 and summary["final"]
+
+
+def test_one_job_per_replica_guards_its_own_replica(tiny_config_factory, tmp_path, caplog):
+    """``--replica R`` jobs (here in this process, W=1): the same checks, named per replica."""
+    from codistill.config import ConfigError
+    from codistill.launch import run_distributed
+
+    values = _values(tiny_config_factory)
+    values["codistill"]["exchange"] = str(tmp_path / "run" / "exchange")
+    out = tmp_path / "run"
+    assert run_distributed(from_dict(values), str(out), replica=1, progress=False)["end"] == 10
+    before = _snapshot(out)
+    with caplog.at_level(logging.INFO, logger="codistill"):
+        again = run_distributed(from_dict(values), str(out), replica=1, resume=True, progress=False)
+    assert again["finished"] and again["final"]["models"] and _snapshot(out) == before
+    assert any("run tiny (replica 1) is finished" in r.getMessage() for r in caplog.records)
+    values["optimizer"]["lr"] = 0.01
+    values["steps"] = 15
+    changed = r"--resume \(replica 1\): .*optimizer.lr 0.003 → 0.01, steps 10 → 15"
+    with pytest.raises(ConfigError, match=changed):
+        run_distributed(from_dict(values), str(out), replica=1, resume=True, progress=False)
+    assert _snapshot(out) == before
