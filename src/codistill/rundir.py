@@ -136,14 +136,18 @@ def check_fresh_exchange(exchange: Exchange, replica: int, overwrite: bool) -> N
 # where the run is placed (threads, backend, the exchange location: a moved run directory),
 # its label, how often it logs and checkpoints and how many files it keeps, and the limits
 # that decide when it gives up (the cures the divergence message suggests). Every other
-# field changes the trajectory (optimizer, distillation, schedule, steps, evaluation,
-# device, precision, layout): it needs --allow-changes. The checkpoint's fingerprint fields
-# (task, seed, replicas, workers, batch_size, data, model, outer) cannot change at all.
+# field changes the trajectory (optimizer settings, distillation, schedule, steps,
+# evaluation, device, precision, layout): it needs --allow-changes.
 FREE_ON_RESUME = frozenset({
     "name", "threads", "backend", "dist_timeout", "log_every", "on_nonfinite", "diverge_factor",
     "checkpoint.every", "checkpoint.keep", "codistill.exchange", "codistill.keep",
     "codistill.sync_timeout", "codistill.max_teacher_size",
 })
+# Fields (and sections) that cannot change on resume at all: the checkpoint's weights,
+# optimizer state or data position depend on them (most are also in its fingerprint, which
+# Checkpointer.restore checks).
+FIXED_ON_RESUME = ("task", "seed", "replicas", "workers", "batch_size", "data", "model", "replica_models",
+                   "outer", "optimizer.name")
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -221,6 +225,11 @@ def plan_resume(cfg: RunConfig, path: str, checkpointer: Checkpointer, step: int
                      "nothing changed in %s (to train on: --resume --set steps=MORE --allow-changes)",
                      cfg.name, who, step, cfg.steps, path)
         return Resume(step, changes, saved)
+    fixed = {k: v for k, v in changes.items() if k.split(".")[0] in FIXED_ON_RESUME or k in FIXED_ON_RESUME}
+    if fixed:
+        raise ConfigError(f"--resume{who}: {describe_changes(fixed)}: cannot change on resume (the "
+                          "checkpoint's weights, optimizer state or data position depend on it, even with "
+                          "--allow-changes); resume with the same settings or start a new run")
     refused = {k: v for k, v in changes.items() if k not in FREE_ON_RESUME}
     if refused and not allow_changes:
         raise ConfigError(f"--resume{who}: the config differs from the one its checkpoint at step {step} was "
