@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from codistill.checkpoint import valid_steps
+from codistill.checkpoint import list_checkpoints, valid_steps
 from codistill.cli import main
 from codistill.config import from_dict, load_config
 from codistill.engine import run
@@ -208,15 +208,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _interrupt_once(cmd: list[str], cwd: Path, step: int,
-                    timeout: float = 120) -> subprocess.CompletedProcess:
+def _interrupt_once(cmd: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """Start ``cmd``, send SIGINT to its process group (as a terminal's Ctrl-C does) once both
-    replicas have a checkpoint at ``step`` in ``cwd/run``, and return what it did."""
-    checkpoints = [cwd / "run" / "checkpoints" / f"replica-{r}" / f"{step:010d}" for r in (0, 1)]
+    replicas have a checkpoint in ``cwd/run``, and return what it did."""
+    root = str(cwd / "run" / "checkpoints")
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while not all(c.exists() for c in checkpoints):
+    while not all(list_checkpoints(root, r) for r in (0, 1)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
@@ -229,7 +228,7 @@ def test_ctrl_c_is_one_line_naming_the_resume_command_which_completes_the_run(ti
     values["eval"]["max_batches"] = 2
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
     cmd = [sys.executable, "-m", "codistill", "train", "c.yaml", "--out", "run", "--no-progress"]
-    done = _interrupt_once(cmd, tmp_path, 10)
+    done = _interrupt_once(cmd, tmp_path)
     lines = [ln for ln in done.stderr.splitlines() if " INFO " not in ln and " WARNING " not in ln]
     assert done.returncode == 130 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     (line,) = lines
@@ -351,10 +350,11 @@ def test_torchrun_resume_with_a_changed_config_is_refused_unless_allowed(torchru
 
 
 def test_torchrun_ctrl_c_is_one_line_and_resume_completes(tiny_config_factory, tmp_path):
-    values = tiny_config_factory(steps=100, checkpoint={"every": 10})
-    values["eval"] = {"every": 50, "batch_size": 16, "max_batches": 2}
+    values = tiny_config_factory(steps=400, checkpoint={"every": 10})
+    values["eval"] = {"every": 200, "batch_size": 16, "max_batches": 2}
+    values["codistill"]["sync"] = True  # lock-step: neither replica runs far ahead of the other
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
-    done = _interrupt_once(_torchrun(), tmp_path, 10)
+    done = _interrupt_once(_torchrun(), tmp_path)
     assert done.returncode != 0
     line = _interrupted(done.stderr)  # once: rank 0 says it for the world
     assert "run directory run, newest checkpoint step" in line and line.endswith(
@@ -364,7 +364,7 @@ def test_torchrun_ctrl_c_is_one_line_and_resume_completes(tiny_config_factory, t
     assert resumed.returncode == 0, resumed.stderr
     for r in (0, 1):
         summary = json.loads((tmp_path / "run" / f"summary-replica{r}.json").read_text())
-        assert summary["end"] == 100 and summary["start"] >= 10 and summary["final"]
+        assert summary["end"] == 400 and summary["start"] >= 10 and summary["final"]
 
 
 def test_one_job_per_replica_guards_its_own_replica(tiny_config_factory, tmp_path, caplog):
