@@ -127,14 +127,16 @@ def test_a_diverging_run_is_an_error_not_a_success(tiny_config_factory, tmp_path
 
 
 def test_only_a_restart_of_a_job_that_started_training_resumes(tmp_path, monkeypatch):
-    from codistill.launch import _elastic_restart, _mark_elastic
+    from codistill.launch import _elastic_restart, _mark_elastic, _unmark_elastic
     from codistill.topology import make_topology
 
     topo = make_topology(0, 2, 2)  # rank 0 of a one-world job
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     (tmp_path / ".elastic").write_text("job-a")  # left by an earlier job with the same id
-    assert not _elastic_restart(str(tmp_path), topo) and not (tmp_path / ".elastic").exists()
+    assert not _elastic_restart(str(tmp_path), topo)
+    _unmark_elastic(str(tmp_path), topo)  # once it is to train: a finished or refused resume changes nothing
+    assert not (tmp_path / ".elastic").exists()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert not _elastic_restart(str(tmp_path), topo)  # the first attempt never started: refuse again
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")

@@ -5,7 +5,8 @@ Layout under ``RUN_DIR/checkpoints/replica-R/``::
     0000000200/state/              Distributed Checkpoint (torch.distributed.checkpoint): the
                                    model, the optimizer and the teachers, each rank writing
                                    its own shards (a tensor every rank holds whole: once)
-    0000000200/trainer.pt          LR schedule, step, teacher versions, counters (first rank)
+    0000000200/trainer.pt          LR schedule, step, teacher versions, counters, the run's
+                                   resolved config (first rank)
     0000000200/worker-W.pt         each worker's data position and RNG state
     0000000200/manifest.json       sha256 of every file; written last
 
@@ -14,12 +15,14 @@ saved with the distributed state-dict APIs, so no rank gathers what it does not 
 checkpoint loads back into the layout that wrote it. Files are first written into a hidden
 staging folder, which the first rank renames to the step's name once every rank's files are
 in and the manifest is written: a checkpoint folder either is complete or does not exist.
+Ctrl-C while a checkpoint is written takes effect once it is complete (a second one at once).
 Loading verifies the checksums and falls back to the previous checkpoint if the newest is
 damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +30,10 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -85,6 +91,29 @@ def _dcp(op: Any, state: dict[str, Any], group: Any, **kwargs: Any) -> Any:
         return op(state, no_dist=True, **kwargs)
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then act on it; a second one acts at
+    once (the previous handler is back). Main thread only; a no-op if SIGINT is ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, _frame: Any) -> None:
+        caught.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+
+
 def replica_dir(root: str, replica: int) -> str:
     return os.path.join(root, f"replica-{replica}")
 
@@ -95,6 +124,13 @@ def save_checkpoint(root: str, replica: int, step: int, worker: int, num_workers
     """Every rank of the replica calls this with its worker state and the replica's
     ``state`` (model, optimizer and teachers as the distributed state-dict APIs give them);
     the first rank (worker 0) also passes the trainer state. Returns the checkpoint folder."""
+    with _sigint_deferred():
+        return _save(root, replica, step, worker, num_workers, worker_state, state, trainer_state,
+                     group, keep)
+
+
+def _save(root: str, replica: int, step: int, worker: int, num_workers: int, worker_state: dict[str, Any],
+          state: dict[str, Any], trainer_state: dict[str, Any] | None, group: Any, keep: int) -> str:
     import torch.distributed.checkpoint as dcp
 
     folder = replica_dir(root, replica)
@@ -196,10 +232,18 @@ class Checkpointer:
     calls :meth:`save` and :meth:`restore` together)."""
 
     def __init__(self, root: str, replica: int, worker: int = 0, num_workers: int = 1,
-                 group: Any = None, keep: int = 2, fingerprint: dict[str, Any] | None = None) -> None:
+                 group: Any = None, keep: int = 2, fingerprint: dict[str, Any] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.root, self.replica, self.worker, self.num_workers = root, replica, worker, num_workers
         self.group, self.keep = group, keep
         self.fingerprint = fingerprint or {}
+        self.config = config  # the run's resolved config, saved with each checkpoint
+
+    def saved_config(self, step: int) -> dict[str, Any] | None:
+        """The resolved config the checkpoint at ``step`` was written with (None if it predates
+        configs in checkpoints)."""
+        folder = os.path.join(replica_dir(self.root, self.replica), f"{step:010d}")
+        return torch.load(os.path.join(folder, "trainer.pt"), weights_only=True).get("config")
 
     def steps(self) -> list[int]:
         """Checkpoint steps on disk, valid or not."""
@@ -234,7 +278,8 @@ class Checkpointer:
         if self.worker == 0:
             cd.exchange.flush()  # the version published at this step is readable before we record it
             trainer_state = {"step": step, "scheduler": rep.scheduler.state_dict(),
-                             "codistiller": cd.state_dict(weights=False), "fingerprint": self.fingerprint}
+                             "codistiller": cd.state_dict(weights=False), "fingerprint": self.fingerprint,
+                             "config": self.config}
             if rep.outer is not None:
                 trainer_state["outer"] = rep.outer.state_dict()
         return save_checkpoint(self.root, self.replica, step, self.worker, self.num_workers,

@@ -6,10 +6,11 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 from ._extras import as_missing_extra
-from .config import ConfigError, load_config
+from .config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("codistill")
 
@@ -23,24 +24,50 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = args.out or os.path.join("runs", cfg.name)
     distributed = "WORLD_SIZE" in os.environ or args.replica is not None
+    try:
+        return _train_run(args, cfg, out, distributed)
+    except KeyboardInterrupt:  # Ctrl-C: where to resume, not a traceback (main exits 130)
+        replicas = [args.replica] if args.replica is not None else list(range(cfg.replicas))
+        raise KeyboardInterrupt(_resume_hint(args, out, replicas)) from None
+
+
+def _resume_hint(args: argparse.Namespace, out: str, replicas: list[int]) -> str:
+    """One line: the run directory, its newest checkpoint every replica of this process has,
+    and the command that continues from it."""
+    from .checkpoint import valid_steps
+
+    root = os.path.join(out, "checkpoints")
+    steps = set.intersection(*(set(valid_steps(root, r)) for r in replicas))
+    where = (f"newest checkpoint step {max(steps)}" if steps
+             else "no checkpoint yet (--resume starts it afresh)")
+    argv = [a for a in args.argv if a != "--overwrite"]
+    command = shlex.join(["codistill", *argv, *([] if "--resume" in argv else ["--resume"])])
+    launch = " under the same torchrun launch" if "WORLD_SIZE" in os.environ else ""
+    return f"run directory {out}, {where}; continue with: {command}{launch}"
+
+
+def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: bool) -> int:
     if distributed:
         from .launch import run_distributed
 
         summary = run_distributed(cfg, out, replica=args.replica, resume=args.resume,
                                   stop_at=args.stop_at, progress=not args.no_progress,
-                                  overwrite=args.overwrite)
-        if summary["worker"] == 0:
+                                  overwrite=args.overwrite, allow_changes=args.allow_changes)
+        if summary["worker"] == 0 and not summary.get("finished"):
             print(f"replica {summary['replicas'][0]}: steps {summary['start']}..{summary['end']} in "
                   f"{summary['wall_time_s']:.1f}s; metrics in {out}")
         return 0
     from .engine import run
 
     summary = run(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
-                  resume=args.resume, stop_at=args.stop_at)
+                  resume=args.resume, stop_at=args.stop_at, allow_changes=args.allow_changes)
+    if summary.get("finished"):  # nothing to resume: said so in one log line
+        return 0
     final = summary["final"]
-    print(f"run {cfg.name}: steps {summary['start']}..{summary['end']}; validation loss per replica "
-          + ", ".join(f"{m['loss']:.4f}" for m in final["models"])
-          + (f"; ensemble {final['ensemble']['loss']:.4f}" if "ensemble" in final else ""))
+    print(f"run {cfg.name}: steps {summary['start']}..{summary['end']}; "
+          + ("no evaluation in these steps" if final is None else "validation loss per replica "
+             + ", ".join(f"{m['loss']:.4f}" for m in final["models"])
+             + (f"; ensemble {final['ensemble']['loss']:.4f}" if "ensemble" in final else "")))
     print(f"metrics: {os.path.join(out, 'metrics.jsonl')}  tensorboard: {os.path.join(out, 'tensorboard')}")
     return 0
 
@@ -164,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--replica", type=int, help="one job per replica: this job's replica index")
     t.add_argument("--num-replicas", type=int, help="N, the number of replicas (sets `replicas`)")
     t.add_argument("--exchange", help="exchange directory, URL or 'collective' (sets codistill.exchange)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest valid checkpoint (a finished run: nothing to do)")
+    t.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with a config that differs from the checkpoint's in "
+                        "more than placement fields (recorded as config.resume-STEP.yaml)")
     t.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and exit after STEP steps (resume later with --resume)")
     t.add_argument("--overwrite", action="store_true",
@@ -240,10 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt as e:  # one line (each torchrun job's first rank), exit code 130
+        if os.environ.get("RANK", "0") == "0":
+            print(f"codistill: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
     except Exception as e:
         code = _exit_code(e)
         if code is None:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -301,18 +302,27 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
     """Read a YAML config (or start from defaults), apply ``--set`` overrides, validate."""
     values: dict[str, Any] = {}
     if path:
+        if os.path.isdir(path):
+            raise ConfigError(f"{path} is a directory, not a config file")
         try:
             with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
+                values = yaml.safe_load(f)
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {path}") from e
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+        if values is None:  # empty, or comments only: not a run of every default
+            raise ConfigError(f"{path}: the config file is empty (write `{{}}` in it to run every default)")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config fields")
     return from_dict(apply_overrides(values, overrides or []))
 
 
-def dump_config(cfg: RunConfig, path: str) -> None:
+def dump_config(cfg: RunConfig, path: str, header: str = "") -> None:
     with open(path, "w", encoding="utf-8") as f:
+        f.write(header)
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

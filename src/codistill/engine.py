@@ -15,7 +15,7 @@ from .config import ConfigError, RunConfig
 from .exchange import make_exchange, signing, state_nbytes
 from .loop import Loop, make_checkpointer, set_threads
 from .replica import build_replica
-from .rundir import RunDir
+from .rundir import RunDir, plan_resume
 from .tasks import Task, build_task
 from .teachers import load_run_teachers
 
@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = False,
-        resume: bool = False, stop_at: int | None = None, task: Task | None = None) -> dict[str, Any]:
+        resume: bool = False, stop_at: int | None = None, task: Task | None = None,
+        allow_changes: bool = False) -> dict[str, Any]:
     """Train ``cfg.replicas`` replicas in this process; write metrics, checkpoints, weights.
 
-    ``resume`` continues from the newest step every replica has a valid checkpoint of;
-    ``stop_at`` checkpoints and stops there; ``task``: the loaded data of ``cfg`` (e.g. shared
-    by a study's runs), else loaded here. Returns the summary (with the final evaluation).
+    ``resume`` continues from the newest step every replica has a valid checkpoint of (a
+    finished run is left as it is; a changed config is refused unless ``allow_changes``:
+    :func:`~codistill.rundir.plan_resume`); ``stop_at`` checkpoints and stops there;
+    ``task``: the loaded data of ``cfg`` (e.g. shared by a study's runs), else loaded here.
+    Returns the summary (with the final evaluation; ``finished: True`` if there was nothing
+    to resume).
     """
     if cfg.parallel == "fsdp":
         raise ConfigError("parallel: fsdp shards each replica across torchrun ranks; the one-process "
@@ -55,6 +59,10 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     if resume and restored is None:
         log.warning("--resume found no valid checkpoint of every replica; starting afresh, "
                     "replacing this run's earlier metrics and exchange versions")
+    plan = plan_resume(cfg, out_dir, checkpointers[0], restored, allow_changes)
+    if plan is not None and plan.finished:
+        exchange.close()
+        return plan.summary()
     if restored is not None:
         loop.restore(restored)
     elif fixed:
@@ -63,7 +71,7 @@ def run(cfg: RunConfig, out_dir: str, progress: bool = True, overwrite: bool = F
     start = restored or 0
     assert loop.rundir is not None
     loop.rundir.open(cfg, checkpointers, exchange, list(range(cfg.replicas)), restored,
-                     overwrite or resume, write_config=True)
+                     overwrite or resume, write_config=True, changes=plan and plan.changes)
     log.info("run %s: task %s, N=%d W=%d b=%d K=%d B=%d alpha=%g, steps %d..%d -> %s", cfg.name,
              cfg.task, cfg.replicas, cfg.workers, cfg.batch_size, cfg.codistill.exchange_every,
              cfg.codistill.burn_in, cfg.codistill.alpha, start, cfg.steps, out_dir)

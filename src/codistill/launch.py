@@ -28,7 +28,7 @@ from .exchange.collective import CollectiveExchange
 from .loop import Loop, make_checkpointer, set_threads
 from .parallel import layout
 from .replica import build_replica
-from .rundir import RunDir
+from .rundir import RunDir, plan_resume
 from .tasks import build_task
 from .topology import Groups, Topology, env_world, make_groups, make_topology
 
@@ -85,17 +85,22 @@ def _elastic_restart(out_dir: str, topo: Topology) -> bool:
     """True on a torchrun restart (``--max-restarts``) of a job whose earlier attempt started
     training in ``out_dir``: the run then resumes by itself. An attempt that was refused (an
     earlier run's files) never marked the directory, so its restart is refused too."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    marker, writer = _elastic_marker(out_dir, topo)
-    if not restart:
-        if writer and os.path.exists(marker):
-            os.remove(marker)  # left by another job: it must not make this one resume
+    if not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
         return False
+    marker, _ = _elastic_marker(out_dir, topo)
     try:
         with open(marker, encoding="utf-8") as f:
             return f.read() == os.environ.get("TORCHELASTIC_RUN_ID", "")
     except FileNotFoundError:
         return False
+
+
+def _unmark_elastic(out_dir: str, topo: Topology) -> None:
+    """On a first attempt, remove a marker left by another job (it must not make a restart of
+    this one resume); called once the run is to be trained, so a refused one changes nothing."""
+    marker, writer = _elastic_marker(out_dir, topo)
+    if writer and not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) and os.path.exists(marker):
+        os.remove(marker)
 
 
 def _mark_elastic(out_dir: str, topo: Topology) -> None:
@@ -109,7 +114,7 @@ def _mark_elastic(out_dir: str, topo: Topology) -> None:
 
 def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, device: str,
                resume: bool = False, stop_at: int | None = None, progress: bool = True,
-               overwrite: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Build this rank's replica and loop, resume if asked (or on a torchrun restart of this
     job), train; return the summary."""
     if _elastic_restart(out_dir, topo) and not resume:
@@ -130,12 +135,19 @@ def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, dev
     if resume and restored is None:
         log.warning("replica %d: --resume found no valid checkpoint; starting afresh, replacing "
                     "its earlier metrics and exchange versions", topo.replica)
+    who = "" if topo.one_world else f" (replica {topo.replica})"
+    plan = plan_resume(cfg, out_dir, ck, restored, allow_changes, announce=topo.rank == 0, who=who,
+                       suffix=f"-replica{topo.replica}")
+    if plan is not None and plan.finished:
+        exchange.close()
+        return plan.summary(topo.worker)
     if restored is not None:
         loop.restore(restored)
     start = restored or 0
+    _unmark_elastic(out_dir, topo)
     if rundir is not None:
         rundir.open(cfg, [ck], exchange, [topo.replica], restored, overwrite or resume,
-                    write_config=topo.replica == 0)
+                    write_config=topo.replica == 0, changes=plan and plan.changes)
     _mark_elastic(out_dir, topo)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     try:
@@ -174,6 +186,7 @@ def run_distributed(
     stop_at: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    allow_changes: bool = False,
 ) -> dict[str, Any]:
     """Entry point on every rank (reads torchrun's environment; works without it as W=1)."""
     if cfg.outer.every or cfg.codistill.teachers_from:
@@ -196,7 +209,8 @@ def run_distributed(
             where = "" if topo.one_world else f" (replica {topo.replica} of {cfg.replicas})"
             log.info("world %d: %d replica(s) x %d worker(s)%s", world,
                      topo.num_replicas if topo.one_world else 1, topo.workers, where)
-        return train_rank(cfg, out_dir, topo, groups, device, resume, stop_at, progress, overwrite)
+        return train_rank(cfg, out_dir, topo, groups, device, resume, stop_at, progress, overwrite,
+                          allow_changes)
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .exchange import unwrap
 from .metrics import evaluate_models
 from .parallel import full_state
-from .replica import Replica, replica_step
+from .replica import Replica, apply_optimizer_config, replica_step
 from .rundir import RunDir
 from .tasks import Task
 
@@ -70,6 +70,7 @@ class Loop:
         background write a crash may have lost."""
         for rep, ck in zip(self.replicas, self.checkpointers):
             ck.restore(step, rep)
+            apply_optimizer_config(self.cfg, rep.optimizer, rep.scheduler)
             cd = rep.codistiller
             if (cd.exchange.durable and cd.exchange_due(step)
                     and step not in cd.exchange.versions(rep.index)):
@@ -88,11 +89,11 @@ class Loop:
             cd.refresh(done)
         return time.perf_counter() - t0 if due else 0.0
 
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int, write: bool = True) -> dict[str, Any]:
         res = evaluate_models([unwrap(r.model) for r in self.replicas], self.batches, self.task.output,
                               self.group, self.uncounted)
         self.final = res
-        if not self.leader:
+        if not (self.leader and write):
             return res
         assert self.rundir is not None
         for rep, metrics in zip(self.replicas, res["models"]):
@@ -149,6 +150,8 @@ class Loop:
         cfg = self.cfg
         if start == 0:
             self.evaluate(0)
+        elif start == end == cfg.steps:  # the final checkpoint, not the summary: its eval rows are in
+            self.evaluate(end, write=False)
         acc: dict[int, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
         nacc = 0
         t_start = time.perf_counter()
@@ -253,7 +256,7 @@ def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, worker: int = 
                    "batch_size": cfg.batch_size, "data": dataclasses.asdict(cfg.data), "model": rep.spec,
                    "outer": dataclasses.asdict(cfg.outer)}
     return Checkpointer(os.path.join(run_dir, "checkpoints"), rep.index, worker, workers, group,
-                        cfg.checkpoint.keep, fingerprint)
+                        cfg.checkpoint.keep, fingerprint, cfg.to_dict())
 
 
 def set_threads(cfg: RunConfig, local_processes: int = 1) -> None:

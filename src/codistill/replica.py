@@ -70,6 +70,20 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optim
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def apply_optimizer_config(cfg: RunConfig, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """After a checkpoint is loaded: lr, weight decay and momentum from ``cfg``, not the values
+    the checkpoint's param groups carry (a resume with ``--allow-changes`` trains with the new
+    ones); the moments and the schedule's position stay. Unchanged values: a no-op."""
+    o = cfg.optimizer
+    scheduler.base_lrs = [o.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = o.lr, o.weight_decay
+        if "momentum" in group:  # sgd
+            group["momentum"] = o.momentum
+        group["lr"] = o.lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def largest_model_bytes(cfg: RunConfig, task: Task) -> int:
     """Bytes of the weights of the largest replica model ``cfg`` declares (built on the meta
     device: nothing is allocated)."""

@@ -3,6 +3,7 @@
 ::
 
     RUN_DIR/config.yaml                 resolved config
+    RUN_DIR/config.resume-STEP.yaml     the config a run resumed with at STEP, if it changed
     RUN_DIR/metrics.jsonl               one-process runs (every replica, ensemble, churn)
     RUN_DIR/metrics-replicaR.jsonl      distributed runs: one file per replica
     RUN_DIR/tensorboard/...             the same scalars
@@ -16,13 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import Checkpointer
-from .config import RunConfig, dump_config
+from .config import ConfigError, RunConfig, dump_config
 from .exchange import Exchange
 from .metrics import MetricsWriter, RunDirError
 
@@ -39,12 +42,14 @@ class RunDir:
         self.writer: MetricsWriter | None = None
 
     def open(self, cfg: RunConfig, checkpointers: list[Checkpointer], exchange: Exchange,
-             replicas: list[int], resume_step: int | None, overwrite: bool, write_config: bool) -> None:
+             replicas: list[int], resume_step: int | None, overwrite: bool, write_config: bool,
+             changes: dict[str, tuple[Any, Any]] | None = None) -> None:
         """Refuse to mix runs, then write the config and open the metric files.
 
         A fresh start (``resume_step`` None) refuses metrics, checkpoints or exchange
         versions of these replicas from an earlier run (peers would distil from them)
-        unless ``overwrite``, which deletes them."""
+        unless ``overwrite``, which deletes them. A resumed run keeps ``config.yaml`` and
+        records a config with ``changes`` (:func:`plan_resume`) next to it."""
         os.makedirs(self.path, exist_ok=True)
         if resume_step is None:
             if exchange.durable:
@@ -60,7 +65,19 @@ class RunDir:
         self.writer = MetricsWriter(self.path, f"metrics{self.suffix}.jsonl", tb_subdir=sub,
                                     overwrite=overwrite, resume_step=resume_step)
         if write_config:
-            dump_config(cfg, os.path.join(self.path, "config.yaml"))
+            self._write_config(cfg, resume_step, changes or {})
+
+    def _write_config(self, cfg: RunConfig, resume_step: int | None,
+                      changes: dict[str, tuple[Any, Any]]) -> None:
+        path = os.path.join(self.path, "config.yaml")
+        if resume_step is None or not os.path.exists(path):
+            dump_config(cfg, path)
+        elif changes:
+            record = os.path.join(self.path, f"config.resume-{resume_step}.yaml")
+            diff = describe_changes(changes)
+            dump_config(cfg, record, header=f"# resumed at step {resume_step} with: {diff}\n")
+            log.warning("resumed at step %d with a changed config: %s (the config up to step %d is in %s, "
+                        "the one from then on in %s)", resume_step, diff, resume_step, path, record)
 
     def write(self, row: dict[str, Any]) -> None:
         assert self.writer is not None, "RunDir.open() first"
@@ -72,13 +89,15 @@ class RunDir:
         folder = os.path.join(self.path, f"replica-{replica}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "model.safetensors")
-        save_file(state, path, metadata={"model": json.dumps(spec)})
+        save_file(state, f"{path}.tmp", metadata={"model": json.dumps(spec)})
+        os.replace(f"{path}.tmp", path)  # whole or absent, even after a Ctrl-C
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> str:
         path = os.path.join(self.path, f"summary{self.suffix}.json")
-        with open(path, "w", encoding="utf-8") as f:
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
+        os.replace(f"{path}.tmp", path)
         return path
 
     def close(self) -> None:
@@ -111,3 +130,116 @@ def check_fresh_exchange(exchange: Exchange, replica: int, overwrite: bool) -> N
                           "or use another exchange location")
     log.warning("deleting versions %s of replica %d from the exchange (--overwrite)", old, replica)
     exchange.clear(replica)
+
+
+# Fields a --resume may change without --allow-changes. None changes what a step computes:
+# where the run is placed (threads, backend, the exchange location: a moved run directory),
+# its label, how often it logs and checkpoints and how many files it keeps, and the limits
+# that decide when it gives up (the cures the divergence message suggests). Every other
+# field changes the trajectory (optimizer settings, distillation, schedule, steps,
+# evaluation, device, precision, layout): it needs --allow-changes.
+FREE_ON_RESUME = frozenset({
+    "name", "threads", "backend", "dist_timeout", "log_every", "on_nonfinite", "diverge_factor",
+    "checkpoint.every", "checkpoint.keep", "codistill.exchange", "codistill.keep",
+    "codistill.sync_timeout", "codistill.max_teacher_size",
+})
+# Fields (and sections) that cannot change on resume at all: the checkpoint's weights,
+# optimizer state or data position depend on them (most are also in its fingerprint, which
+# Checkpointer.restore checks).
+FIXED_ON_RESUME = ("task", "seed", "replicas", "workers", "batch_size", "data", "model", "replica_models",
+                   "outer", "optimizer.name")
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer": {"lr": 1}}`` → ``{"optimizer.lr": 1}`` (lists compared whole)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every field whose value differs between two configs (as plain values): ``{field: (old, new)}``."""
+    plain = [_flat(yaml.safe_load(yaml.safe_dump(v))) for v in (old, new)]  # tuples, ints vs floats
+    missing = object()
+    return {k: (plain[0].get(k), plain[1].get(k)) for k in sorted(set(plain[0]) | set(plain[1]))
+            if plain[0].get(k, missing) != plain[1].get(k, missing)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items())
+
+
+@dataclass
+class Resume:
+    """What a ``--resume`` found: the step, every changed field (old, new), and the summary of
+    a run that had already finished (then nothing is to be written)."""
+
+    step: int
+    changes: dict[str, tuple[Any, Any]]
+    saved: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.saved is not None
+
+    def summary(self, worker: int = 0) -> dict[str, Any]:
+        """The finished run's saved summary (final evaluation included), marked ``finished``."""
+        return {**(self.saved or {}), "finished": True, "worker": worker}
+
+
+def _saved_summary(path: str, suffix: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, f"summary{suffix}.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def plan_resume(cfg: RunConfig, path: str, checkpointer: Checkpointer, step: int | None,
+                allow_changes: bool = False, announce: bool = True, who: str = "",
+                suffix: str = "") -> Resume | None:
+    """Check a resume from the checkpoint at ``step`` (None: nothing to resume) before
+    anything is written. A finished run (its final checkpoint and ``summary{suffix}.json``
+    of the last step: written after the final weights) is reported (``announce``: logged
+    here) and left alone; a final checkpoint without that summary (a crash in between) is
+    completed. A config that differs from the checkpoint's in a field outside
+    :data:`FREE_ON_RESUME` is refused (a ConfigError naming each field, old → new) unless
+    ``allow_changes``. ``who``: e.g. " (replica 1)", for the messages."""
+    if step is None:
+        return None
+    old = checkpointer.saved_config(step)
+    if old is None and os.path.exists(os.path.join(path, "config.yaml")):  # an older checkpoint
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+            old = yaml.safe_load(f)
+    changes = config_changes(old, cfg.to_dict()) if isinstance(old, dict) else {}
+    last = step == cfg.steps and "steps" not in changes
+    saved = _saved_summary(path, suffix) if last else None
+    if saved is not None and saved.get("end") == cfg.steps:
+        if announce:
+            log.info("run %s%s is finished (its final checkpoint is step %d of %d): nothing to resume, "
+                     "nothing changed in %s (to train on: --resume --set steps=MORE --allow-changes)",
+                     cfg.name, who, step, cfg.steps, path)
+        return Resume(step, changes, saved)
+    fixed = {k: v for k, v in changes.items() if k.split(".")[0] in FIXED_ON_RESUME or k in FIXED_ON_RESUME}
+    if fixed:
+        raise ConfigError(f"--resume{who}: {describe_changes(fixed)}: cannot change on resume (the "
+                          "checkpoint's weights, optimizer state or data position depend on it, even with "
+                          "--allow-changes); resume with the same settings or start a new run")
+    refused = {k: v for k, v in changes.items() if k not in FREE_ON_RESUME}
+    if refused and not allow_changes:
+        raise ConfigError(f"--resume{who}: the config differs from the one its checkpoint at step {step} was "
+                          f"written with: {describe_changes(refused)}; resume with the same settings, pass "
+                          "--allow-changes to continue with the new ones (both configs are kept), or start "
+                          "a new run")
+    if step >= cfg.steps and not last:
+        raise ConfigError(f"--resume{who}: the checkpoint at step {step} is not before steps={cfg.steps}: "
+                          "nothing to train")
+    if last:
+        log.warning("run %s%s: the final checkpoint (step %d) is there but not the final summary: "
+                    "writing the final weights and summary", cfg.name, who, step)
+    return Resume(step, changes)

@@ -82,18 +82,25 @@ def _is_parquet(path: str) -> bool:
 
 def _read_file(path: str):  # -> pyarrow.Table
     """Read a CSV (.csv), TSV (.tsv/.tab) or Parquet (.parquet/.pq) file into a pyarrow Table."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a table file (.csv, .tsv, .parquet or .pq)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such table file: {path}")
+    lower = path.lower()
+    if not _is_parquet(path) and not lower.endswith((".csv", ".tsv", ".tab")):
+        raise ValueError(f"{path}: unknown table format (expected .csv, .tsv, .parquet or .pq)")
+    try:
+        return _read_table(path, lower)
+    except ValueError as e:  # pyarrow's ArrowInvalid, e.g. "CSV parse error: Expected 3 columns, got 4"
+        text = " ".join(str(e).split())
+        raise ValueError(text if path in text else f"{path}: {text}") from e
+
+
+def _read_table(path: str, lower: str):  # -> pyarrow.Table
     if _is_parquet(path):
         return require("pyarrow.parquet", "reading Parquet tables").read_table(path)
     pacsv = require("pyarrow.csv", "reading CSV tables")
-    lower = path.lower()
-    if lower.endswith((".tsv", ".tab")):
-        parse = pacsv.ParseOptions(delimiter="\t")
-    elif lower.endswith(".csv"):
-        parse = pacsv.ParseOptions(delimiter=",")
-    else:
-        raise ValueError(f"{path}: unknown table format (expected .csv, .tsv, .parquet or .pq)")
+    parse = pacsv.ParseOptions(delimiter="\t" if lower.endswith((".tsv", ".tab")) else ",")
     # Empty cells are missing (null) in every column, strings included.
     convert = pacsv.ConvertOptions(strings_can_be_null=True)
     return pacsv.read_csv(path, parse_options=parse, convert_options=convert)

@@ -39,6 +39,8 @@ def load_text(path: str | None = None) -> str:
     if path:
         if not os.path.exists(path):
             raise FileNotFoundError(f"data.path: no such file {path!r}")
+        if os.path.isdir(path):
+            raise ValueError(f"data.path {path!r} is a directory, not a text file")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
