@@ -134,14 +134,16 @@ def check_fresh_exchange(exchange: Exchange, replica: int, overwrite: bool) -> N
 
 # Fields a --resume may change without --allow-changes. None changes what a step computes:
 # where the run is placed (threads, backend, the exchange location: a moved run directory),
-# its label, how often it logs and checkpoints and how many files it keeps, and the limits
-# that decide when it gives up (the cures the divergence message suggests). Every other
-# field changes the trajectory (optimizer settings, distillation, schedule, steps,
-# evaluation, device, precision, layout): it needs --allow-changes.
+# how often it logs and checkpoints and how many files it keeps, the limits that decide
+# when it gives up (the cures the divergence message suggests), and the exchange key's file
+# (a rotation). Every other field changes the trajectory (optimizer settings, distillation,
+# schedule, steps, evaluation, device, precision, layout) or, like ``name`` and
+# ``codistill.run_id`` (the run id peers check is derived from them), what peers accept:
+# it needs --allow-changes.
 FREE_ON_RESUME = frozenset({
-    "name", "threads", "backend", "dist_timeout", "log_every", "on_nonfinite", "diverge_factor",
+    "threads", "backend", "dist_timeout", "log_every", "on_nonfinite", "diverge_factor",
     "checkpoint.every", "checkpoint.keep", "codistill.exchange", "codistill.keep",
-    "codistill.sync_timeout", "codistill.max_teacher_size",
+    "codistill.sync_timeout", "codistill.max_teacher_size", "codistill.exchange_key_file",
 })
 # Fields (and sections) that cannot change on resume at all: the checkpoint's weights,
 # optimizer state or data position depend on them (most are also in its fingerprint, which
