@@ -24,3 +24,121 @@ def kl_tolerance(p: torch.Tensor, logq: torch.Tensor, temperature: float = 1.0) 
     h = -torch.special.xlogy(p64, p64).sum(-1)
     ce = -(p64 * logq64).sum(-1)
     return float(16 * U32 * (h + ce).mean() * temperature**2)
+
+
+def sum_tolerance(terms: torch.Tensor, term_error: torch.Tensor | float | None = None) -> float:
+    """Absolute error bound of an fp32 sum of ``terms``, in any order.
+
+    Each of the n − 1 additions rounds a partial sum of magnitude at most Σ|t|, so the sum is
+    off by at most (n − 1)·u·Σ|t| whatever the order (Higham, *Accuracy and Stability of
+    Numerical Algorithms*, §4.2): no assumption about a CPU's SIMD width, blocking or thread
+    split. ``term_error`` (a tensor like ``terms``, or one number for all) is each term's own
+    error from the roundings that produced it; by default 2u·|t| (one or two roundings). The
+    bound is doubled as a margin. For a mean, divide by n (a division by n rounds once more,
+    well inside the margin). It grows with n: meant for the tests' small sums (n up to a few
+    thousand); a long sum needs its own argument (``kl_tolerance``).
+    """
+    t = terms.detach().double().abs()
+    own = 2 * U32 * t if term_error is None else torch.as_tensor(term_error, dtype=torch.float64).expand_as(t)
+    return float(2 * (own.sum() + (t.numel() - 1) * U32 * t.sum()))
+
+
+def log_softmax_error(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-element bound of |fp32 log_softmax(z/T) − exact| over the last axis (V classes),
+    for fp32 logits z (the reference must start from the same fp32 values).
+
+    log q_i = (z_i − m) − log s with m = max z and s = Σ_j exp(z_j − m) ∈ [1, V]. The
+    subtraction z_i − m rounds once (u·|z_i − m|); the V exponentials (≤ 2u each) and their
+    sum in any order give s to (V + 1)·u relative, which log s turns into an absolute error,
+    plus u·log s for rounding log s; the last subtraction adds u·|log q_i|. As
+    |log q_i| = |z_i − m| + log s, the total is at most u·(3·|log q_i| + V + 2). Dividing by
+    T ≠ 1 first rounds every z_j/T by u·|z_j/T|, which moves log q_i by at most
+    2u·max|z/T|. Doubled as a margin.
+    """
+    s = logits.detach().double() / temperature
+    err = U32 * (3 * torch.log_softmax(s, -1).abs() + s.shape[-1] + 2)
+    if temperature != 1.0:
+        err = err + 2 * U32 * s.abs().amax(-1, keepdim=True)
+    return 2 * err
+
+
+def softmax_error(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-element bound of |fp32 softmax(z/T) − exact| over the last axis, for fp32 logits z.
+
+    q_i = exp(z_i − m) / s: the subtraction rounds its argument (u·|z_i − m| relative after
+    exp), exp rounds (2u), s is off by (V + 1)·u relative (see ``log_softmax_error``) and the
+    division rounds (u): relative error u·(|z_i − m| + V + 4) ≤ u·(|log q_i| + V + 4), plus
+    2u·max|z/T| for the division by T ≠ 1. Doubled as a margin.
+    """
+    s = logits.detach().double() / temperature
+    logq = torch.log_softmax(s, -1)
+    rel = U32 * (logq.abs() + s.shape[-1] + 4)
+    if temperature != 1.0:
+        rel = rel + 2 * U32 * s.abs().amax(-1, keepdim=True)
+    return 2 * rel * logq.exp()
+
+
+def bce_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-element bound of |fp32 binary cross entropy with logits − exact|, for fp32 logits x
+    and targets y in [0, 1].
+
+    ℓ = (1 − y)·x + log(1 + exp(−x)) (computed with a max shift, or as −y·log σ − (1 − y)·
+    log(1 − σ)): about six roundings (each relative u, ~2u for exp and log), each of a quantity
+    at most |x| + ℓ + 1 in magnitude. Bound 8u·(|x| + ℓ + 1) per element, doubled as a margin.
+    """
+    x, y = logits.detach().double(), targets.detach().double()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+    return 16 * U32 * (x.abs() + loss + 1)
+
+
+def soft_target_tolerance(logits: torch.Tensor, p: torch.Tensor, temperature: float = 1.0,
+                          kl: bool = True) -> float:
+    """Absolute error bound of the fp32 ψ = T²·mean over rows of Σ_i p_i·(log p_i − log q_i)
+    (``kl``) or −Σ_i p_i·log q_i, q = softmax(z/T), for fp32 logits z and fp32 targets p.
+
+    Each term p_i·(log p_i − log q_i) is off by p_i·(error of log q_i, ``log_softmax_error``)
+    + p_i·2u·(|log p_i| + 1) (the logarithm of p, for ``kl``) + 2u·|term| (the subtraction and
+    the product); the rows × V terms are summed in any order (``sum_tolerance``, which
+    doubles); the scaling by T²/N rounds twice more. Unlike ``kl_tolerance`` this bound grows
+    with the number of terms: it is for the small ψ of the unit tests.
+    """
+    v = logits.shape[-1]
+    z, p64 = logits.detach().double().reshape(-1, v), p.detach().double().reshape(-1, v)
+    logq = torch.log_softmax(z / temperature, -1)
+    err = p64 * log_softmax_error(z, temperature)
+    if kl:
+        logp = torch.where(p64 > 0, p64.log(), 0.0)
+        terms = torch.special.xlogy(p64, p64) - p64 * logq
+        err = err + p64 * 2 * U32 * (logp.abs() + 1)
+    else:
+        terms = -p64 * logq
+    err = err + 2 * U32 * terms.abs()
+    scale = temperature**2 / z.shape[0]
+    value = float(terms.sum()) * scale
+    return sum_tolerance(terms, err) * scale + 4 * U32 * abs(value)
+
+
+def soft_target_grad_error(logits: torch.Tensor, p: torch.Tensor, temperature: float = 1.0,
+                           g_psi: float = 1.0, g_phi: float = 0.0,
+                           targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-element bound of the error of the fp32 gradient of g_ψ·ψ + g_φ·φ with respect to the
+    logits: (T/N)·(g_ψ·(q·Σp − p)) for ψ at temperature T, and (1/N)·g_φ·(q − onehot(y)) for
+    the task loss φ (fused: q·(g_φ + g_ψ·Σp) − g_ψ·p − g_φ·onehot(y), T = 1).
+
+    q is off by ``softmax_error``; Σp over V terms by (V − 1)·u·Σp; the products, the
+    subtractions and the scaling each round once, by u times a quantity at most
+    |g_ψ·p| + g_φ + |gradient·N/T| + the q term. Doubled as a margin.
+    """
+    v = logits.shape[-1]
+    z, p64 = logits.detach().double().reshape(-1, v), p.detach().double().reshape(-1, v)
+    n, t = z.shape[0], temperature
+    q = torch.softmax(z / t, -1)
+    sp = p64.sum(-1, keepdim=True)
+    a = g_phi + g_psi * sp
+    onehot = torch.zeros_like(q)
+    if targets is not None:
+        onehot[torch.arange(n), targets.reshape(-1)] = 1.0
+    grad = a * q - g_psi * p64 - g_phi * onehot
+    err = (a * softmax_error(z, t) + abs(g_psi) * q * (v - 1) * U32 * sp
+           + 4 * U32 * (a * q + abs(g_psi) * p64 + g_phi * onehot + grad.abs()))
+    return (2 * err * t / n).reshape(logits.shape)
