@@ -142,3 +142,23 @@ def soft_target_grad_error(logits: torch.Tensor, p: torch.Tensor, temperature: f
     err = (a * softmax_error(z, t) + abs(g_psi) * q * (v - 1) * U32 * sp
            + 4 * U32 * (a * q + abs(g_psi) * p64 + g_phi * onehot + grad.abs()))
     return (2 * err * t / n).reshape(logits.shape)
+
+
+def sigmoid_error(logits: torch.Tensor) -> torch.Tensor:
+    """Per-element bound of |fp32 sigmoid(x) − exact|: 1/(1 + exp(−x)) rounds exp (2u), the
+    sum (u) and the reciprocal (u): 4u relative, doubled as a margin."""
+    return 8 * U32 * torch.sigmoid(logits.detach().double())
+
+
+def log_loss_error(p: torch.Tensor, targets: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
+    """Per-element bound of the error of fp32 ℓ = −(y·log p + (1 − y)·log(1 − p)), given a
+    bound ``p_error`` of the fp32 probability's error (p is the exact, float64 one).
+
+    An error ε in p moves log p by ε/p and log(1 − p) by ε/(1 − p), which is what makes ℓ
+    ill-conditioned near 0 and 1; 1 − p rounds once (u), each logarithm rounds (u·|log|), the
+    products and the sum round (2u·ℓ). Doubled as a margin.
+    """
+    p, y, eps = p.detach().double(), targets.detach().double(), torch.as_tensor(p_error, dtype=torch.float64)
+    lp, l1p = p.log().abs(), (-p).log1p().abs()
+    err = y * (eps / p + U32 * lp) + (1 - y) * ((eps + U32) / (1 - p) + U32 * l1p)
+    return 2 * (err + 2 * U32 * (y * lp + (1 - y) * l1p))
