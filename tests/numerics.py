@@ -26,21 +26,46 @@ def kl_tolerance(p: torch.Tensor, logq: torch.Tensor, temperature: float = 1.0) 
     return float(16 * U32 * (h + ce).mean() * temperature**2)
 
 
-def sum_tolerance(terms: torch.Tensor, term_error: torch.Tensor | float | None = None) -> float:
-    """Absolute error bound of an fp32 sum of ``terms``, in any order.
+def torch_sum_depth(n: int) -> int:
+    """How many additions a term goes through in torch's fp32 ``sum`` of n contiguous elements
+    on CPU, on any SIMD width: ATen's cascade sum (aten/src/ATen/native/cpu/SumKernel.cpp,
+    ``multi_row_sum``) adds chunks of L = max(16, 2^(⌈log2 n⌉/4)) elements over 4 levels (≤ 4L
+    additions), over 4 interleaved accumulators and ≤ 16 SIMD lanes combined at the end, plus
+    a tail of fewer than 16·4 elements added one by one; a thread split (the suite runs one
+    thread) adds as many additions as threads. Bound: 4L + 4 + 16 + 64 + 32 (threads), and
+    never more than n − 1 (any order)."""
+    level = max(16, 1 << (max(1, n - 1).bit_length() // 4))
+    return max(0, min(n - 1, 4 * level + 116))
+
+
+def softmax_sum_depth(v: int) -> int:
+    """How many additions an exponential goes through in the normalizer Σ_j exp(z_j − m) of
+    torch's CPU softmax/log_softmax over V classes: ATen's kernels reduce with
+    ``vec::map_reduce_all``, one accumulator per SIMD lane (at least 4 fp32 lanes on any build)
+    added in turn over ⌈V/lanes⌉ steps, then the lanes combined (≤ 16). Bound: ⌈V/4⌉ + 16,
+    and never more than V − 1 (any order)."""
+    return max(0, min(v - 1, -(-v // 4) + 16))
+
+
+def sum_tolerance(terms: torch.Tensor, term_error: torch.Tensor | float | None = None,
+                  depth: int | None = None) -> float:
+    """Absolute error bound of an fp32 sum of ``terms``.
 
     Each of the n − 1 additions rounds a partial sum of magnitude at most Σ|t|, so the sum is
     off by at most (n − 1)·u·Σ|t| whatever the order (Higham, *Accuracy and Stability of
     Numerical Algorithms*, §4.2): no assumption about a CPU's SIMD width, blocking or thread
-    split. ``term_error`` (a tensor like ``terms``, or one number for all) is each term's own
-    error from the roundings that produced it; by default 2u·|t| (one or two roundings). The
-    bound is doubled as a margin. For a mean, divide by n (a division by n rounds once more,
-    well inside the margin). It grows with n: meant for the tests' small sums (n up to a few
-    thousand); a long sum needs its own argument (``kl_tolerance``).
+    split. If each term goes through at most ``depth`` additions (a blocked or pairwise order,
+    e.g. ``torch_sum_depth(n)`` for torch's own ``sum``), the bound is depth·u·Σ|t|. That part
+    is doubled as a margin. ``term_error`` (a tensor like ``terms``, or one number for all) is
+    each term's own error from the roundings that produced it, with its own margin; by default
+    4u·|t| (one or two roundings, doubled). For a mean, divide by n (the division rounds once
+    more, well inside the margin). Meant for the tests' small sums: a long sum in any order
+    needs its own argument (``kl_tolerance``).
     """
     t = terms.detach().double().abs()
-    own = 2 * U32 * t if term_error is None else torch.as_tensor(term_error, dtype=torch.float64).expand_as(t)
-    return float(2 * (own.sum() + (t.numel() - 1) * U32 * t.sum()))
+    own = 4 * U32 * t if term_error is None else torch.as_tensor(term_error, dtype=torch.float64).expand_as(t)
+    depth = t.numel() - 1 if depth is None else depth
+    return float(own.sum() + 2 * depth * U32 * t.sum())
 
 
 def log_softmax_error(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -48,15 +73,15 @@ def log_softmax_error(logits: torch.Tensor, temperature: float = 1.0) -> torch.T
     for fp32 logits z (the reference must start from the same fp32 values).
 
     log q_i = (z_i − m) − log s with m = max z and s = Σ_j exp(z_j − m) ∈ [1, V]. The
-    subtraction z_i − m rounds once (u·|z_i − m|); the V exponentials (≤ 2u each) and their
-    sum in any order give s to (V + 1)·u relative, which log s turns into an absolute error,
-    plus u·log s for rounding log s; the last subtraction adds u·|log q_i|. As
-    |log q_i| = |z_i − m| + log s, the total is at most u·(3·|log q_i| + V + 2). Dividing by
-    T ≠ 1 first rounds every z_j/T by u·|z_j/T|, which moves log q_i by at most
+    subtraction z_i − m rounds once (u·|z_i − m|); the exponentials (≤ 2u each) and their sum
+    (D = ``softmax_sum_depth(V)`` additions) give s to (D + 2)·u relative, which log s turns
+    into an absolute error, plus u·log s for rounding log s; the last subtraction adds
+    u·|log q_i|. As |log q_i| = |z_i − m| + log s, the total is at most u·(3·|log q_i| + D + 2).
+    Dividing by T ≠ 1 first rounds every z_j/T by u·|z_j/T|, which moves log q_i by at most
     2u·max|z/T|. Doubled as a margin.
     """
     s = logits.detach().double() / temperature
-    err = U32 * (3 * torch.log_softmax(s, -1).abs() + s.shape[-1] + 2)
+    err = U32 * (3 * torch.log_softmax(s, -1).abs() + softmax_sum_depth(s.shape[-1]) + 2)
     if temperature != 1.0:
         err = err + 2 * U32 * s.abs().amax(-1, keepdim=True)
     return 2 * err
@@ -66,13 +91,13 @@ def softmax_error(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """Per-element bound of |fp32 softmax(z/T) − exact| over the last axis, for fp32 logits z.
 
     q_i = exp(z_i − m) / s: the subtraction rounds its argument (u·|z_i − m| relative after
-    exp), exp rounds (2u), s is off by (V + 1)·u relative (see ``log_softmax_error``) and the
-    division rounds (u): relative error u·(|z_i − m| + V + 4) ≤ u·(|log q_i| + V + 4), plus
+    exp), exp rounds (2u), s is off by (D + 2)·u relative (see ``log_softmax_error``) and the
+    division rounds (u): relative error u·(|z_i − m| + D + 5) ≤ u·(|log q_i| + D + 5), plus
     2u·max|z/T| for the division by T ≠ 1. Doubled as a margin.
     """
     s = logits.detach().double() / temperature
     logq = torch.log_softmax(s, -1)
-    rel = U32 * (logq.abs() + s.shape[-1] + 4)
+    rel = U32 * (logq.abs() + softmax_sum_depth(s.shape[-1]) + 5)
     if temperature != 1.0:
         rel = rel + 2 * U32 * s.abs().amax(-1, keepdim=True)
     return 2 * rel * logq.exp()
@@ -91,16 +116,41 @@ def bce_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 16 * U32 * (x.abs() + loss + 1)
 
 
+def sigmoid_error(logits: torch.Tensor) -> torch.Tensor:
+    """Per-element bound of |fp32 sigmoid(x) − exact|: 1/(1 + exp(−x)) rounds exp (2u), the
+    sum (u) and the reciprocal (u): 4u relative, doubled as a margin."""
+    return 8 * U32 * torch.sigmoid(logits.detach().double())
+
+
+def log_loss_error(p: torch.Tensor, targets: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
+    """Per-element bound of the error of fp32 ℓ = −(y·log p + (1 − y)·log(1 − p)), given a
+    bound ``p_error`` of the fp32 probability's error (p is the exact, float64 one).
+
+    An error ε in p moves log p by ε/p and log(1 − p) by ε/(1 − p), which is what makes ℓ
+    ill-conditioned near 0 and 1; 1 − p rounds once (u), each logarithm rounds (u·|log|), the
+    products and the sum round (2u·ℓ). Doubled as a margin.
+    """
+    p, y, eps = p.detach().double(), targets.detach().double(), torch.as_tensor(p_error, dtype=torch.float64)
+    lp, l1p = p.log().abs(), (-p).log1p().abs()
+    err = y * (eps / p + U32 * lp) + (1 - y) * ((eps + U32) / (1 - p) + U32 * l1p)
+    return 2 * (err + 2 * U32 * (y * lp + (1 - y) * l1p))
+
+
 def soft_target_tolerance(logits: torch.Tensor, p: torch.Tensor, temperature: float = 1.0,
-                          kl: bool = True) -> float:
+                          kl: bool = True, p_error: torch.Tensor | None = None) -> float:
     """Absolute error bound of the fp32 ψ = T²·mean over rows of Σ_i p_i·(log p_i − log q_i)
     (``kl``) or −Σ_i p_i·log q_i, q = softmax(z/T), for fp32 logits z and fp32 targets p.
 
     Each term p_i·(log p_i − log q_i) is off by p_i·(error of log q_i, ``log_softmax_error``)
     + p_i·2u·(|log p_i| + 1) (the logarithm of p, for ``kl``) + 2u·|term| (the subtraction and
-    the product); the rows × V terms are summed in any order (``sum_tolerance``, which
-    doubles); the scaling by T²/N rounds twice more. Unlike ``kl_tolerance`` this bound grows
-    with the number of terms: it is for the small ψ of the unit tests.
+    the product); the rows × V terms are summed (``sum_tolerance``; ``kl``: torch's ``sum``,
+    ``torch_sum_depth``; ``ce``: a BLAS dot product, in any order); the scaling by T²/N rounds
+    twice more. Unlike ``kl_tolerance`` this bound grows with the number of terms: it is for the
+    small ψ of the unit tests.
+
+    ``p_error``: when the fp32 targets are themselves off from the reference's p by up to
+    ``p_error`` (e.g. a teacher's fp32 softmax, ``softmax_error``), ψ moves at first order by
+    Σ_i p_error_i·|∂ψ/∂p_i|, with ∂/∂p_i = log p_i − log q_i + 1 (``kl``) or −log q_i.
     """
     v = logits.shape[-1]
     z, p64 = logits.detach().double().reshape(-1, v), p.detach().double().reshape(-1, v)
@@ -115,7 +165,12 @@ def soft_target_tolerance(logits: torch.Tensor, p: torch.Tensor, temperature: fl
     err = err + 2 * U32 * terms.abs()
     scale = temperature**2 / z.shape[0]
     value = float(terms.sum()) * scale
-    return sum_tolerance(terms, err) * scale + 4 * U32 * abs(value)
+    moved = 0.0
+    if p_error is not None:
+        slope = (torch.where(p64 > 0, p64.log(), 0.0) - logq + 1) if kl else -logq
+        moved = float((p_error.double().reshape(-1, v) * slope.abs()).sum()) * scale
+    depth = torch_sum_depth(terms.numel()) if kl else None
+    return sum_tolerance(terms, err, depth) * scale + 4 * U32 * abs(value) + moved
 
 
 def soft_target_grad_error(logits: torch.Tensor, p: torch.Tensor, temperature: float = 1.0,
@@ -139,26 +194,6 @@ def soft_target_grad_error(logits: torch.Tensor, p: torch.Tensor, temperature: f
     if targets is not None:
         onehot[torch.arange(n), targets.reshape(-1)] = 1.0
     grad = a * q - g_psi * p64 - g_phi * onehot
-    err = (a * softmax_error(z, t) + abs(g_psi) * q * (v - 1) * U32 * sp
-           + 4 * U32 * (a * q + abs(g_psi) * p64 + g_phi * onehot + grad.abs()))
-    return (2 * err * t / n).reshape(logits.shape)
-
-
-def sigmoid_error(logits: torch.Tensor) -> torch.Tensor:
-    """Per-element bound of |fp32 sigmoid(x) − exact|: 1/(1 + exp(−x)) rounds exp (2u), the
-    sum (u) and the reciprocal (u): 4u relative, doubled as a margin."""
-    return 8 * U32 * torch.sigmoid(logits.detach().double())
-
-
-def log_loss_error(p: torch.Tensor, targets: torch.Tensor, p_error: torch.Tensor) -> torch.Tensor:
-    """Per-element bound of the error of fp32 ℓ = −(y·log p + (1 − y)·log(1 − p)), given a
-    bound ``p_error`` of the fp32 probability's error (p is the exact, float64 one).
-
-    An error ε in p moves log p by ε/p and log(1 − p) by ε/(1 − p), which is what makes ℓ
-    ill-conditioned near 0 and 1; 1 − p rounds once (u), each logarithm rounds (u·|log|), the
-    products and the sum round (2u·ℓ). Doubled as a margin.
-    """
-    p, y, eps = p.detach().double(), targets.detach().double(), torch.as_tensor(p_error, dtype=torch.float64)
-    lp, l1p = p.log().abs(), (-p).log1p().abs()
-    err = y * (eps / p + U32 * lp) + (1 - y) * ((eps + U32) / (1 - p) + U32 * l1p)
-    return 2 * (err + 2 * U32 * (y * lp + (1 - y) * l1p))
+    err = (a * softmax_error(z, t) + 2 * abs(g_psi) * q * (v - 1) * U32 * sp
+           + 8 * U32 * (a * q + abs(g_psi) * p64 + g_phi * onehot + grad.abs()))
+    return (err * t / n).reshape(logits.shape)
