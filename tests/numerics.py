@@ -1,8 +1,10 @@
 """Tolerances for comparing fp32 results with float64 references, argued from the computation.
 
 u is fp32's unit roundoff (2^-24). Each helper states the error bound it returns; the constant
-factors are generous (about 4× the first-order bound) so that any CPU's summation order, SIMD
+factors are generous (2× to 4× the first-order bound) so that any CPU's summation order, SIMD
 width or library passes, while a wrong formula (an error of the size of the value) fails.
+Summation orders: any order (n − 1 additions per term) unless a helper names the torch kernel
+whose blocked order it relies on (``torch_sum_depth``, ``softmax_sum_depth``).
 """
 
 from __future__ import annotations
