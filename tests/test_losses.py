@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import kl_tolerance
+from numerics import (
+    U32,
+    bce_error,
+    kl_tolerance,
+    log_softmax_error,
+    soft_target_grad_error,
+    soft_target_tolerance,
+    sum_tolerance,
+)
 
 from codistill.codistiller import Codistiller
 from codistill.exchange import MemoryExchange
@@ -22,8 +30,14 @@ def _logits(seed: int, shape=(2, 3, 5)) -> torch.Tensor:
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_kl_is_zero_when_student_equals_teacher(temperature):
     logits = _logits(0)
-    same = distill_loss(logits, predict_probs(logits, "kl", temperature), "kl", temperature)
-    assert abs(float(same)) < 1e-6
+    p = predict_probs(logits, "kl", temperature)
+    same = distill_loss(logits, p, "kl", temperature)
+    # Exactly 0 for exact p: Σ p·(log p − log q) with p = softmax and log q = log_softmax of the
+    # same logits is off by the roundings of its terms (kl_tolerance), and, at first order, by
+    # Σ p·δ where δ ≤ (V + 4)·u·2 is how far the two fp32 softmaxes differ (softmax_error).
+    logq = torch.log_softmax(logits.double() / temperature, -1)
+    tol = kl_tolerance(p, logq, temperature) + 2 * (logits.shape[-1] + 4) * U32 * temperature**2
+    assert abs(float(same)) <= tol
     other = distill_loss(logits, predict_probs(_logits(1), "kl", temperature), "kl", temperature)
     assert float(other) > 1e-3
 
@@ -38,14 +52,21 @@ def test_kl_and_soft_cross_entropy_have_the_same_gradient(temperature):
         loss = distill_loss(student, teacher, kind, t)
         loss.backward()
         grads[kind], losses[kind] = student.grad, float(loss.detach())
-    torch.testing.assert_close(grads["kl"], grads["ce"], atol=1e-6, rtol=1e-5)
-    # The gradient is T·(q − p) per position, averaged over positions (with the T² scaling).
-    q = predict_probs(_logits(0), "kl", t)
+    # The gradient is T·(q − p) per position, averaged over positions (with the T² scaling):
+    # against float64 from the same fp32 inputs, within the bound argued for the fp32 one.
+    z = _logits(0).double()
+    q = torch.softmax(z / t, -1)
     positions = teacher.numel() // teacher.shape[-1]
-    torch.testing.assert_close(grads["kl"], t * (q - teacher) / positions, atol=1e-6, rtol=1e-5)
+    p64 = teacher.double()
+    want = t * (q * p64.sum(-1, keepdim=True) - p64) / positions  # Σp = 1 up to fp32 rounding
+    bound = soft_target_grad_error(z, teacher, t)
+    for kind in ("kl", "ce"):
+        assert bool(((grads[kind].double() - want).abs() <= bound).all()), kind
     # The two losses differ by T²·H(p): the teacher's entropy, which has no student gradient.
-    entropy = float(-(teacher * teacher.log()).sum(-1).mean())
-    assert losses["ce"] - losses["kl"] == pytest.approx(t * t * entropy, rel=1e-5)
+    # Each fp32 loss is within its bound of float64; H(p) is float64.
+    entropy = float(-torch.special.xlogy(p64, p64).sum(-1).mean())
+    tol = soft_target_tolerance(z, teacher, t, kl=True) + soft_target_tolerance(z, teacher, t, kl=False)
+    assert abs(losses["ce"] - losses["kl"] - t * t * entropy) <= tol
 
 
 def test_bce_distills_toward_averaged_probabilities():
@@ -53,15 +74,23 @@ def test_bce_distills_toward_averaged_probabilities():
     target = (torch.sigmoid(a) + torch.sigmoid(b)) / 2
     student = s.clone().requires_grad_(True)
     loss = distill_loss(student, target, "bce")
-    q = torch.sigmoid(s)
-    by_hand = -(target * q.log() + (1 - target) * (1 - q).log()).mean()
-    assert float(loss.detach()) == pytest.approx(float(by_hand), rel=1e-6)
+    # float64 from the same fp32 inputs; the fp32 mean of 6 terms is within sum_tolerance.
+    q = torch.sigmoid(s.double())
+    t64 = target.double()
+    terms = -(t64 * q.log() + (1 - t64) * (1 - q).log())
+    assert abs(float(loss.detach()) - float(terms.mean())) <= sum_tolerance(terms, bce_error(s, target)) / 6
     loss.backward()
-    torch.testing.assert_close(student.grad, (q - target) / 6)
-    # The minimum is at the averaged probability: zero gradient there.
+    # (σ(s) − p)/6: σ rounds (≤ 2u·σ), the subtraction and the scaling round once each (u·|σ − p|);
+    # doubled as a margin.
+    atol = float(4 * U32 * (q + (q - t64).abs()).max() / 6)
+    torch.testing.assert_close(student.grad.double(), (q - t64) / 6, rtol=0, atol=atol)
+    # The minimum is at the averaged probability: zero gradient there. logit(p) is off by
+    # ~3u·(1 + |logit p|)/(p(1 − p)) and σ' = p(1 − p) maps that back to ~3u·(1 + |logit p|);
+    # σ and the subtraction add 2u: the gradient (÷6) is at most ~(5 + 3·|logit p|)·u/6.
     at_target = torch.logit(target).requires_grad_(True)
     distill_loss(at_target, target, "bce").backward()
-    assert at_target.grad.abs().max() < 1e-6
+    bound = 2 * float((5 + 3 * at_target.detach().double().abs().max()) * U32 / 6)
+    assert float(at_target.grad.abs().max()) <= bound
 
 
 def test_bce_codistiller_target_is_mean_of_peer_sigmoids():
@@ -161,12 +190,18 @@ def test_unknown_kinds_raise():
 def test_task_loss_matches_reference():
     logits = _logits(0)
     targets = torch.tensor([[0, 1, 2], [3, 4, 0]])
-    want = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
-    assert float(task_loss(logits, targets)) == pytest.approx(float(want), rel=1e-6)
+    # float64 from the same fp32 logits; the fp32 mean of the 6 picked log-probabilities is off by
+    # their own errors (log_softmax_error) and by their sum's (sum_tolerance).
+    idx = targets[..., None]
+    picked = -torch.log_softmax(logits.double(), -1).gather(-1, idx)
+    tol = sum_tolerance(picked, log_softmax_error(logits).gather(-1, idx)) / picked.numel()
+    assert abs(float(task_loss(logits, targets)) - float(picked.mean())) <= tol
     clicks = torch.tensor([1.0, 0.0, 1.0])
     z = torch.tensor([0.3, -1.2, 2.0])
-    want_bin = -(clicks * torch.sigmoid(z).log() + (1 - clicks) * (1 - torch.sigmoid(z)).log()).mean()
-    assert float(task_loss(z, clicks, "binary")) == pytest.approx(float(want_bin), rel=1e-6)
+    q = torch.sigmoid(z.double())
+    terms = -(clicks * q.log() + (1 - clicks) * (1 - q).log())
+    tol = sum_tolerance(terms, bce_error(z, clicks)) / 3
+    assert abs(float(task_loss(z, clicks, "binary")) - float(terms.mean())) <= tol
 
 
 def test_codistiller_scales_psi_by_alpha_and_is_zero_in_burn_in(make_lm, tokens):
@@ -194,12 +229,24 @@ def test_label_smoothing_mix_equals_smoothed_targets():
     eps = 0.2
     logits, y = torch.randn(6, 5, 7), torch.randint(0, 7, (6, 5))
     mixed = (1 - eps) * task_loss(logits, y) + eps * uniform_loss(logits)
-    ref = F.cross_entropy(logits.reshape(-1, 7), y.reshape(-1), label_smoothing=eps)
-    assert torch.allclose(mixed, ref, atol=1e-6)
+    # float64 reference from the same fp32 logits. φ is a mean of 30 picked log-probabilities,
+    # uniform_loss a mean of all 210; each within its sum_tolerance (the mix rounds 3 more times).
+    lp, err = torch.log_softmax(logits.double(), -1), log_softmax_error(logits)
+    ref = F.cross_entropy(logits.double().reshape(-1, 7), y.reshape(-1), label_smoothing=eps)
+    idx = y[..., None]
+    tol = ((1 - eps) * sum_tolerance(lp.gather(-1, idx), err.gather(-1, idx)) / 30
+           + eps * sum_tolerance(lp, err) / 210 + 6 * U32 * float(ref))
+    assert abs(float(mixed) - float(ref)) <= tol
     z, c = torch.randn(32), torch.randint(0, 2, (32,)).float()
     mixed = (1 - eps) * task_loss(z, c, "binary") + eps * uniform_loss(z, "binary")
-    ref = F.binary_cross_entropy_with_logits(z, c * (1 - eps) + eps / 2)
-    assert torch.allclose(mixed, ref, atol=1e-6)
+    ref = F.binary_cross_entropy_with_logits(z.double(), c.double() * (1 - eps) + eps / 2)
+
+    def bce_tol(target: torch.Tensor) -> float:  # an fp32 BCE mean toward target: sum_tolerance
+        terms = F.binary_cross_entropy_with_logits(z.double(), target.double(), reduction="none")
+        return sum_tolerance(terms, bce_error(z, target)) / 32
+
+    tol = (1 - eps) * bce_tol(c) + eps * bce_tol(torch.full_like(z, 0.5)) + 6 * U32 * float(ref)
+    assert abs(float(mixed) - float(ref)) <= tol
 
 
 def _reference_psi(logits, p, kind, t):
@@ -218,15 +265,18 @@ def test_fused_psi_equals_the_autograd_form_in_value_and_gradient(monkeypatch, k
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    p = torch.softmax(torch.randn(3, 5, 7, generator=g, dtype=torch.float64), -1)
+    # float64 inputs that fp32 holds exactly: ψ computes in fp32, the reference in float64.
+    logits = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3).float().double().requires_grad_()
+    p = torch.softmax(torch.randn(3, 5, 7, generator=g, dtype=torch.float64), -1).float().double()
     p[0, 0] = torch.tensor([1.0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)  # zeros in the target
     ref = _reference_psi(logits, p, kind, t)
     (ref_grad,) = torch.autograd.grad(ref, logits)
     got = distill_loss(logits, p, kind, t)
     (got_grad,) = torch.autograd.grad(got * 1.7, logits)  # an upstream gradient other than 1
-    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(got_grad.double(), ref_grad * 1.7, rtol=1e-5, atol=1e-7)
+    tol = soft_target_tolerance(logits, p, t, kl=kind == "kl")
+    assert abs(float(got.detach()) - float(ref.detach())) <= tol
+    bound = soft_target_grad_error(logits, p, t, g_psi=1.7) + 2 * U32 * ref_grad.abs() * 1.7  # ×1.7 rounds
+    assert bool(((got_grad - ref_grad * 1.7).abs() <= bound).all())
     assert got_grad.dtype == logits.dtype
 
 
@@ -236,8 +286,9 @@ def test_fused_psi_keeps_the_logits_dtype_and_computes_in_fp32():
     loss = distill_loss(logits, p)
     loss.backward()
     assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
-    ref = _reference_psi(logits.detach().float(), p, "kl", 1.0)
-    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    # fp32 from the bf16 logits (exact in fp32): within soft_target_tolerance of float64.
+    ref = _reference_psi(logits.detach().double(), p.double(), "kl", 1.0)
+    assert abs(float(loss.detach()) - float(ref)) <= soft_target_tolerance(logits, p)
 
 
 @pytest.mark.parametrize("kind", ["kl", "ce"])
@@ -247,17 +298,23 @@ def test_fused_task_and_distill_loss_equals_the_two_losses(monkeypatch, kind, ch
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(1)
-    logits = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    # float64 inputs that fp32 holds exactly: φ and ψ compute in fp32, the references in float64.
+    logits = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 2).float().double().requires_grad_()
     y = torch.randint(0, 7, (3, 5), generator=g)
-    p = torch.softmax(torch.randn(3, 5, 7, generator=g, dtype=torch.float64), -1)
+    p = torch.softmax(torch.randn(3, 5, 7, generator=g, dtype=torch.float64), -1).float().double()
     alpha = 0.7
     phi_ref, psi_ref = task_loss(logits, y), _reference_psi(logits, p, kind, 1.0)
     (grad_ref,) = torch.autograd.grad(phi_ref + alpha * psi_ref, logits)
     phi, psi = losses.task_and_distill_loss(logits, y, p, kind)
     (grad,) = torch.autograd.grad(phi + alpha * psi, logits)
-    torch.testing.assert_close(phi.double(), phi_ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(psi.double(), psi_ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
+    idx = y[..., None]
+    picked = -torch.log_softmax(logits.detach(), -1).gather(-1, idx)
+    phi_tol = sum_tolerance(picked, log_softmax_error(logits).gather(-1, idx)) / picked.numel()
+    assert abs(float(phi.detach()) - float(phi_ref.detach())) <= phi_tol
+    psi_tol = soft_target_tolerance(logits, p, kl=kind == "kl")
+    assert abs(float(psi.detach()) - float(psi_ref.detach())) <= psi_tol
+    bound = soft_target_grad_error(logits, p, g_psi=alpha, g_phi=1.0, targets=y)
+    assert bool(((grad - grad_ref).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("v", [20, 1000, 32768])

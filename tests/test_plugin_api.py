@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from numerics import U32, kl_tolerance, log_softmax_error, softmax_error
 from torch import nn
 
 from codistill import Codistiller, MemoryExchange
@@ -68,12 +69,27 @@ def test_prediction_and_output_kinds() -> None:
     assert prediction((z, None)) is z and prediction({"x": z}) is z and prediction([{"logits": z}]) is z
     with pytest.raises(TypeError, match="teacher_forward"):
         prediction(SimpleNamespace(hidden=z))
-    # log-probabilities and probabilities give the softmax of the logits they came from
-    for outputs, pred in (("log_probs", torch.log_softmax(z, -1)), ("probs", torch.softmax(z, -1))):
-        torch.testing.assert_close(torch.softmax(as_logits(pred, outputs, "kl"), -1), torch.softmax(z, -1))
+    # log-probabilities and probabilities give the softmax of the logits they came from, against
+    # float64: the fp32 log-probabilities are off by e ≤ log_softmax_error (for probabilities,
+    # log of an fp32 softmax: softmax_error/q + 2u·|log q|); softmax is shift-invariant, so they
+    # move q by at most 2·max|e| relative; the softmax of them rounds by softmax_error.
+    q = torch.softmax(z.double(), -1)
+    e_log = log_softmax_error(z)
+    e_probs = softmax_error(z) / q + 2 * U32 * q.log().abs()
+    for outputs, pred, e in (("log_probs", torch.log_softmax(z, -1), e_log),
+                             ("probs", torch.softmax(z, -1), e_probs)):
+        logits = as_logits(pred, outputs, "kl")
+        bound = q * 2 * e.amax(-1, keepdim=True) + softmax_error(logits)
+        assert bool(((torch.softmax(logits, -1).double() - q).abs() <= bound).all()), outputs
+    # For clicks, logit = log p − log(1 − p) from fp32 log σ(b) or σ(b) (off by ≤ 4u·(|log p| + 1)
+    # or 4u relative): an error ε in log p is one of ε/(1 − p) in the logit, and the logarithms and
+    # the subtraction round once each. Bound 4u·(|log p| + 2)/(1 − p) + u·(|log p| + |log(1 − p)| + |b|),
+    # doubled.
     b = torch.randn(8)
+    p = torch.sigmoid(b.double())
+    bound = 2 * U32 * (4 * (p.log().abs() + 2) / (1 - p) + p.log().abs() + (-p).log1p().abs() + b.abs())
     for outputs, pred in (("log_probs", torch.nn.functional.logsigmoid(b)), ("probs", torch.sigmoid(b))):
-        torch.testing.assert_close(as_logits(pred, outputs, "bce"), b, atol=1e-4, rtol=1e-4)
+        assert bool(((as_logits(pred, outputs, "bce").double() - b.double()).abs() <= bound).all()), outputs
     with pytest.raises(ValueError, match="outputs"):
         Codistiller(nn.Linear(2, 2), MemoryExchange(), outputs="scores")
 
@@ -120,8 +136,14 @@ def test_a_recurrent_model_with_state_and_log_probs() -> None:
     cds[0].refresh()
     with torch.no_grad():  # ψ is the KL between the two models' next-token distributions
         lp0, lp1 = models[0](x, models[0].init_hidden(4))[0], models[1](x, models[1].init_hidden(4))[0]
-        want = float((lp1.exp() * (lp1 - lp0)).sum(-1).mean())
-        assert float(cds[0].distill_loss(x, lp0)) == pytest.approx(want, rel=1e-4)
+        got = float(cds[0].distill_loss(x, lp0))
+    # float64 from the same fp32 log-probabilities (the teacher's forward is the same computation):
+    # ψ's fp32 sum is within kl_tolerance, and its target, the fp32 softmax of the teacher's log-
+    # probabilities, is off by softmax_error, which moves KL by Σ δp·|log p − log q + 1| (first order).
+    p, logq = torch.softmax(lp1.double(), -1), torch.log_softmax(lp0.double(), -1)
+    want = float((p * (p.log() - logq)).sum(-1).mean())
+    moved = float((softmax_error(lp1) * (p.log() - logq + 1).abs()).sum(-1).mean())
+    assert abs(got - want) <= kl_tolerance(p.reshape(-1, 11), logq.reshape(-1, 11)) + moved
     # ψ is 0 until a teacher is loaded: replica 1 from step 2 on, replica 0 from step 4 on
     assert losses[1][:2] == [0.0] * 2 and all(v > 0 for v in losses[1][2:])
     assert losses[0][:4] == [0.0] * 4 and all(v > 0 for v in losses[0][4:])

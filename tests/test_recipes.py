@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from numerics import U32, log_softmax_error, softmax_error
 from torch import nn
 
 from codistill.churn import Ensemble
@@ -51,14 +52,30 @@ def test_ensemble_averages_probabilities_and_churn_is_mean_abs_difference():
     logit = lambda p: torch.tensor([math.log(p / (1 - p))])  # noqa: E731
     a, b, c = Const(logit(0.2)), Const(logit(0.6)), Const(logit(0.5))
     ens = Ensemble([a, b], "binary")
-    assert torch.sigmoid(ens(x)) == pytest.approx(torch.full((4,), 0.4), abs=1e-6)
+    # fp32 error of the ensemble's probability σ(logit(mean of σ(x_j)))): each member's logit rounds
+    # to fp32 (u·|x|·σ' ≤ u·|x|/4) and σ rounds (4u); the mean rounds (u); the logit of the mean
+    # log p − log(1 − p) and σ of it give back its error plus p(1 − p)·u·(|log p| + |log(1 − p)| +
+    # |logit p|) and 4u·p. Doubled.
+    member = max(4 * U32 * q + U32 * abs(math.log(q / (1 - q))) / 4 for q in (0.2, 0.6))
+    logs = abs(math.log(0.4)) + abs(math.log(0.6)) + abs(math.log(2 / 3))
+    p_err = 2 * (member + U32 * 0.4 + 0.24 * U32 * logs + 4 * U32 * 0.4)
+    assert torch.sigmoid(ens(x)) == pytest.approx(torch.full((4,), 0.4), abs=p_err)
     res = evaluate_models([ens, c], [(x, y)], "binary")
-    assert res["churn"]["churn_prob"] == pytest.approx(0.1, abs=1e-6)  # |0.4 - 0.5|
-    assert res["models"][0]["calibration"] == pytest.approx(0.4 / 0.5, abs=1e-5)
-    # classes: the ensemble's softmax is the average of the members' softmax
+    # |0.4 − 0.5|: c's σ(0) = 0.5 is exact; the difference and the mean round (2u·0.1)
+    assert res["churn"]["churn_prob"] == pytest.approx(0.1, abs=p_err + 2 * U32 * 0.1)
+    # mean(p)/mean(y): the mean rounds (u·0.4), the ratio rounds (u·0.8)
+    calibration_err = (p_err + U32 * 0.4) / 0.5 + U32 * 0.8
+    assert res["models"][0]["calibration"] == pytest.approx(0.4 / 0.5, abs=calibration_err)
+    # classes: the ensemble's softmax is the average of the members' softmax. The members' fp32
+    # log-probabilities (log, then log_softmax) are off by e; their logsumexp over 2 and − log 2
+    # add 3u·(|ens| + 2); softmax is shift-invariant (2·max e relative) and rounds (softmax_error).
     p1, p2 = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.1, 0.3, 0.6]])
     ens = Ensemble([Const(p1.log()), Const(p2.log())], "categorical")
-    assert torch.softmax(ens(x), -1)[0] == pytest.approx((p1 + p2)[0] / 2, abs=1e-6)
+    want = (p1.double() + p2.double())[0] / 2
+    e = max(float((log_softmax_error(p.log()) + U32 * p.double().log().abs()).max()) for p in (p1, p2))
+    e += 3 * U32 * float(want.log().abs().max() + 2)
+    bound = want * 2 * e + softmax_error(want.log())
+    assert bool(((torch.softmax(ens(x), -1)[0].double() - want).abs() <= bound).all())
 
 
 TINY = {"task": "click", "steps": 20, "replicas": 1, "batch_size": 64, "log_every": 10,
