@@ -19,13 +19,16 @@ def kl_tolerance(p: torch.Tensor, logq: torch.Tensor, temperature: float = 1.0) 
 
     Each term's error is about u·p·(|log p| + |log q|) (rounding of both logarithms, of their
     difference and of the product), so a row's sum is off by about u·(H(p) + CE(p, q)); the
-    pairwise sum of the V small terms adds at most log2(V)·u·KL, which is far smaller. The mean
-    over rows keeps the bound; T² scales it.
+    pairwise sum of the V small terms adds at most log2(V)·u·KL, which is far smaller. On top,
+    log_softmax's normalizer Σ exp is off by at most ``softmax_sum_depth(V)``·u relative, which
+    shifts every log q of the row by that much and so the row's value by as much (Σ p = 1),
+    however small the KL. The mean over rows keeps the bound; T² scales it.
     """
     p64, logq64 = p.double(), logq.double()
     h = -torch.special.xlogy(p64, p64).sum(-1)
     ce = -(p64 * logq64).sum(-1)
-    return float(16 * U32 * (h + ce).mean() * temperature**2)
+    shift = softmax_sum_depth(p.shape[-1]) * U32
+    return float((16 * U32 * (h + ce).mean() + 2 * shift) * temperature**2)
 
 
 def torch_sum_depth(n: int) -> int:
