@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .exchange import BackgroundExchange, Exchange, Published, make_exchange, signing, state_nbytes, unwrap
+from .exchange import Exchange, Published, make_exchange, signing, state_nbytes, unwrap
 from .exchange.base import CANDIDATES, Check, Header, HostBuffers, header_nbytes, header_of
 from .exchange.collective import share_teachers
 from .exchange.prefetch import Prefetcher
@@ -171,9 +171,7 @@ class Codistiller:
             raise ValueError("exchange='memory' cannot reach other Codistillers: create one "
                              "MemoryExchange() and pass it to every replica of this process")
         self.model = model
-        # A location given by name is written by a background thread (publishing off the step).
-        self.exchange = BackgroundExchange(make_exchange(exchange)) if isinstance(exchange, str) \
-            else make_exchange(exchange)
+        self.exchange = make_exchange(exchange, background=True)  # a location: a background writer
         signing.configure(self.exchange, exchange_key, exchange_key_file, run_id, exchange_every)
         self.replica = replica
         self.num_replicas = num_replicas
@@ -203,7 +201,7 @@ class Codistiller:
         self.bytes_published = 0
         self.bytes_read = 0
         self.sync_wait_s = 0.0  # time spent waiting for peers in lock-step mode
-        self._publish_failures = 0
+        self._publish_failures = -self.exchange.failures(replica)  # counted from here on
         self._pending: dict[int, Published] | None = None  # sharded teachers: chosen, loaded together
         self._host = HostBuffers()  # reused host copies of the weights for a publish in flight
         if prefetch is None:
@@ -324,9 +322,7 @@ class Codistiller:
         try:
             self.exchange.publish(self.replica, step, state, meta)
         except OSError as e:  # a full disk or an unreachable store must not end the run
-            self._publish_failures += 1
-            log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",
-                        self.replica, step, e)
+            self.exchange.failed(self.replica, step, e)
             return 0
         n = state_nbytes(state)  # tensor bytes, the same unit as bytes_read
         self.bytes_published += n
@@ -577,7 +573,7 @@ class Codistiller:
     def publish_failures(self) -> int:
         """Publishes that failed (a full disk, an unreachable store), in this call or in the
         exchange's background writer."""
-        return self._publish_failures + self.exchange.publish_failures
+        return self._publish_failures + self.exchange.failures(self.replica)
 
     def teacher_versions(self) -> dict[int, int | None]:
         """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""
@@ -598,7 +594,7 @@ class Codistiller:
                          for p, t in loaded.items()},
             "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
             "sync_wait_s": self.sync_wait_s, "last_exchange": self.last_exchange,
-            "publish_failures": self._publish_failures, "step": self.step,
+            "publish_failures": self.publish_failures, "step": self.step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -617,7 +613,7 @@ class Codistiller:
         self.bytes_read = state["bytes_read"]
         self.sync_wait_s = state.get("sync_wait_s", 0.0)
         self.last_exchange = state.get("last_exchange")
-        self._publish_failures = state.get("publish_failures", 0)
+        self._publish_failures = state.get("publish_failures", 0) - self.exchange.failures(self.replica)
         self.step = state.get("step", self.last_exchange or 0)
 
     def _default_teacher_factory(self, peer: int, meta: dict[str, Any]) -> nn.Module:
