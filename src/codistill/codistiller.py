@@ -28,46 +28,11 @@ from .exchange import Exchange, Published, make_exchange, signing, state_nbytes,
 from .exchange.base import CANDIDATES, Check, Header, HostBuffers, header_nbytes, header_of
 from .exchange.collective import share_teachers
 from .exchange.prefetch import Prefetcher
-from .losses import DISTILL_KINDS, AlphaSchedule, distill_loss
+from .losses import DISTILL_KINDS, PREDICTIONS, AlphaSchedule, as_logits, distill_loss, prediction
 from .parallel import full_state, is_sharded
 from .teachers import Teacher, average_predictions, finite
 
 log = logging.getLogger(__name__)
-
-OUTPUTS = ("logits", "log_probs", "probs")
-
-
-def prediction(output: Any) -> torch.Tensor:
-    """The prediction in a model's output: a tensor as it is, the first element of a tuple
-    or list, the ``logits`` of a mapping or of an object that has them (Hugging Face model
-    outputs), else a mapping's first value."""
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return prediction(output[0])
-    if isinstance(output, dict) and output:
-        return prediction(output["logits"] if "logits" in output else next(iter(output.values())))
-    logits = getattr(output, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    raise TypeError(f"no prediction found in a model output of type {type(output).__name__}: pass "
-                    "teacher_forward=lambda module, inputs: <the logits> to the Codistiller")
-
-
-def as_logits(pred: torch.Tensor, outputs: str, kind: str) -> torch.Tensor:
-    """``pred`` (what a model outputs: ``logits``, ``log_probs`` or ``probs``) as logits of
-    the same distribution (for ``bce``: of the positive class)."""
-    if outputs == "logits" or (outputs == "log_probs" and kind != "bce"):
-        return pred  # log-probabilities are logits of the same softmax
-    tiny = torch.finfo(torch.float32).tiny
-    if outputs == "log_probs":  # binary: log p -> log p - log(1 - p)
-        return pred - torch.log1p(-pred.exp().clamp(max=1 - 1e-7))
-    p = pred.float().clamp(tiny, 1.0)
-    if kind == "bce":
-        p = p.clamp(max=1 - 1e-7)
-        return (p.log() - torch.log1p(-p)).to(pred.dtype)
-    return p.log().to(pred.dtype)
-
 
 class Codistiller:
     """Owns one replica's teachers, its publishing, and the distillation term ψ.
@@ -161,8 +126,8 @@ class Codistiller:
             raise ValueError(f"distill must be one of {list(DISTILL_KINDS)}, got {distill!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if outputs not in OUTPUTS:
-            raise ValueError(f"outputs must be one of {list(OUTPUTS)}, got {outputs!r}")
+        if outputs not in PREDICTIONS:
+            raise ValueError(f"outputs must be one of {list(PREDICTIONS)}, got {outputs!r}")
         if max_drift < 0:
             raise ValueError(f"max_drift must be >= 0, got {max_drift}")
         if alpha < 0 or burn_in < 0 or ramp < 0:

@@ -43,9 +43,16 @@ class Replica:
         return task.train_batch(self.sampler.next_batch(), self.generator, device)
 
 
+# Strides of the seeds of a replica's random streams (primes: (seed, replica, worker) stay apart).
+MODEL_SEED_STRIDE = 1009  # model init: seed + 1009·replica
+STREAM_SEED_STRIDE = 100_003  # its RNG stream: seed·100_003 + replica·1009 + worker
+SAMPLER_SEED_STRIDE, SAMPLER_REPLICA_STRIDE = 7919, 131  # its shard sampler: seed·7919 + replica·131 + worker
+GENERATOR_OFFSET = 7  # the generator of its batches: the stream's seed + 7
+
+
 def model_seed(seed: int, replica: int) -> int:
     """Each replica starts from its own random init; replica 0 matches the N=1 baseline."""
-    return seed + 1009 * replica
+    return seed + MODEL_SEED_STRIDE * replica
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
@@ -118,8 +125,9 @@ def build_replica(
     optimizer, scheduler = build_optimizer(cfg, model)
     shard = shard_indices(task.train_size, cfg.replicas, replica, cfg.seed, cfg.data.shards)
     shard = shard[worker::num_workers]
-    stream = cfg.seed * 100_003 + replica * 1_009 + worker  # one stream per (replica, worker)
-    sampler = ShardSampler(shard, batch_size, seed=cfg.seed * 7919 + replica * 131 + worker)
+    stream = cfg.seed * STREAM_SEED_STRIDE + replica * MODEL_SEED_STRIDE + worker  # per (replica, worker)
+    sampler = ShardSampler(shard, batch_size,
+                           seed=cfg.seed * SAMPLER_SEED_STRIDE + replica * SAMPLER_REPLICA_STRIDE + worker)
     c = cfg.codistill
 
     def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:
@@ -142,7 +150,7 @@ def build_replica(
     rng = torch.Generator().manual_seed(stream).get_state()
     outer = OuterSync(model, cfg.outer.lr, cfg.outer.momentum) if cfg.outer.every else None
     return Replica(replica, model, optimizer, scheduler, sampler, cd, spec,
-                   torch.Generator().manual_seed(stream + 7), rng, outer, cfg.precision)
+                   torch.Generator().manual_seed(stream + GENERATOR_OFFSET), rng, outer, cfg.precision)
 
 
 def _fused(task: Task, cd: Codistiller, label_smoothing: float) -> bool:
