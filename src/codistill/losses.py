@@ -211,7 +211,7 @@ def prediction(output: Any) -> torch.Tensor:
     if torch.is_tensor(logits):
         return logits
     raise TypeError(f"no prediction found in a model output of type {type(output).__name__}: pass "
-                    "teacher_forward=lambda module, inputs: <the logits> to the Codistiller")
+                    "teachers=TeacherSpec(forward=lambda module, inputs: <the logits>) to the Codistiller")
 
 
 def as_logits(pred: torch.Tensor, predictions: str, kind: str) -> torch.Tensor:
