@@ -29,7 +29,7 @@ import time
 import torch
 from torch import nn
 
-from codistill import Codistiller
+from codistill import Codistiller, Newest
 from codistill.exchange import BackgroundExchange, DirectoryExchange
 
 
@@ -82,14 +82,14 @@ def measure(params: float, repeats: int, k: int, root: str) -> dict[str, float]:
     t_direct = median_time(lambda: direct.publish(next(steps)), repeats)
 
     cold = Codistiller(stack(params), DirectoryExchange(folder), replica=1, num_replicas=2, exchange_every=k,
-                       prefetch=False)
+                       wait=Newest(prefetch=False))
     reader.refresh()  # starts the prefetch thread
     t_refresh, t_cold = [], []
     for _ in range(repeats):
         step_ = next(steps)
         direct.publish(step_)  # a new version, outside the timed part
         deadline = time.time() + 600  # K steps pass: the prefetch thread reads it meanwhile
-        while reader._prefetcher._ready.get(0) is None and time.time() < deadline:
+        while reader.picker.prefetcher._ready.get(0) is None and time.time() < deadline:
             time.sleep(0.01)
         t0 = time.perf_counter()
         reader.refresh()

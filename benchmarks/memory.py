@@ -157,7 +157,7 @@ def child_psi(rows: int, vocab: int, form: str) -> dict[str, Any]:
 def teacher_pipeline(spec: dict[str, Any], dtype: str, probe: Probe | None) -> None:
     import torch
 
-    from codistill import Codistiller, MemoryExchange
+    from codistill import Codistiller, MemoryExchange, TeacherSpec
     from codistill.models import build_model
 
     stage = probe.stage if probe is not None else (lambda name: None)
@@ -166,7 +166,7 @@ def teacher_pipeline(spec: dict[str, Any], dtype: str, probe: Probe | None) -> N
     ex = MemoryExchange()
     td = torch.bfloat16 if dtype == "bf16" else None
     cds = [Codistiller(m, ex, replica=r, num_replicas=2, exchange_every=STEP, model_spec=spec,
-                       teacher_dtype=td) for r, m in enumerate(models)]
+                       teachers=TeacherSpec(dtype=td)) for r, m in enumerate(models)]
     x, _ = tokens(spec)
     if probe is not None:
         probe.start()  # the two replicas are the baseline
@@ -208,7 +208,7 @@ def replica_pipeline(spec: dict[str, Any], parallel: str, folder: str, probe: Pr
     import torch
     import torch.distributed as dist
 
-    from codistill import Codistiller
+    from codistill import Codistiller, TeacherSpec
     from codistill.exchange import BackgroundExchange, DirectoryExchange
     from codistill.losses import task_and_distill_loss
     from codistill.models import build_model
@@ -228,7 +228,7 @@ def replica_pipeline(spec: dict[str, Any], parallel: str, folder: str, probe: Pr
     stage("publish+refresh")  # the first rank writes in the background (as launch.py)
     exchange = BackgroundExchange(DirectoryExchange(folder)) if rank == 0 else DirectoryExchange(folder)
     cd = Codistiller(model, exchange, replica=0, num_replicas=2, exchange_every=STEP, model_spec=spec,
-                     process_group=group, teacher_layout=wrap if parallel == "fsdp" else None)
+                     process_group=group, teachers=TeacherSpec(layout=wrap if parallel == "fsdp" else None))
     cd.publish(STEP)
     cd.refresh(STEP)
     cd.exchange.flush()

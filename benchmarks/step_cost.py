@@ -103,7 +103,7 @@ def main() -> None:
     for k in (1, 2, 3):
         ex = MemoryExchange()
         cd = Codistiller(model, ex, replica=0, num_replicas=k + 1, exchange_every=1, model_spec=spec,
-                         distill=kind)
+                         loss=kind)
         for r in range(1, k + 1):
             ex.publish(r, 1, build_model(spec).state_dict(), {"model": spec})
         if cd.refresh() != dict.fromkeys(range(1, k + 1), 1):

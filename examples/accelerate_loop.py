@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from codistill import Codistiller, shard_dataset  # codistill
+from codistill import AlphaSchedule, BoundedDrift, Codistiller, shard_dataset  # codistill
 from codistill.data import build_text_corpus
 from codistill.models import LSTMLM
 
@@ -33,7 +33,8 @@ def main() -> None:
     corpus = build_text_corpus("byte", seq_len=64, max_chars=1_000_000)  # rows of 65 byte ids
     train = shard_dataset(TensorDataset(corpus.train), worker=0, num_workers=1)  # codistill
     model = LSTMLM(vocab_size=256, embed_dim=64, hidden_dim=128)  # stands for your model
-    cd = Codistiller.from_env(model, exchange_every=25, burn_in=50, max_drift=25)  # codistill
+    cd = Codistiller.from_env(model, exchange_every=25, alpha=AlphaSchedule(burn_in=50),  # codistill
+                              wait=BoundedDrift(25))  # codistill
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = DataLoader(train, batch_size=32, shuffle=True)
     model, opt, loader = accelerator.prepare(model, opt, loader)

@@ -17,7 +17,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, TrainingArguments
 
-from codistill import shard_dataset  # codistill
+from codistill import AlphaSchedule, BoundedDrift, shard_dataset  # codistill
 from codistill.data import build_text_corpus
 from codistill.integrations.hf import CodistillTrainer  # codistill
 
@@ -38,7 +38,8 @@ def main() -> None:
                              report_to="none", disable_tqdm=True,
                              use_cpu=not torch.cuda.is_available())  # also gives DDP on CPU under torchrun
     trainer = CodistillTrainer(model=model, args=args, train_dataset=train,  # codistill
-                               codistiller=dict(exchange_every=25, burn_in=50, max_drift=25))  # codistill
+                               codistiller=dict(exchange_every=25, wait=BoundedDrift(25),  # codistill
+                                                alpha=AlphaSchedule(burn_in=50)))  # codistill
     trainer.train()
 
 

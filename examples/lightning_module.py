@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from codistill import shard_dataset  # codistill
+from codistill import AlphaSchedule, BoundedDrift, shard_dataset  # codistill
 from codistill.data import build_text_corpus
 from codistill.integrations.lightning import CodistillCallback, distill_loss  # codistill
 from codistill.models import LSTMLM
@@ -56,7 +56,8 @@ def main() -> None:
     trainer = L.Trainer(
         max_steps=a.steps, accelerator="cpu", devices=a.devices, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[CodistillCallback(exchange_every=25, burn_in=50, max_drift=25)])  # codistill
+        callbacks=[CodistillCallback(exchange_every=25, alpha=AlphaSchedule(burn_in=50),  # codistill
+                                     wait=BoundedDrift(25))])  # codistill
     trainer.fit(ByteLM(), DataLoader(train, batch_size=32, shuffle=True))
 
 

@@ -21,7 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
-from codistill import Codistiller, task_loss
+from codistill import AlphaSchedule, BoundedDrift, Codistiller, task_loss
 from codistill.data import build_text_corpus, shard_indices
 
 
@@ -46,8 +46,8 @@ def train(replica: int, num_replicas: int, exchange: str, steps: int) -> None:
 
     # --- the codistillation part: one object, two calls in the loop ---------------------
     cd = Codistiller(model, exchange=exchange, replica=replica, num_replicas=num_replicas,
-                     exchange_every=25, burn_in=100, distill="kl",
-                     max_drift=50)  # wait rather than run more than 2K steps ahead of a peer
+                     exchange_every=25, alpha=AlphaSchedule(burn_in=100), loss="kl",
+                     wait=BoundedDrift(50))  # wait rather than run more than 2K steps ahead of a peer
 
     g = torch.Generator().manual_seed(replica)
     for step in range(steps):

@@ -82,8 +82,9 @@ def main() -> None:
     model = RNNModel(vocab)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loss_fn = nn.NLLLoss()
-    cd = codistill.Codistiller.from_env(model, exchange_every=25, outputs="log_probs",  # codistill
-                                        teacher_forward=lambda m, x: m(x, m.init_hidden(len(x))))  # codistill
+    fresh = codistill.TeacherSpec(forward=lambda m, x: m(x, m.init_hidden(len(x))))  # codistill
+    cd = codistill.Codistiller.from_env(model, exchange_every=25, teachers=fresh,  # codistill
+                                        loss=codistill.DistillLoss(predictions="log_probs"))  # codistill
     hidden, step = model.init_hidden(a.batch), 0
     while step < a.steps:
         for x, y in loader:

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from codistill import AlphaSchedule
 from codistill.integrations.lightning import CodistillCallback, distill_loss
 
 VOCAB, DIM = 64, 16
@@ -48,7 +49,7 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     x = torch.randint(0, VOCAB, (256, 8))
     data = torch.utils.data.TensorDataset(x, (x + 1) % VOCAB)
-    callback = CodistillCallback(exchange_every=3, burn_in=3)
+    callback = CodistillCallback(exchange_every=3, alpha=AlphaSchedule(burn_in=3))
     trainer = L.Trainer(max_steps=9, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -56,7 +57,8 @@ def main(out: str) -> None:
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
     cd = callback.codistiller
     teacher = cd.teachers[1].module
-    result = {"versions": cd.teacher_versions(), "bytes_published": cd.bytes_published, "psi": model.psi,
+    result = {"versions": cd.teacher_versions(), "bytes_published": cd.stats().bytes_published,
+              "psi": model.psi,
               "teacher_sum": sum(float(v.double().sum()) for v in teacher.state_dict().values()),
               "steps": trainer.global_step, "world": trainer.world_size}
     os.makedirs(out, exist_ok=True)

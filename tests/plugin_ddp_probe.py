@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node=4 tests/plugin_ddp_probe.py EXCHANGE_DIR OUT_DIR [--no-group] [--sync]
 
-``--sync``: lock-step mode (``sync_timeout``): every exchange loads exactly the peers' versions
+``--sync``: lock-step mode (``LockStep``): every exchange loads exactly the peers' versions
 of that step.
 
 Each rank saves its model and teachers to OUT_DIR/rank-R.safetensors (versions in metadata).
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from codistill import Codistiller, DirectoryExchange, task_loss
+from codistill import AlphaSchedule, Codistiller, DirectoryExchange, LockStep, task_loss
 
 
 def main(exchange_dir: str, out: str, use_group: bool, sync: bool) -> None:
@@ -32,9 +32,9 @@ def main(exchange_dir: str, out: str, use_group: bool, sync: bool) -> None:
                 process_group=groups[replica])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cd = Codistiller(model, DirectoryExchange(exchange_dir), replica=replica,
-                     num_replicas=world // w, exchange_every=3, burn_in=3,
+                     num_replicas=world // w, exchange_every=3, alpha=AlphaSchedule(burn_in=3),
                      process_group=groups[replica] if use_group else None,
-                     sync_timeout=60.0 if sync else None)
+                     wait=LockStep(60.0) if sync else None)
     g = torch.Generator().manual_seed(rank)
     for step in range(12):
         x = torch.randint(0, 16, (8, 4), generator=g)
@@ -51,7 +51,7 @@ def main(exchange_dir: str, out: str, use_group: bool, sync: bool) -> None:
         tensors.update({f"teacher-{p}.{k}": v.detach().clone() for k, v in t.module.state_dict().items()})
     os.makedirs(out, exist_ok=True)
     meta = {"replica": replica, "versions": cd.teacher_versions(), "worker": rank % w,
-            "bytes_published": cd.bytes_published}
+            "bytes_published": cd.stats().bytes_published}
     save_file(tensors, os.path.join(out, f"rank-{rank}.safetensors"), {"probe": json.dumps(meta)})
     dist.destroy_process_group()
 

@@ -401,7 +401,7 @@ def test_refresh_takes_the_version_prefetched_off_the_step(tmp_path):
                          exchange_every=5)
     exchange = DirectoryExchange(str(tmp_path))
     reader = Codistiller(models[0], exchange, replica=0, num_replicas=2, exchange_every=5)
-    assert reader._prefetcher is not None
+    assert reader.picker.prefetcher is not None
     reads = []
     load = exchange.load
     exchange.load = lambda *a, **k: (reads.append(a[:2]), load(*a, **k))[1]
@@ -411,7 +411,8 @@ def test_refresh_takes_the_version_prefetched_off_the_step(tmp_path):
     def prefetched(step: int) -> bool:
         deadline = time.time() + 10
         while time.time() < deadline:
-            if reader._prefetcher._ready.get(1) is not None and reader._prefetcher._ready[1].step == step:
+            ready = reader.picker.prefetcher._ready
+            if ready.get(1) is not None and ready[1].step == step:
                 return True
             time.sleep(0.02)
         return False

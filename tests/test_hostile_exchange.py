@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codistill.codistiller import Codistiller
+from codistill.codistiller import Codistiller, Newest
 from codistill.exchange import DirectoryExchange, signing, state_nbytes
 from codistill.models import build_model
 
@@ -65,7 +65,7 @@ def test_an_oversized_file_is_rejected_before_it_is_read_and_warned_about_once(t
             assert cd.refresh(step) == {1: 10}  # falls back to the valid version
     assert _bytes_read() - before < 4 * state_nbytes(peer.state_dict()) + (1 << 20)
     assert caplog.text.count("exceed the bound") == 1  # remembered, not read again
-    assert cd.max_teacher_bytes == 4 * state_nbytes(peer.state_dict())
+    assert cd.teachers.max_bytes == 4 * state_nbytes(peer.state_dict())
 
 
 def test_a_file_larger_than_its_manifest_says_is_not_read(tmp_path, caplog):
@@ -185,9 +185,9 @@ def test_a_step_published_again_after_a_crash_is_reloaded(tmp_path):
     assert cd.refresh(12) == {1: 10}
     for k, v in peer.state_dict().items():
         assert torch.equal(cd.teachers[1].module.state_dict()[k], v), k
-    read = cd.bytes_read
+    read = cd.stats().bytes_read
     cd.refresh(14)  # unchanged: not read again
-    assert cd.bytes_read == read
+    assert cd.stats().bytes_read == read
 
 
 # -- issue 15: entries that are not regular files, hostile names and JSON, junk in bulk ------
@@ -270,7 +270,7 @@ def test_an_entry_that_is_not_a_regular_file_or_is_too_deep_is_one_rejection(tmp
             assert cd.refresh(step) == {1: 10}
     assert _bytes_read() - before < 2 << 20  # the manifest bound (1 MB) and a header, not /dev/zero
     assert caplog.text.count("skipping") == 1 and "0000000020" in caplog.text
-    assert cd.rejected_versions == 1
+    assert cd.stats().rejected_versions == 1
 
 
 def test_a_symlinked_replica_folder_is_not_followed(tmp_path):
@@ -300,7 +300,8 @@ def test_20000_junk_manifests_cost_a_bounded_refresh(tmp_path, caplog, monkeypat
     from codistill.exchange.base import CANDIDATES, WARN_EACH
     from codistill.exchange.directory import _LocalStore
 
-    cd, peer, ex = _pair(tmp_path, prefetch=False)  # (reading ahead also walks the junk, off the step)
+    # (reading ahead also walks the junk, off the step)
+    cd, peer, ex = _pair(tmp_path, wait=Newest(prefetch=False))
     _valid(tmp_path, peer)
     assert cd.refresh(10) == {1: 10}
     folder = tmp_path / "replica-1"
@@ -314,7 +315,7 @@ def test_20000_junk_manifests_cost_a_bounded_refresh(tmp_path, caplog, monkeypat
         for i in range(refreshes):
             assert cd.refresh(15 + 5 * i) == {1: 10}  # the loaded version is kept
     rejected = refreshes * CANDIDATES
-    assert cd.rejected_versions == rejected
+    assert cd.stats().rejected_versions == rejected
     assert len(opened) <= rejected + refreshes  # the junk once each, and the kept version's manifest
     assert len(set(opened)) >= rejected  # each bad entry read once, not once per refresh
     assert len(caplog.records) <= WARN_EACH + 3  # one by one, then at 10 and 100
@@ -371,7 +372,7 @@ def test_a_teacher_whose_predictions_overflow_is_dropped_and_named(tmp_path, cap
     assert torch.equal(probs, cd.teachers[2].predict(x, "kl"))
     assert caplog.text.count("non-finite") == 1
     assert "peer 1" in caplog.text and "step 20" in caplog.text and "replica 0" not in caplog.text
-    assert cd.rejected_versions == 1
+    assert cd.stats().rejected_versions == 1
     ex.publish(2, 30, _overflowing(two), {"model": SPEC})
     cd.refresh(30)
     assert cd.distill_target(x, 30) is None and cd.distill_loss(x, student(x), 30) == 0  # no teacher left
@@ -417,7 +418,7 @@ def test_a_full_disk_prunes_older_versions_to_make_room(tmp_path, monkeypatch):
         cd.exchange.flush()
     assert cd.exchange.versions(1) == [30, 40] and cd.exchange.inner.load(1, 30) is not None
     assert not orphan.exists()
-    assert cd.publish_failures == 0 and cd.bytes_published == 4 * n
+    assert cd.stats().publish_failures == 0 and cd.stats().bytes_published == 4 * n
 
 
 def test_a_failed_write_is_not_counted_as_published(tmp_path, monkeypatch):
@@ -427,7 +428,8 @@ def test_a_failed_write_is_not_counted_as_published(tmp_path, monkeypatch):
     _full_disk(monkeypatch, 1000)  # not even one version fits
     cd.publish(10)
     cd.exchange.flush()
-    assert cd.publish_failures == 1 and cd.bytes_published == 0 and cd.exchange.versions(1) == []
+    stats = cd.stats()
+    assert stats.publish_failures == 1 and stats.bytes_published == 0 and cd.exchange.versions(1) == []
     state = cd.state_dict(weights=False)
     assert state["bytes_published"] == 0
 
@@ -446,7 +448,8 @@ def test_an_object_store_refuses_folders_and_oversized_manifests(caplog):
     torch.manual_seed(0)
     peer = build_model(SPEC)
     ex = DirectoryExchange(url)
-    cd = Codistiller(build_model(SPEC), ex, replica=0, num_replicas=2, model_spec=SPEC, prefetch=False)
+    cd = Codistiller(build_model(SPEC), ex, replica=0, num_replicas=2, model_spec=SPEC,
+                     wait=Newest(prefetch=False))
     ex.publish(1, 10, peer.state_dict(), {"model": SPEC})
     fs.mkdir(f"{url}/replica-1/0000000030.json")  # a folder named like a manifest: not a version
     fs.pipe_file(f"{url}/replica-1/0000000020.json", b" " * (MAX_MANIFEST_BYTES + 1))
@@ -458,7 +461,7 @@ def test_an_object_store_refuses_folders_and_oversized_manifests(caplog):
     with caplog.at_level(logging.WARNING, logger="codistill"):
         assert cd.refresh(20) == {1: 10} and cd.refresh(25) == {1: 10}
     assert "more than 1048576" in caplog.text and "not a file" in caplog.text
-    assert cd.rejected_versions == 2
+    assert cd.stats().rejected_versions == 2
     fs.rm(url, recursive=True)
 
 
@@ -512,7 +515,7 @@ def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_fa
 
 
 def test_a_store_that_cannot_be_listed_keeps_the_teachers(tmp_path, monkeypatch, caplog):
-    cd, peer, ex = _pair(tmp_path, prefetch=False)
+    cd, peer, ex = _pair(tmp_path, wait=Newest(prefetch=False))
     _valid(tmp_path, peer)
     assert cd.refresh(10) == {1: 10}
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from numerics import U32, soft_target_tolerance, softmax_error
 
-from codistill import Codistiller, DirectoryExchange, MemoryExchange
+from codistill import AlphaSchedule, Codistiller, DirectoryExchange, MemoryExchange
 
 STEPS, K, BURN_IN = 12, 4, 4  # replica 0 loads replica 1's step 12 at its step 4
 VOCAB = 256
@@ -70,8 +70,9 @@ def _train_hf(make_model, data, tmp_path, replica: int, **args):
     from codistill.integrations.hf import CodistillTrainer
 
     model = make_model()
+    settings = {"exchange_every": K, "alpha": AlphaSchedule(burn_in=BURN_IN)}
     trainer = CodistillTrainer(model=model, args=_training_args(tmp_path / f"out-{replica}", **args),
-                               train_dataset=data, codistiller={"exchange_every": K, "burn_in": BURN_IN})
+                               train_dataset=data, codistiller=settings)
     trainer.train()  # closes the Codistiller at the end
     logged = [h for h in trainer.state.log_history if "loss" in h]
     return trainer, logged
@@ -220,7 +221,7 @@ def test_lightning_callback_codistills_and_resumes(tmp_path, replica_env):
     for r in (1, 0):  # accumulate 2 batches per optimizer step: K and B count optimizer steps
         exchange = replica_env(r)
         data = torch.utils.data.TensorDataset(counting_tokens(256, 17, r))
-        callback, module = CodistillCallback(exchange_every=K, burn_in=BURN_IN), TinyLM()
+        callback, module = CodistillCallback(exchange_every=K, alpha=AlphaSchedule(burn_in=BURN_IN)), TinyLM()
         trainer = _fit(L, module, [callback], data, accumulate_grad_batches=2)
         runs[r] = trainer, callback, module
     assert DirectoryExchange(exchange).versions(1) == list(range(K, STEPS + 1, K))
@@ -236,7 +237,7 @@ def test_lightning_callback_codistills_and_resumes(tmp_path, replica_env):
     # the teachers travel in Lightning's checkpoint: a resumed fit distils at once
     ckpt = str(tmp_path / "replica0.ckpt")
     trainer.save_checkpoint(ckpt)
-    resumed, module = CodistillCallback(exchange_every=K, burn_in=BURN_IN), TinyLM()
+    resumed, module = CodistillCallback(exchange_every=K, alpha=AlphaSchedule(burn_in=BURN_IN)), TinyLM()
     _fit(L, module, [resumed], data, max_steps=STEPS + 1, ckpt_path=ckpt)
     assert resumed.codistiller.teacher_versions() == {1: STEPS}
     assert module.psi[STEPS] > 0  # step 12 is no exchange: the teacher came from the checkpoint
@@ -300,7 +301,8 @@ def test_accelerate_prepare(tmp_path, replica_env, fresh_accelerate):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         loader = torch.utils.data.DataLoader(counting_tokens(2 * 2 * 4 * STEPS, 9, r), batch_size=4)
         model, opt, loader = accelerator.prepare(model, opt, loader)
-        cd = Codistiller.from_env(accelerator.unwrap_model(model), exchange_every=K, burn_in=BURN_IN)
+        cd = Codistiller.from_env(accelerator.unwrap_model(model), exchange_every=K,
+                                  alpha=AlphaSchedule(burn_in=BURN_IN))
         losses, psi = [], {}
         for seq in loader:
             x, y = seq[:, :-1], seq[:, 1:]

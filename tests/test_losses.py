@@ -17,7 +17,7 @@ from numerics import (
     sum_tolerance,
 )
 
-from codistill.codistiller import Codistiller
+from codistill.codistiller import Codistiller, DistillLoss
 from codistill.exchange import MemoryExchange
 from codistill.losses import AlphaSchedule, distill_loss, predict_probs, task_and_distill_loss, task_loss
 from codistill.teachers import average_predictions
@@ -97,7 +97,7 @@ def test_bce_codistiller_target_is_mean_of_peer_sigmoids():
     ex = MemoryExchange()
     torch.manual_seed(0)
     models = [torch.nn.Linear(4, 1) for _ in range(3)]
-    cds = [Codistiller(m, ex, replica=r, num_replicas=3, exchange_every=1, distill="bce")
+    cds = [Codistiller(m, ex, replica=r, num_replicas=3, exchange_every=1, loss="bce")
            for r, m in enumerate(models)]
     for cd in cds:
         cd.publish(1)
@@ -207,8 +207,8 @@ def test_task_loss_matches_reference():
 def test_codistiller_scales_psi_by_alpha_and_is_zero_in_burn_in(make_lm, tokens):
     ex = MemoryExchange()
     student, peer = make_lm(0), make_lm(1)
-    cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=1, burn_in=4,
-                     alpha=0.25, temperature=2.0)
+    cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=1,
+                     alpha=AlphaSchedule(0.25, burn_in=4), loss=DistillLoss(temperature=2.0))
     Codistiller(peer, ex, replica=1, num_replicas=2, exchange_every=1).publish(1)
     assert cd.refresh() == {1: 1}
     logits = student(tokens)

@@ -14,9 +14,8 @@ import torch
 from numerics import U32, kl_tolerance, log_softmax_error, softmax_error
 from torch import nn
 
-from codistill import Codistiller, MemoryExchange
-from codistill.codistiller import as_logits, prediction
-from codistill.losses import distill_loss
+from codistill import Codistiller, DistillLoss, MemoryExchange, TeacherSpec
+from codistill.losses import as_logits, distill_loss, prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +66,7 @@ def test_teacher_calls_find_the_prediction_in_any_output(kind: str) -> None:
 def test_prediction_and_output_kinds() -> None:
     z = torch.randn(6, 5)
     assert prediction((z, None)) is z and prediction({"x": z}) is z and prediction([{"logits": z}]) is z
-    with pytest.raises(TypeError, match="teacher_forward"):
+    with pytest.raises(TypeError, match="TeacherSpec"):
         prediction(SimpleNamespace(hidden=z))
     # log-probabilities and probabilities give the softmax of the logits they came from, against
     # float64: the fp32 log-probabilities are off by e ≤ log_softmax_error (for probabilities,
@@ -91,7 +90,7 @@ def test_prediction_and_output_kinds() -> None:
     for outputs, pred in (("log_probs", torch.nn.functional.logsigmoid(b)), ("probs", torch.sigmoid(b))):
         assert bool(((as_logits(pred, outputs, "bce").double() - b.double()).abs() <= bound).all()), outputs
     with pytest.raises(ValueError, match="outputs"):
-        Codistiller(nn.Linear(2, 2), MemoryExchange(), outputs="scores")
+        Codistiller(nn.Linear(2, 2), MemoryExchange(), loss=DistillLoss(predictions="scores"))
 
 
 class StatefulRNN(nn.Module):
@@ -115,8 +114,9 @@ def test_a_recurrent_model_with_state_and_log_probs() -> None:
     ex = MemoryExchange()
     models = [StatefulRNN(s) for s in (0, 1)]
     fwd = lambda m, x: m(x, m.init_hidden(len(x)))  # noqa: E731
-    cds = [Codistiller(m, ex, replica=r, num_replicas=2, exchange_every=2, outputs="log_probs",
-                       teacher_forward=fwd) for r, m in enumerate(models)]
+    cds = [Codistiller(m, ex, replica=r, num_replicas=2, exchange_every=2,
+                       loss=DistillLoss(predictions="log_probs"), teachers=TeacherSpec(forward=fwd))
+           for r, m in enumerate(models)]
     opts = [torch.optim.Adam(m.parameters(), 1e-2) for m in models]
     x = torch.randint(0, 11, (4, 6))
     losses: list[list[float]] = [[], []]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from codistill import Codistiller
+from codistill import Codistiller, TeacherSpec
 from codistill.config import from_dict, load_config
 from codistill.engine import run
 from codistill.exchange import MemoryExchange
@@ -53,7 +53,7 @@ def test_one_memory_exchange_object_is_shared_by_the_codistillers_of_a_process()
         Codistiller(models[0], "memory", replica=40, num_replicas=42, exchange_every=1)
     ex = MemoryExchange()
     cds = [Codistiller(m, ex, replica=r + 40, num_replicas=42, exchange_every=1,
-                       peers=[41 - r]) for r, m in enumerate(models)]
+                       teachers=TeacherSpec(peers=[41 - r])) for r, m in enumerate(models)]
     assert all(cd.exchange is ex for cd in cds)
     for cd in cds:
         cd.after_step(1)  # replica 40 refreshes before 41 publishes: nothing to load yet

@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import TINY_CONFIG
 
-from codistill.codistiller import Codistiller
+from codistill.codistiller import Codistiller, Newest, Trust
 from codistill.exchange import DirectoryExchange, signing
 from codistill.exchange.signing import ExchangeKeyError, Signer, key_id, load_keys
 from codistill.models import build_model
@@ -239,7 +239,7 @@ def test_a_bad_key_file_is_one_clear_error_naming_it(tmp_path, content, message)
         load_keys(key_file=str(path))
     assert message in str(e.value)
     with pytest.raises(ExchangeKeyError, match=f"exchange key file {path}"):  # the plug-in's argument
-        Codistiller(torch.nn.Linear(2, 2), str(tmp_path / "ex"), exchange_key_file=str(path))
+        Codistiller(torch.nn.Linear(2, 2), str(tmp_path / "ex"), trust=Trust(key_file=str(path)))
 
 
 def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog):
@@ -278,7 +278,7 @@ def test_the_plug_in_signs_with_its_key_argument_and_rejects_unsigned_peers(tmp_
     torch.manual_seed(0)
     student, peer = build_model(SPEC), build_model(SPEC)
     cd = Codistiller(student, str(tmp_path), replica=0, num_replicas=2, exchange_every=5, model_spec=SPEC,
-                     exchange_key=KEY, run_id=RUN, prefetch=False)
+                     trust=Trust(key=KEY, run_id=RUN), wait=Newest(prefetch=False))
     _exchange(tmp_path, KEY).publish(1, 10, peer.state_dict(), {"model": SPEC})
     _exchange(tmp_path).publish(1, 15, peer.state_dict(), {"model": SPEC})  # unsigned
     with caplog.at_level(logging.WARNING, logger="codistill"):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from numerics import kl_tolerance
 
-from codistill.codistiller import Codistiller
+from codistill.codistiller import BoundedDrift, Codistiller, DistillLoss, LockStep, TeacherSpec
 from codistill.exchange import DirectoryExchange, MemoryExchange, state_nbytes
-from codistill.losses import distill_loss
+from codistill.losses import AlphaSchedule, distill_loss
 from codistill.models import LSTMLM, TransformerLM
 from codistill.teachers import Teacher, average_predictions
 
@@ -32,7 +32,7 @@ def _step_all(cds, step):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_average_over_the_other_replicas_for_n3(make_lm, tokens, temperature):
     ex = MemoryExchange()
-    models, cds = _replicas(make_lm, 3, ex, exchange_every=5, temperature=temperature)
+    models, cds = _replicas(make_lm, 3, ex, exchange_every=5, loss=DistillLoss(temperature=temperature))
     cds[1].publish(5)
     cds[2].publish(5)
     assert cds[0].refresh() == {1: 5, 2: 5}
@@ -135,8 +135,8 @@ def test_refresh_to_a_given_version_and_byte_accounting(make_lm):
     with torch.no_grad():
         models[1].head.bias.fill_(3.0)
     cds[1].publish(10)
-    # Lock-step mode (sync_timeout) loads exactly the version of the given step.
-    lock = Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5, sync_timeout=1.0)
+    # Lock-step mode (LockStep) loads exactly the version of the given step.
+    lock = Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5, wait=LockStep(1.0))
     assert lock.refresh(5) == {1: 5}
     assert float(lock.teachers[1].module.head.bias.abs().max()) != 3.0
     assert lock.refresh(10) == {1: 10}
@@ -144,24 +144,24 @@ def test_refresh_to_a_given_version_and_byte_accounting(make_lm):
     assert lock.refresh(5) == {1: 5} and float(lock.teachers[1].module.head.bias.abs().max()) != 3.0
     with pytest.raises(TimeoutError, match="replicas \\[1\\] did not publish step 15"):
         Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5,
-                    sync_timeout=0.05).refresh(15)
-    assert lock.sync_wait_s >= 0.0
+                    wait=LockStep(0.05)).refresh(15)
+    assert lock.stats().sync_wait_s >= 0.0
     # Otherwise a refresh loads the newest version.
     assert cds[0].refresh() == {1: 10}
     assert torch.all(cds[0].teachers[1].module.head.bias == 3.0)
     nbytes = state_nbytes(models[1].state_dict())
-    assert cds[1].bytes_published == 2 * nbytes
-    assert lock.bytes_read == 3 * nbytes
-    assert cds[0].bytes_read == nbytes
+    assert cds[1].stats().bytes_published == 2 * nbytes
+    assert lock.stats().bytes_read == 3 * nbytes
+    assert cds[0].stats().bytes_read == nbytes
     assert cds[0].refresh() == {1: 10}  # nothing new: nothing read
-    assert cds[0].bytes_read == nbytes
+    assert cds[0].stats().bytes_read == nbytes
     assert lock.refresh(5) == {1: 5}  # the version already loaded: nothing read
-    assert lock.bytes_read == 3 * nbytes
+    assert lock.stats().bytes_read == 3 * nbytes
 
 
 def test_exchange_and_distillation_only_after_burn_in(make_lm, tokens):
     ex = MemoryExchange()
-    models, cds = _replicas(make_lm, 2, ex, exchange_every=5, burn_in=12)
+    models, cds = _replicas(make_lm, 2, ex, exchange_every=5, alpha=AlphaSchedule(burn_in=12))
     due = [s for s in range(31) if cds[0].exchange_due(s)]
     # Step 10 is the last exchange before B=12: its teachers serve steps 12..14.
     assert due == [10, 15, 20, 25, 30]
@@ -234,8 +234,8 @@ def test_state_dict_restores_teachers_exactly(make_lm, lstm_spec, transformer_sp
     student = make_lm(0, lstm_spec)
     peers = {1: make_lm(1, lstm_spec), 2: make_lm(2, transformer_spec)}
     specs = {1: lstm_spec, 2: transformer_spec}
-    cd = Codistiller(student, ex, replica=0, num_replicas=3, exchange_every=5, temperature=2.0,
-                     model_spec=lstm_spec)
+    cd = Codistiller(student, ex, replica=0, num_replicas=3, exchange_every=5,
+                     loss=DistillLoss(temperature=2.0), model_spec=lstm_spec)
     others = {p: Codistiller(m, ex, replica=p, num_replicas=3, exchange_every=5, model_spec=specs[p])
               for p, m in peers.items()}
     others[1].publish(5)
@@ -247,14 +247,14 @@ def test_state_dict_restores_teachers_exactly(make_lm, lstm_spec, transformer_sp
     assert state["teachers"][2]["meta"]["model"] == transformer_spec
 
     fresh = Codistiller(copy.deepcopy(student), MemoryExchange(), replica=0, num_replicas=3,
-                        exchange_every=5, temperature=2.0, model_spec=lstm_spec)
+                        exchange_every=5, loss=DistillLoss(temperature=2.0), model_spec=lstm_spec)
     fresh.load_state_dict(state)
     assert fresh.teacher_versions() == cd.teacher_versions() == {1: 5, 2: 10}
     assert fresh.staleness(12) == cd.staleness(12) == {1: 7, 2: 2}
     assert isinstance(fresh.teachers[2].module, TransformerLM)  # built from the saved meta
-    assert (fresh.bytes_published, fresh.bytes_read, fresh.last_exchange) == (
-        cd.bytes_published, cd.bytes_read, 10)
-    assert fresh.bytes_read > 0 and fresh.sync_wait_s == cd.sync_wait_s
+    assert (fresh.stats().bytes_published, fresh.stats().bytes_read, fresh.last_exchange) == (
+        cd.stats().bytes_published, cd.stats().bytes_read, 10)
+    assert fresh.stats().bytes_read > 0 and fresh.stats().sync_wait_s == cd.stats().sync_wait_s
     want = cd.distill_loss(tokens, student(tokens), 12)
     got = fresh.distill_loss(tokens, fresh.model(tokens), 12)
     assert float(want.detach()) > 0 and torch.equal(got, want)
@@ -277,7 +277,7 @@ def test_lock_step_refuses_a_damaged_version_that_newest_mode_skips(make_lm, tmp
     data = bytearray(path.read_bytes())
     data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
     path.write_bytes(bytes(data))
-    lock = Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5, sync_timeout=1.0)
+    lock = Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5, wait=LockStep(1.0))
     with pytest.raises(RuntimeError, match="version 10 of peer 1 is missing or invalid"):
         lock.refresh(10)
     assert cds[0].refresh() == {1: 5}  # newest valid version instead
@@ -298,10 +298,10 @@ def test_max_drift_waits_for_the_slowest_peer_and_times_out_clearly(make_lm, tmp
     import time
 
     ex = DirectoryExchange(str(tmp_path))
-    _, cds = _replicas(make_lm, 2, ex, exchange_every=5, max_drift=10, drift_timeout=0.3)
+    _, cds = _replicas(make_lm, 2, ex, exchange_every=5, wait=BoundedDrift(10, 0.3))
     cds[1].publish(5)
     cds[0].refresh(15)  # 15 - 10 = 5: the peer's version 5 is recent enough, no wait
-    assert cds[0].sync_wait_s < 0.2
+    assert cds[0].stats().sync_wait_s < 0.2
     with pytest.raises(TimeoutError, match=r"replicas \[1\] have not published step 20.*max_drift=10"):
         cds[0].refresh(30)
     later = threading.Timer(0.1, cds[1].publish, args=(20,))
@@ -330,8 +330,8 @@ def test_a_sharded_teacher_keeps_the_models_constants_and_predicts_as_its_peer()
         peer, student = build_model(spec), build_model(spec)
         ex = MemoryExchange()
         ex.publish(1, 5, peer.state_dict(), {"model": spec})
-        cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=5, distill="bce",
-                         model_spec=spec, teacher_layout=shard)
+        cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=5, loss="bce",
+                         model_spec=spec, teachers=TeacherSpec(layout=shard))
         assert cd.refresh(5) == {1: 5}
         teacher = cd.teachers[1]
         assert is_sharded(teacher.module)

@@ -131,16 +131,17 @@ class Loop:
 
     def _train_row(self, rep: Replica, done: int, means: dict[str, float]) -> dict[str, Any]:
         cd = rep.codistiller
-        stale = cd.staleness(done)
+        stats = cd.stats(done)
+        stale = stats.staleness
         return {"step": done, "kind": "train", "replica": rep.index,
                 **means,
                 "lr": rep.scheduler.get_last_lr()[0],
                 "staleness": {str(p): s for p, s in stale.items()},
                 "staleness_max": max((s for s in stale.values() if s is not None), default=None),
-                "teacher_versions": {str(p): v for p, v in cd.teacher_versions().items()},
-                "bytes_published": cd.bytes_published, "bytes_read": cd.bytes_read,
-                "publish_wait_s": cd.exchange.wait_seconds, "sync_wait_s": cd.sync_wait_s,
-                "publish_failures": cd.publish_failures, "rejected_versions": cd.rejected_versions,
+                "teacher_versions": {str(p): v for p, v in stats.teacher_versions.items()},
+                "bytes_published": stats.bytes_published, "bytes_read": stats.bytes_read,
+                "publish_wait_s": stats.publish_wait_s, "sync_wait_s": stats.sync_wait_s,
+                "publish_failures": stats.publish_failures, "rejected_versions": stats.rejected_versions,
                 **({"bytes_averaged": self.bytes_averaged} if rep.outer is not None else {})}
 
     # -- the loop ---------------------------------------------------------------------
@@ -204,10 +205,10 @@ class Loop:
             "name": cfg.name, "replicas": [r.index for r in self.replicas], "start": start, "end": end,
             "steps": cfg.steps, "wall_time_s": wall,
             "steps_per_s": (end - start) / wall if wall > 0 else None,
-            "bytes_published": {r.index: r.codistiller.bytes_published for r in self.replicas},
-            "bytes_read": {r.index: r.codistiller.bytes_read for r in self.replicas},
+            "bytes_published": {r.index: r.codistiller.stats().bytes_published for r in self.replicas},
+            "bytes_read": {r.index: r.codistiller.stats().bytes_read for r in self.replicas},
             "bytes_averaged": self.bytes_averaged,
-            "publish_failures": {r.index: r.codistiller.publish_failures for r in self.replicas},
+            "publish_failures": {r.index: r.codistiller.stats().publish_failures for r in self.replicas},
             "final": self.final, "worker": worker,
         }
         if end == cfg.steps:  # a sharded model is gathered by every rank, one tensor at a time

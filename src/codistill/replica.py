@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from .averaging import OuterSync
-from .codistiller import Codistiller
+from .codistiller import BoundedDrift, Codistiller, DistillLoss, LockStep, TeacherSpec, Trust
 from .config import RunConfig
 from .data import ShardSampler, shard_indices
 from .exchange import Exchange, state_nbytes
-from .losses import task_and_distill_loss, uniform_loss
+from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
 from .parallel import DTYPES, autocast
 from .tasks import Batch, Task
 from .teachers import call_model
@@ -43,9 +43,16 @@ class Replica:
         return task.train_batch(self.sampler.next_batch(), self.generator, device)
 
 
+# Strides of the seeds of a replica's random streams (primes: (seed, replica, worker) stay apart).
+MODEL_SEED_STRIDE = 1009  # model init: seed + 1009·replica
+STREAM_SEED_STRIDE = 100_003  # its RNG stream: seed·100_003 + replica·1009 + worker
+SAMPLER_SEED_STRIDE, SAMPLER_REPLICA_STRIDE = 7919, 131  # its shard sampler: seed·7919 + replica·131 + worker
+GENERATOR_OFFSET = 7  # the generator of its batches: the stream's seed + 7
+
+
 def model_seed(seed: int, replica: int) -> int:
     """Each replica starts from its own random init; replica 0 matches the N=1 baseline."""
-    return seed + 1009 * replica
+    return seed + MODEL_SEED_STRIDE * replica
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
@@ -132,8 +139,9 @@ def build_replica(
     optimizer, scheduler = build_optimizer(cfg, model)
     shard = shard_indices(task.train_size, cfg.replicas, replica, cfg.seed, cfg.data.shards)
     shard = shard[worker::num_workers]
-    stream = cfg.seed * 100_003 + replica * 1_009 + worker  # one stream per (replica, worker)
-    sampler = ShardSampler(shard, batch_size, seed=cfg.seed * 7919 + replica * 131 + worker)
+    stream = cfg.seed * STREAM_SEED_STRIDE + replica * MODEL_SEED_STRIDE + worker  # per (replica, worker)
+    sampler = ShardSampler(shard, batch_size,
+                           seed=cfg.seed * SAMPLER_SEED_STRIDE + replica * SAMPLER_REPLICA_STRIDE + worker)
     c = cfg.codistill
 
     def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:
@@ -144,26 +152,28 @@ def build_replica(
 
     cd = Codistiller(
         model, exchange, replica=replica, num_replicas=cfg.replicas + fixed_teachers,
-        exchange_every=c.exchange_every, burn_in=c.burn_in, alpha=c.alpha, ramp=c.ramp,
-        distill=c.distill, temperature=c.temperature, model_spec=spec,
-        teacher_factory=teacher_factory, process_group=process_group,
-        sync_timeout=c.sync_timeout if c.sync else None,
-        max_drift=c.max_drift, drift_timeout=c.sync_timeout,
-        max_teacher_bytes=int(c.max_teacher_size * max(largest_model_bytes(cfg, task), fixed_teacher_bytes)),
-        teacher_dtype=DTYPES[cfg.precision if c.teacher_dtype == "auto" else c.teacher_dtype],
-        teacher_layout=wrap if cfg.parallel == "fsdp" and c.shard_teachers and wrap is not None else None,
+        exchange_every=c.exchange_every, alpha=AlphaSchedule(c.alpha, c.burn_in, c.ramp),
+        loss=DistillLoss(c.distill, c.temperature), model_spec=spec,
+        teachers=TeacherSpec(
+            factory=teacher_factory,
+            dtype=DTYPES[cfg.precision if c.teacher_dtype == "auto" else c.teacher_dtype],
+            layout=wrap if cfg.parallel == "fsdp" and c.shard_teachers and wrap is not None else None),
+        wait=LockStep(c.sync_timeout) if c.sync else BoundedDrift(c.max_drift, c.sync_timeout),
+        process_group=process_group,
+        trust=Trust(max_teacher_bytes=int(c.max_teacher_size * max(largest_model_bytes(cfg, task),
+                                                                   fixed_teacher_bytes))),
     )
     rng = torch.Generator().manual_seed(stream).get_state()
     outer = OuterSync(model, cfg.outer.lr, cfg.outer.momentum) if cfg.outer.every else None
     return Replica(replica, model, optimizer, scheduler, sampler, cd, spec,
-                   torch.Generator().manual_seed(stream + 7), rng, outer, cfg.precision)
+                   torch.Generator().manual_seed(stream + GENERATOR_OFFSET), rng, outer, cfg.precision)
 
 
 def _fused(task: Task, cd: Codistiller, label_smoothing: float) -> bool:
     """φ and ψ can be computed in one pass: the default categorical φ, no label smoothing,
     ψ a KL or soft cross entropy at temperature 1."""
-    return (task.output == "categorical" and label_smoothing == 0 and cd.temperature == 1.0
-            and cd.distill in ("kl", "ce") and getattr(task.loss, "__func__", None) is Task.loss)
+    return (task.output == "categorical" and label_smoothing == 0 and cd.loss.temperature == 1.0
+            and cd.loss.kind in ("kl", "ce") and getattr(task.loss, "__func__", None) is Task.loss)
 
 
 def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float,
@@ -182,7 +192,7 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
         outputs = call_model(rep.model, x)
         target = cd.distill_target(x, step) if _fused(task, cd, label_smoothing) else None
         if target is not None:  # φ and ψ share one softmax of the student's outputs
-            phi, psi = task_and_distill_loss(outputs, y, target[1], cd.distill)
+            phi, psi = task_and_distill_loss(outputs, y, target[1], cd.loss.kind)
             term = target[0] * psi
         else:
             phi = task.loss(outputs, y)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .exchange import Published
-from .exchange.base import Header, header_of
-from .losses import predict_probs
-from .parallel import is_sharded, load_full_state
+from .exchange import Published, state_nbytes, unwrap
+from .exchange.base import Check, Header, header_nbytes, header_of
+from .losses import DistillLoss, predict_probs
+from .parallel import full_state, is_sharded, load_full_state
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +152,182 @@ def average_predictions(
             continue
         total, n = (probs, 1) if total is None else (total.add_(probs), n + 1)
     return total.div_(n) if total is not None and n > 1 else total
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How a Codistiller builds and runs its teachers.
+
+    Args:
+        factory: ``f(peer, meta) -> module`` builds an empty teacher for ``peer`` (``meta``:
+            the peer's manifest meta; the teacher is moved to the model's device); default:
+            built from the ``model`` spec the peer publishes (untrusted: its header is checked
+            against a skeleton built on the meta device), or a copy of the model.
+        forward: ``f(module, inputs) -> output`` calls a teacher (default: ``module(x)`` for a
+            tensor, ``module(*x)`` for a tuple, ``module(**x)`` for a dict); e.g. a recurrent
+            model that needs a fresh state: ``lambda m, x: m(x, m.init_hidden(len(x)))``. The
+            prediction is then found in the output as :func:`codistill.losses.prediction` does.
+        dtype: store and run teachers in this dtype (e.g. ``torch.bfloat16``); published
+            weights keep the model's dtype. None: as built.
+        layout: ``f(module) -> module`` lays a new teacher out over the replica's ranks, e.g.
+            :func:`codistill.parallel.shard_model` (FSDP2): each rank holds a shard of every
+            teacher.
+        peers: which replicas to distil from (default: all others).
+    """
+
+    factory: Callable[[int, dict[str, Any]], nn.Module] | None = None
+    forward: Callable[[nn.Module, Any], Any] | None = None
+    dtype: torch.dtype | None = None
+    layout: Callable[[nn.Module], nn.Module] | None = None
+    peers: list[int] | None = None
+
+
+class TeacherSet(dict[int, Teacher]):
+    """One replica's teachers, ``{peer: Teacher}``, each built on first use from ``spec``:
+    the checks a peer's version passes before it is read, loading, the averaged prediction,
+    and the state of a checkpoint. ``bytes_read`` counts the tensor bytes loaded."""
+
+    def __init__(self, model: nn.Module, spec: TeacherSpec, loss: DistillLoss, max_bytes: int) -> None:
+        super().__init__()
+        self.model, self.spec, self.loss, self.max_bytes = model, spec, loss, max_bytes
+        self.bytes_read = 0
+
+    def versions(self, peers: list[int]) -> dict[int, int | None]:
+        """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""
+        return {p: (t.version if (t := self.get(p)) else None) for p in peers}
+
+    def staleness(self, peers: list[int], step: int) -> dict[int, int | None]:
+        """``{peer: steps since its loaded weights were published}``."""
+        return {p: (t.staleness(step) if (t := self.get(p)) else None) for p in peers}
+
+    @property
+    def drops(self) -> int:
+        """Versions dropped for non-finite predictions."""
+        return sum(t.drops for t in self.values())
+
+    def average(self, inputs: Any) -> torch.Tensor | None:
+        """The loaded teachers' averaged predictions on ``inputs`` (None when none is loaded
+        or every one is dropped), see :func:`average_predictions`."""
+        if not any(t.version is not None for t in self.values()):
+            return None
+        return average_predictions(list(self.values()), inputs, self.loss.kind, self.loss.temperature)
+
+    # -- checks and loads ----------------------------------------------------------------
+    def check(self, peer: int) -> Check:
+        """The test a peer's version must pass before its tensors are read: at most
+        ``max_bytes``, and the names, dtypes and shapes of its teacher (for a teacher not
+        built yet: of the module its manifest's spec describes, built without memory)."""
+
+        def check(header: Header, meta: dict[str, Any]) -> None:
+            nbytes = header_nbytes(header)
+            if nbytes > self.max_bytes:
+                raise ValueError(f"{nbytes} bytes of weights exceed max_teacher_bytes={self.max_bytes}")
+            teacher = self.get(peer)
+            if teacher is not None:
+                expected: Header | None = teacher.header
+            elif self.spec.factory is None:  # built from a manifest's (untrusted) spec
+                expected = self._skeleton_header(meta)
+            else:
+                expected = None  # the caller's factory decides; Teacher.load checks after reading
+            if expected is not None and header != expected:
+                missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+                wrong = sorted(k for k in set(header) & set(expected) if header[k] != expected[k])
+                raise ValueError(f"weights do not fit the teacher (missing {missing[:3]}, unexpected "
+                                 f"{extra[:3]}, other dtype/shape {wrong[:3]})")
+
+        return check
+
+    def accept(self, published: Published) -> Teacher | None:
+        """The teacher ``published`` is to be loaded into (built on first use); None if it
+        holds that version already. ValueError for non-finite weights (a diverged peer: its
+        last finite version stays)."""
+        teacher = self.get(published.replica)
+        if teacher is not None and teacher.version == published.step and teacher.ident == published.ident:
+            return None
+        bad = [k for k, v in published.state.items() if v.is_floating_point() and not finite(v)]
+        if bad:
+            raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
+        return self.build(published.replica, published.meta)
+
+    def load(self, published: Published, count: bool = True) -> None:
+        """Load a peer's published weights into its teacher (``count``: in ``bytes_read``)."""
+        teacher = self.accept(published)
+        if teacher is None:
+            return
+        teacher.load(published)
+        if count:
+            self.bytes_read += state_nbytes(published.state)
+        log.debug("loaded peer %d at step %d", published.replica, published.step)
+
+    def build(self, peer: int, meta: dict[str, Any]) -> Teacher:
+        """``peer``'s teacher, built on first use: the factory's module on the model's device,
+        cast to ``spec.dtype`` and laid out by ``spec.layout`` (e.g. sharded: each rank then
+        keeps only its shards)."""
+        teacher = self.get(peer)
+        if teacher is not None:
+            return teacher
+        try:
+            with torch.random.fork_rng(devices=[]):  # building a teacher draws no training RNG
+                module = (self.spec.factory or self._from_meta)(peer, meta)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot build a teacher from its manifest: {e}") from e
+        header = header_of(module.state_dict())  # as the peer publishes it
+        # Built whole, not on the meta device: buffers outside the state dict (a model's
+        # constants) would otherwise be left uninitialised.
+        module = module.to(next(iter(self.model.parameters()), torch.empty(0)).device)
+        if self.spec.dtype is not None:
+            module = module.to(self.spec.dtype)
+        if self.spec.layout is not None:
+            module = self.spec.layout(module)
+        teacher = self[peer] = Teacher(peer, module, header, self._predict)
+        return teacher
+
+    def _predict(self, module: nn.Module, inputs: Any) -> torch.Tensor:
+        """A teacher's prediction on ``inputs``, as logits."""
+        forward = self.spec.forward or call_model
+        return self.loss.logits(forward(module, inputs))
+
+    def _from_meta(self, peer: int, meta: dict[str, Any]) -> nn.Module:
+        spec = meta.get("model")
+        return _build_from_spec(spec) if spec else copy.deepcopy(unwrap(self.model))
+
+    def _skeleton_header(self, meta: dict[str, Any]) -> Header:
+        """Names, dtypes and shapes of the teacher the default factory would build from
+        ``meta``, built on the meta device (allocates nothing, whatever the spec claims)."""
+        spec = meta.get("model")
+        if not spec:
+            return header_of(unwrap(self.model).state_dict())
+        try:
+            with torch.device("meta"):
+                module = _build_from_spec(spec)
+        except Exception as e:  # a hostile spec may fail anywhere in a model's constructor
+            raise ValueError(f"cannot build a teacher from the manifest's model spec: {e}") from e
+        return header_of(module.state_dict())
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self, weights: bool = True) -> dict[int, dict[str, Any]]:
+        """The loaded teachers: version, manifest meta and, with ``weights``, whole weights
+        (sharded teachers are gathered: every rank calls this then)."""
+        return {p: {"version": t.version, "meta": t.meta, "ident": t.ident,
+                    **({"state": full_state(t.module)} if weights else {})}
+                for p, t in self.items() if t.version is not None}
+
+    def load_state(self, state: dict[Any, dict[str, Any]]) -> None:
+        """Restore :meth:`state`. Without weights the teachers are built and their versions
+        recorded; the caller then loads their weights."""
+        for peer, t in state.items():
+            if "state" not in t:
+                teacher = self.build(int(peer), t.get("meta", {}))
+                teacher.version, teacher.meta = t["version"], t.get("meta", {})
+                teacher.ident = t.get("ident", "")
+                continue
+            self.load(Published(int(peer), t["version"], t["state"], t.get("meta", {}),
+                                ident=t.get("ident", "")), count=False)
+
+
+def _build_from_spec(spec: Any) -> nn.Module:
+    if not isinstance(spec, dict):
+        raise ValueError(f"model spec must be a mapping, got {spec!r}")
+    from .models import build_model
+
+    return build_model(spec)

@@ -20,8 +20,10 @@ __all__ = [
 ]
 
 
-def make_exchange(spec: str | Exchange, keep: int = 3) -> Exchange:
-    """Build an exchange from ``"memory"``, a directory path, ``file://`` or an fsspec URL."""
+def make_exchange(spec: str | Exchange, keep: int = 3, background: bool = False) -> Exchange:
+    """Build an exchange from ``"memory"``, a directory path, ``file://`` or an fsspec URL
+    (an :class:`Exchange` is returned as it is). ``background``: a directory or URL is
+    written by a :class:`BackgroundExchange` (publishing off the training step)."""
     if isinstance(spec, Exchange):
         return spec
     if not isinstance(spec, str) or not spec:
@@ -30,4 +32,5 @@ def make_exchange(spec: str | Exchange, keep: int = 3) -> Exchange:
         raise ValueError("exchange 'collective' is set up by the distributed trainer, not make_exchange")
     if spec == "memory":
         return MemoryExchange(keep=keep)
-    return DirectoryExchange(spec, keep=keep)
+    directory = DirectoryExchange(spec, keep=keep)
+    return BackgroundExchange(directory) if background else directory

@@ -22,7 +22,7 @@ class BackgroundExchange(Exchange):
     the writer waits for them). At most one write is in flight:
     a new publish first waits for the previous one, so versions land in order. A write that
     fails with an ``OSError`` (full disk, unreachable store) is a warning and counts in
-    ``publish_failures``; training goes on and the next publish is the retry.
+    :meth:`failures`; training goes on and the next publish is the retry.
     """
 
     holds_state = True
@@ -34,17 +34,13 @@ class BackgroundExchange(Exchange):
         self._pending: Future | None = None
         self.last_write_seconds = 0.0
         self.wait_seconds = 0.0  # time training spent waiting for a previous write
-        self._unwritten: dict[int, int] = {}  # replica -> tensor bytes of failed writes
 
     def _write(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict) -> int:
         t0 = time.perf_counter()
         try:
             n = self.inner.publish(replica, step, ready(state), meta)
         except OSError as e:
-            self.publish_failures += 1
-            self._unwritten[replica] = self._unwritten.get(replica, 0) + state_nbytes(state)
-            log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",
-                        replica, step, e)
+            self.failed(replica, step, e, state_nbytes(state))
             return 0
         self.last_write_seconds = time.perf_counter() - t0
         log.debug("published replica %d step %d (%d bytes, %.3fs)", replica, step, n,
@@ -76,9 +72,6 @@ class BackgroundExchange(Exchange):
 
     def ident(self, replica: int, step: int) -> str | None:
         return self.inner.ident(replica, step)
-
-    def unwritten(self, replica: int) -> int:
-        return self._unwritten.get(replica, 0)
 
     def candidates(self, replica: int) -> list[int]:
         return self.inner.candidates(replica)

@@ -138,7 +138,6 @@ class Exchange(ABC):
     durable = True  # versions outlive the process (a resumed replica republishes a lost one)
     wait_seconds = 0.0  # time the training thread spent waiting for writes
     max_bytes: int | None = None  # versions larger than this are rejected before they are read
-    publish_failures = 0  # writes that failed after publish returned (a background writer)
 
     @abstractmethod
     def publish(
@@ -173,10 +172,30 @@ class Exchange(ABC):
         published = self.load(replica, step)
         return None if published is None else published.ident
 
+    def failed(self, replica: int, step: int, error: Exception, unwritten: int = 0) -> None:
+        """Count a write of ``replica``'s version ``step`` that failed (a full disk, an
+        unreachable store): a warning, and training goes on (the next exchange publishes
+        again). ``unwritten``: its tensor bytes when ``publish`` had already returned."""
+        failures = self.__dict__.setdefault("_failures", {})
+        failures[replica] = failures.get(replica, 0) + 1
+        lost = self.__dict__.setdefault("_unwritten", {})
+        lost[replica] = lost.get(replica, 0) + unwritten
+        log.warning("replica %d: publishing step %d failed (%s); retried at the next exchange",
+                    replica, step, error)
+
+    def failures(self, replica: int) -> int:
+        """Writes of ``replica``'s versions that failed (:meth:`failed`)."""
+        return self.__dict__.get("_failures", {}).get(replica, 0)
+
+    @property
+    def publish_failures(self) -> int:
+        """Writes that failed, of every replica."""
+        return sum(self.__dict__.get("_failures", {}).values())
+
     def unwritten(self, replica: int) -> int:
         """Tensor bytes of ``replica``'s versions whose write failed after ``publish`` had
         returned (a background writer)."""
-        return 0
+        return self.__dict__.get("_unwritten", {}).get(replica, 0)
 
     def limit(self, max_bytes: int | None) -> None:
         """Reject versions whose weights exceed ``max_bytes`` (None: no bound)."""

@@ -36,6 +36,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..env import ENV_KEY, ENV_RUN_ID  # the variables `codistill launch` passes on
@@ -295,6 +296,27 @@ def note_published(exchange: Any, step: int) -> None:
     directory = _directory(exchange)
     if directory is not None:
         signer_of(directory).note_published(step)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What a Codistiller accepts from its exchange (untrusted input).
+
+    Args:
+        key, key_file: the key shared by every replica (hex text, raw bytes or a list, the
+            first signing; or a file holding it), default ``CODISTILL_EXCHANGE_KEY``: a
+            directory or URL exchange then signs every version and rejects unsigned or
+            wrongly signed ones before reading their weights.
+        run_id: written into every version; peers' versions of another run id are rejected
+            (default ``CODISTILL_RUN_ID``; None: any run's versions are read).
+        max_teacher_bytes: a peer's weights larger than this are rejected before they are
+            read (default: 4× this replica's own weights).
+    """
+
+    key: str | bytes | Sequence[str | bytes] | None = None
+    key_file: str | None = None
+    run_id: str | None = None
+    max_teacher_bytes: int | None = None
 
 
 def configure(exchange: Any, key: Any = None, key_file: str | None = None, run_id: str | None = None,

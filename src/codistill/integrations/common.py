@@ -23,7 +23,7 @@ def token_mask(labels: torch.Tensor, shift: bool) -> torch.Tensor:
 def use_default_group(cd: Codistiller) -> Codistiller:
     """Under a framework's data parallelism (its processes are one replica), make the default
     process group the replica's, so that its first rank publishes and loads the teachers."""
-    if cd.process_group is None and dist.is_available() and dist.is_initialized() \
+    if cd.group.process_group is None and dist.is_available() and dist.is_initialized() \
             and dist.get_world_size() > 1:
-        cd.process_group = dist.group.WORLD
+        cd.group.process_group = dist.group.WORLD
     return cd

@@ -3,7 +3,8 @@
     from codistill.integrations.hf import CodistillTrainer
 
     trainer = CodistillTrainer(model=model, args=args, train_dataset=train,
-                               codistiller={"exchange_every": 50, "burn_in": 200})
+                               codistiller={"exchange_every": 50,
+                                            "alpha": AlphaSchedule(burn_in=200)})
     trainer.train()
 
 Each training batch's loss gains α·ψ toward the teachers' predictions on the batch without its
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from .._extras import require
-from ..codistiller import Codistiller, prediction
+from ..codistiller import Codistiller
+from ..losses import prediction
 from .common import token_mask, use_default_group
 
 transformers = require("transformers", "the Hugging Face Trainer integration")
@@ -52,8 +54,9 @@ class CodistillTrainer(transformers.Trainer):
 
     Args:
         codistiller: a :class:`Codistiller` of ``model``, or the keyword arguments of
-            :meth:`Codistiller.from_env` (e.g. ``{"exchange_every": 50, "burn_in": 200}``),
-            built after the Trainer has set up its processes. None: ``from_env``'s defaults.
+            :meth:`Codistiller.from_env` (e.g. ``{"exchange_every": 50, "alpha":
+            AlphaSchedule(burn_in=200)}``), built after the Trainer has set up its processes.
+            None: ``from_env``'s defaults.
         shift_labels: whether position t predicts label t+1 (a causal LM) when masking ψ with
             the labels; None: true for the models ``AutoModelForCausalLM`` builds.
         args, kwargs: the Trainer's.

@@ -8,14 +8,15 @@
             logits = self(x)
             return F.cross_entropy(logits, y) + distill_loss(self, x, logits)
 
-    trainer = L.Trainer(max_steps=1000, callbacks=[CodistillCallback(exchange_every=50, burn_in=200)])
+    trainer = L.Trainer(max_steps=1000, callbacks=[CodistillCallback(exchange_every=50,
+                                                                    alpha=AlphaSchedule(burn_in=200))])
 
 The callback builds the :class:`Codistiller` of the LightningModule when fitting starts
 (replica, number of replicas and exchange from ``codistill launch``'s environment), and
 publishes and refreshes the teachers after optimizer steps (``trainer.global_step``: with
 ``accumulate_grad_batches``, one step per optimizer step). A teacher is a frozen copy of the
-LightningModule, called as ``teacher(x)`` (its ``forward``) unless ``teacher_forward`` says
-otherwise. Under a data-parallel strategy (``strategy="ddp"``) all the Trainer's processes are
+LightningModule, called as ``teacher(x)`` (its ``forward``) unless ``teachers=TeacherSpec(forward=...)``
+says otherwise. Under a data-parallel strategy (``strategy="ddp"``) all the Trainer's processes are
 one replica: its first rank publishes and loads, and hands the teachers to the others. The
 teachers travel in Lightning's checkpoints, so ``fit(ckpt_path=...)`` resumes ψ as it was.
 """
@@ -40,8 +41,8 @@ class CodistillCallback(L.Callback):
 
     Args:
         codistiller: a ready :class:`Codistiller` of the LightningModule; None: built in
-            ``setup`` by :meth:`Codistiller.from_env` with ``kwargs`` (e.g.
-            ``exchange_every=50, burn_in=200, teacher_forward=...``).
+            ``setup`` by :meth:`Codistiller.from_env` with ``kwargs`` (e.g. ``exchange_every=50,
+            alpha=AlphaSchedule(burn_in=200), teachers=TeacherSpec(forward=...)``).
 
     The Codistiller is flushed when training ends (a further ``fit`` goes on with it).
     """
