@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from codistill.checkpoint import list_checkpoints, valid_steps
+from codistill.checkpoint import list_checkpoints, read_state, valid_steps
 from codistill.cli import main
 from codistill.config import from_dict, load_config
 from codistill.engine import run
@@ -224,8 +223,11 @@ def _interrupt_once(cmd: list[str], cwd: Path, timeout: float = 120) -> subproce
 
 
 def test_ctrl_c_is_one_line_naming_the_resume_command_which_completes_the_run(tiny_config_factory, tmp_path):
-    values = tiny_config_factory(steps=60, checkpoint={"every": 10})
+    # 3000 steps: the interrupt must come before the end on any machine; the resumed run and
+    # the uninterrupted one both stop at step STOP (same schedule, so the same weights).
+    values = tiny_config_factory(steps=3000, checkpoint={"every": 10})
     values["eval"]["max_batches"] = 2
+    stop = 60
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
     cmd = [sys.executable, "-m", "codistill", "train", "c.yaml", "--out", "run", "--no-progress"]
     done = _interrupt_once(cmd, tmp_path)
@@ -242,25 +244,31 @@ def test_ctrl_c_is_one_line_naming_the_resume_command_which_completes_the_run(ti
     # The printed command continues the run; it ends as an uninterrupted run does.
     command = shlex.split(line.split("continue with: ", 1)[1])
     assert command[0] == "codistill"
-    resumed = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=_env(), capture_output=True,
-                             text=True, timeout=300)
+    assert newest < stop
+    resumed = subprocess.run([sys.executable, "-m", *command, "--stop-at", str(stop)], cwd=tmp_path,
+                             env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"steps {newest}..60" in resumed.stdout
+    assert f"steps {newest}..{stop}" in resumed.stdout, resumed.stdout
     whole = tmp_path / "whole"
-    run(from_dict(values), str(whole), progress=False)
+    run(from_dict(values), str(whole), progress=False, stop_at=stop)
     for r in (0, 1):
-        a = load_file(str(tmp_path / "run" / f"replica-{r}" / "model.safetensors"))
-        b = load_file(str(whole / f"replica-{r}" / "model.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in b), f"replica {r}: resumed weights differ"
+        a, b = (read_state(str(d / "checkpoints" / f"replica-{r}" / f"{stop:010d}"))["model"]
+                for d in (tmp_path / "run", whole))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), \
+            f"replica {r}: resumed weights differ"
 
 
 def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_factory, tmp_path, capsys,
-                                                                 monkeypatch):
+                                                                 monkeypatch, request):
     """SIGINT arrives while replica 0's checkpoint at step 10 is being written: the checkpoint
     is completed, then the run stops with the one line; a second SIGINT acts at once and
     leaves only a staging folder, which is never taken for a checkpoint."""
     from codistill import checkpoint
 
+    # Python's own handler, as in a fresh `codistill` process (a library imported by an earlier
+    # test may have replaced it in this one).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     values = _values(tiny_config_factory)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
     write = checkpoint._write_atomic

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from ..config import RunConfig, from_dict
 from ..metrics import eval_curve, read_metrics
 from ..tasks import Task, build_task
@@ -72,6 +74,17 @@ class ArmResult:
     def final_mean(self, key: str = "loss") -> float:
         """The final ``key`` averaged over the run's replicas."""
         return statistics.fmean(self.final(r, key) for r in range(self.cfg.replicas))
+
+
+def _started_name(run_dir: str, default: str) -> str:
+    """The name an arm's run was started under (its ``config.yaml``), else ``default``: the
+    run's name is part of the run id peers check, so a resume keeps it."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            name = (yaml.safe_load(f) or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return default
+    return name if isinstance(name, str) else default
 
 
 class Study:
@@ -138,6 +151,8 @@ class Study:
             log.info("arm %s: finished earlier (%s), skipped", cfg.name, out)
         else:
             resume = os.path.isdir(os.path.join(out, "checkpoints"))
+            if resume:  # the same arm, perhaps named otherwise: resume it under its first name
+                cfg.name = _started_name(out, cfg.name)
             log.info("arm %s -> %s%s", cfg.name, out, " (resuming)" if resume else "")
             run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume, task=self.task(cfg))
             self._trained.add(out)
