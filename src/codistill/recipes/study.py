@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from ..config import RunConfig, from_dict
 from ..metrics import eval_curve, read_metrics
 from ..tasks import Task, build_task
@@ -36,6 +38,16 @@ CODISTILL_GUARDS = ("max_teacher_size", "max_drift", "exchange_key_file", "run_i
 # (which give the numbers the earlier code gave), so finished arms keep their keys.
 LATER = {"parallel": "ddp", "precision": "fp32"}
 CODISTILL_LATER = {"teacher_dtype": "auto", "shard_teachers": True}
+
+
+def _started_name(run_dir: str, default: str) -> str:
+    """The ``name`` in the run directory's resolved config (``default`` if unreadable)."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            name = yaml.safe_load(f).get("name")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return default
+    return name if isinstance(name, str) else default
 
 
 def arm_key(cfg: RunConfig) -> str:
@@ -138,6 +150,8 @@ class Study:
             log.info("arm %s: finished earlier (%s), skipped", cfg.name, out)
         else:
             resume = os.path.isdir(os.path.join(out, "checkpoints"))
+            if resume:  # the arm as it was started: its key ignores the name, a resume may not change it
+                cfg = dataclasses.replace(cfg, name=_started_name(out, cfg.name))
             log.info("arm %s -> %s%s", cfg.name, out, " (resuming)" if resume else "")
             run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume, task=self.task(cfg))
             self._trained.add(out)
