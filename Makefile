@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: help install demo test test-fast lint lint-imports clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,28 @@ demo: install
 	# Claim 3 in a minute: retrains of a click model agree more when codistilled (shared data).
 	$(VENV)/bin/codistill demo --config configs/click.yaml --set data.shards=shared --retrains --out $(DEMO_DIR)-click
 
-test: install
-	$(PY) -m pytest -q
+# The import contracts ([tool.importlinter] in pyproject.toml) take about a second.
+lint-imports: install
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
-lint: install
+test: lint-imports
+	$(PY) -m pytest -q --durations=20
+
+# `slow` (pyproject.toml) marks what is not in the fast tier.
+test-fast: lint-imports
+	$(PY) -m pytest -q -m 'not slow'
+
+lint: lint-imports
 	$(VENV)/bin/ruff check src tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) runs
+
+help:
+	@echo "make demo       set up .venv, then a codistillation run on the King James Bible"
+	@echo "make test       set up, check the import contracts, run every test (about 15 minutes"
+	@echo "                on 2 cores) and print the 20 slowest; CI runs this (.ci/run)"
+	@echo "make test-fast  the import contracts and the unit tests only, -m 'not slow' (under"
+	@echo "                3 minutes on 2 cores): no torchrun, subprocess or end-to-end runs"
+	@echo "make lint       ruff and the import contracts (lint-imports, pyproject.toml)"
+	@echo "make clean      remove .venv and runs/"

@@ -71,6 +71,7 @@ def test_outer_needs_several_replicas(tiny_config):
         from_dict({**tiny_config, "replicas": 1, "outer": {"every": 5}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outer", [{"every": 5}, {"every": 5, "lr": 0.7, "momentum": 0.9}])
 def test_engine_averages_replicas_and_resumes_exactly(tiny_config, tmp_path, outer):
     values = {**tiny_config, "outer": outer, "codistill": {**tiny_config["codistill"], "alpha": 0.0}}
@@ -89,6 +90,7 @@ def test_engine_averages_replicas_and_resumes_exactly(tiny_config, tmp_path, out
     assert first < 5.5  # it learned (uniform over 256 bytes is 5.55)
 
 
+@pytest.mark.slow
 def test_offline_distillation_from_a_finished_run(tiny_config, tmp_path):
     """Phase 1: two independent models; phase 2: a fresh model distilled from their ensemble."""
     values = {**tiny_config, "codistill": {**tiny_config["codistill"], "alpha": 0.0}}
@@ -104,6 +106,12 @@ def test_offline_distillation_from_a_finished_run(tiny_config, tmp_path):
     alone = run(from_dict({**student, "codistill": {**student["codistill"], "alpha": 0.0}}),
                 str(tmp_path / "alone"), progress=False)
     assert alone["final"]["models"][0]["loss"] != distilled["final"]["models"][0]["loss"]
+    # Both learned: uniform over 256 bytes is 5.55; the teachers reach 3.3 in these 30 steps.
+    assert max(alone["final"]["models"][0]["loss"], distilled["final"]["models"][0]["loss"]) < 4.0
+    # The student closed on its teachers: ψ, its KL to their ensemble, falls from a random
+    # init's (1.7 over steps 1-5) to 0.05 over steps 26-30; a student that did not train stays
+    # near the first value.
+    assert train[-1]["distill_loss"] < 0.2 * train[0]["distill_loss"]
     with pytest.raises(ConfigError, match="teachers_from"):
         from_dict({**student, "replicas": 2})
     with pytest.raises(FileNotFoundError, match="not a run directory"):

@@ -28,6 +28,8 @@ from conftest import TINY_CONFIG
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # torchrun jobs of 2×2 ranks: not in the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "dist_probe.py"
 TIMEOUT = 180  # seconds for one launch

@@ -218,6 +218,7 @@ def _table(md: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_report_on_runs(codistill_run, baseline_run, tmp_path):
     paths = make_report([str(baseline_run["out"]), str(codistill_run["out"])], str(tmp_path))
     png, md = Path(paths["png"]), Path(paths["md"])
@@ -357,6 +358,7 @@ def test_per_replica_rng_makes_a_replica_independent_of_the_others(tiny_config_f
     assert any(not torch.equal(alone[k], v) for k, v in rep.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_cli_stop_and_resume_is_bit_identical(dropout_run, tmp_path, capsys):
     from codistill.config import ConfigError, dump_config
 
@@ -392,6 +394,7 @@ def test_cli_stop_and_resume_is_bit_identical(dropout_run, tmp_path, capsys):
     _same_rows(read_metrics(str(out)), dropout_run["rows"])
 
 
+@pytest.mark.slow
 def test_resume_skips_a_damaged_checkpoint(dropout_run, tmp_path):
     """A damaged newest checkpoint of one replica: every replica resumes from the newest step
     all of them have intact, and the result is still exact."""
@@ -534,6 +537,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_crash_right_after_a_checkpoint_loses_no_metric_rows(tiny_config_factory, tmp_path, monkeypatch):
     from codistill.rundir import RunDir
 

@@ -32,6 +32,8 @@ from test_distributed import (
 
 from codistill.checkpoint import read_state
 
+pytestmark = pytest.mark.slow  # torchrun jobs: not in the fast tier
+
 FSDP = ["--set", "parallel=fsdp"]
 
 

@@ -130,6 +130,7 @@ def test_weights_that_do_not_fit_the_teacher_are_rejected_from_their_header(tmp_
     assert caplog.text.count("do not fit the teacher") == 1
 
 
+@pytest.mark.slow
 def test_an_oversized_model_spec_allocates_nothing(tmp_path):
     """A manifest claiming a huge model next to small weights: the teacher is never built.
     Measured in a fresh process: its peak memory stays far below the 1.3 GB such a model takes."""
@@ -293,6 +294,7 @@ def test_only_the_names_publish_writes_are_versions(tmp_path, name):
     assert cd.refresh(10) == {1: 10}
 
 
+@pytest.mark.slow
 def test_20000_junk_manifests_cost_a_bounded_refresh(tmp_path, caplog, monkeypatch):
     """Before: every refresh read all 20,000 and warned 20,000 times (training 28x slower).
     Now a refresh opens at most CANDIDATES entries of a peer, rejected ones are not opened
@@ -465,6 +467,7 @@ def test_an_object_store_refuses_folders_and_oversized_manifests(caplog):
     fs.rm(url, recursive=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
 def test_a_run_with_hostile_entries_planted_as_its_peer_completes(tiny_config_factory, tmp_path,
                                                                   on_nonfinite):

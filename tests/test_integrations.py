@@ -93,6 +93,7 @@ def _assert_codistilled(exchange: str, first, second) -> None:
         assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_hf_trainer_causal_lm_with_gradient_accumulation(tmp_path, replica_env, kind):
     transformers = pytest.importorskip("transformers")
@@ -250,6 +251,7 @@ def test_lightning_distill_loss_needs_the_callback(tmp_path):
         _fit(L, TinyLM(), [], data, max_steps=1)
 
 
+@pytest.mark.slow
 def test_lightning_ddp_strategy_is_one_replica(tmp_path):
     """Replica 0 as 2 CPU processes under Lightning's DDP strategy (its own launcher, gloo):
     the first rank alone publishes, both ranks load the peer's version and distil from

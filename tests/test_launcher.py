@@ -90,6 +90,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_sigterm_stops_every_replica_and_its_children(tmp_path):
     # Each replica starts a grandchild in its process group, writes both pids and waits.

@@ -88,6 +88,7 @@ def test_cli_help_needs_no_extra():
     assert "launch" in res.stdout and "--replicas" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_extra_is_one_line_naming_the_install(tmp_path):
     (tmp_path / "run").mkdir()
     res = _run("""

@@ -168,6 +168,7 @@ def test_from_env_reads_the_launchers_variables(tmp_path: Path, monkeypatch: pyt
     assert (tmp_path / "ex" / "replica-1" / f"{5:010d}.json").exists()
 
 
+@pytest.mark.slow
 def test_the_word_lm_example_codistills_under_the_launcher(tmp_path: Path) -> None:
     """examples/word_lm.py: a plain script plus six lines, 2 replicas through codistill launch."""
     job = subprocess.run(
@@ -179,4 +180,6 @@ def test_the_word_lm_example_codistills_under_the_launcher(tmp_path: Path) -> No
         lines = [ln for ln in job.stdout.splitlines() if ln.startswith(f"[replica {r}]") and "step 100" in ln]
         assert lines and f"{{{1 - r}: " in lines[0], job.stdout[-2000:]  # a teacher was loaded
         loss = float(lines[0].split("loss ")[1].split()[0])
-        assert math.isfinite(loss) and loss < math.log(500)
+        # An untrained model's φ alone is about log 500 = 6.2 (ψ adds to it); 100 steps reach
+        # 3.6-3.8 on this one batch: a nat and a half below is a model that learned.
+        assert math.isfinite(loss) and loss < math.log(500) - 1.5

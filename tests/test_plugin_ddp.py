@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+pytestmark = pytest.mark.slow  # a torchrun job: not in the fast tier
+
 PROBE = os.path.join(os.path.dirname(__file__), "plugin_ddp_probe.py")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 

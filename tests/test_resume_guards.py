@@ -33,6 +33,8 @@ from codistill.config import from_dict, load_config
 from codistill.engine import run
 from codistill.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # whole runs through the CLI, some under torchrun: not in the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
 

@@ -351,6 +351,7 @@ def test_with_a_key_a_signed_far_future_step_is_trusted(tmp_path):
 
 
 # -- codistill launch ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_key_reaches_both_replicas_of_a_launched_run_and_no_file(tmp_path):
     cfg = copy.deepcopy(TINY_CONFIG)
     cfg.update(steps=20, log_every=5)

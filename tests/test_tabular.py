@@ -125,6 +125,7 @@ def test_movielens():
     assert rare.cardinalities[1] < t.cardinalities[1] and (rare.categorical[:, 1] == 0).any()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has("recbole"), reason="recbole wheel not installed")
 def test_validation_split_is_fixed_across_retrain_seeds():
     from codistill.config import from_dict

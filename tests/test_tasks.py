@@ -68,6 +68,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["image", "movielens", "adult", "criteo"])
 def test_task_trains_two_codistilled_replicas(name: str, tmp_path: Path) -> None:
     summary = _engine(name, tmp_path)
@@ -88,6 +89,7 @@ def test_task_trains_two_codistilled_replicas(name: str, tmp_path: Path) -> None
         assert all("auc" in e for e in _evals(rows, 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet", "criteo"])
 def test_engine_stop_and_resume_is_exact(name: str, tmp_path: Path) -> None:
     """Batch-norm buffers, augmentation generator, teachers and data position all resume."""
@@ -110,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["image", "movielens"])
 def test_torchrun_two_replicas_match_the_engine(name: str, tmp_path: Path) -> None:
     cfg_path = tmp_path / "cfg.yaml"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,7 +147,7 @@ def test_refresh_to_a_given_version_and_byte_accounting(make_lm):
     with pytest.raises(TimeoutError, match="replicas \\[1\\] did not publish step 15"):
         Codistiller(models[0], ex, replica=0, num_replicas=2, exchange_every=5,
                     wait=LockStep(0.05)).refresh(15)
-    assert lock.stats().sync_wait_s >= 0.0
+    assert lock.stats().sync_wait_s < 0.2  # every version it asked for was there: it did not wait
     # Otherwise a refresh loads the newest version.
     assert cds[0].refresh() == {1: 10}
     assert torch.all(cds[0].teachers[1].module.head.bias == 3.0)
@@ -157,6 +159,13 @@ def test_refresh_to_a_given_version_and_byte_accounting(make_lm):
     assert cds[0].stats().bytes_read == nbytes
     assert lock.refresh(5) == {1: 5}  # the version already loaded: nothing read
     assert lock.stats().bytes_read == 3 * nbytes
+    # A lock-step refresh that waits for its peer's version counts the wait.
+    waited = lock.stats().sync_wait_s
+    later = threading.Timer(0.2, cds[1].publish, args=(15,))
+    later.start()
+    assert lock.refresh(15) == {1: 15}
+    later.join()
+    assert 0.2 <= lock.stats().sync_wait_s - waited < 1.0
 
 
 def test_exchange_and_distillation_only_after_burn_in(make_lm, tokens):
@@ -294,7 +303,6 @@ def test_staleness_is_never_negative_when_a_peer_is_ahead(make_lm):
 
 
 def test_max_drift_waits_for_the_slowest_peer_and_times_out_clearly(make_lm, tmp_path):
-    import threading
     import time
 
     ex = DirectoryExchange(str(tmp_path))

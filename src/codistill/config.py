@@ -1,45 +1,41 @@
 """Run configuration: one YAML file describes a run; every error names the field.
 
-Settings carry their own rules (``setting(default, choices=..., gt=..., ge=..., lt=...)``),
-so a task's ``data:`` section, defined next to the task, is validated like the rest.
+The sections are written with the schema toolkit of :mod:`codistill.settings` (settings
+carry their own rules), as is a task's ``data:`` section, defined next to the task; the task
+is found by name (:func:`~codistill.settings.task_schema`), so this module imports no task.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .settings import (
+    ConfigError,
+    DataSettings,
+    TaskSchema,
+    build,
+    check_settings,
+    check_type,
+    setting,
+    task_schema,
+)
+
 log = logging.getLogger(__name__)
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-def setting(default: Any, *, choices: tuple | None = None, gt: float | None = None,
-            ge: float | None = None, lt: float | None = None) -> Any:
-    """A config field with its rules: allowed ``choices`` and bounds (checked when loaded)."""
-    meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt)) if v is not None}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class DataSettings:
-    """Settings every task's ``data:`` section has; a task subclasses it with its own."""
-
-    shards: str = setting("disjoint", choices=("disjoint", "shared"))  # across replicas
+# The toolkit's names stay importable from here (``from codistill.config import ConfigError``).
+__all__ = [
+    "CheckpointConfig", "CodistillConfig", "ConfigError", "DataSettings", "EvalConfig",
+    "OptimizerConfig", "OuterConfig", "RunConfig", "TaskSchema", "apply_overrides",
+    "check_settings", "dump_config", "from_dict", "load_config", "parse_override", "setting",
+    "validate",
+]
 
 
 @dataclass
@@ -148,81 +144,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _check_type(value: Any, tp: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, name)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    if origin is dict and isinstance(value, dict):
-        return value
-    if origin is list and isinstance(value, list):
-        (inner,) = typing.get_args(tp)
-        return [_check_type(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
-    want = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, values: Any, prefix: str, types_: dict[str, type] | None = None) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    hints = {**typing.get_type_hints(cls), **(types_ or {})}
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check_type(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def check_settings(obj: Any, prefix: str = "") -> None:
-    """Check every field's rules (``setting``) in a config dataclass and its sections."""
-    for f in dataclasses.fields(obj):
-        name, value = f"{prefix}{f.name}", getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            check_settings(value, f"{name}.")
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value}")
-        rules = f.metadata
-        if "choices" in rules and value not in rules["choices"]:
-            raise ConfigError(f"{name} must be one of {list(rules['choices'])}, got {value!r}")
-        if value is None or isinstance(value, (str, bool)):
-            continue
-        if "gt" in rules and not value > rules["gt"]:
-            raise ConfigError(f"{name} must be > {rules['gt']:g}, got {value!r}")
-        if "ge" in rules and not value >= rules["ge"]:
-            raise ConfigError(f"{name} must be >= {rules['ge']:g}, got {value!r}")
-        if "lt" in rules and not value < rules["lt"]:
-            raise ConfigError(f"{name} must be < {rules['lt']:g}, got {value!r}")
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and cross-field rules; resolve ``codistill.distill: auto``; raise
     :class:`ConfigError` naming the field."""
-    from .tasks import task_class
-
-    task = task_class(cfg.task)
+    task = task_schema(cfg.task)
     if "name" not in cfg.model:
         raise ConfigError("model.name is required")
     if cfg.replica_models is not None and len(cfg.replica_models) != cfg.replicas:
@@ -257,14 +182,12 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
     """Build and validate a config from plain values (as loaded from YAML)."""
-    from .tasks import task_class
-
     values = values or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config must be a mapping, got {values!r}")
-    name = _check_type(values.get("task", "lm"), str, "task")
-    task = task_class(name)
-    cfg = _build(RunConfig, values, "", {"data": task.Data})
+    name = check_type(values.get("task", "lm"), str, "task")
+    task = task_schema(name)
+    cfg = build(RunConfig, values, "", {"data": task.Data})
     if "data" not in values:
         cfg.data = task.Data()
     if not cfg.model:

@@ -40,6 +40,16 @@ LATER = {"parallel": "ddp", "precision": "fp32"}
 CODISTILL_LATER = {"teacher_dtype": "auto", "shard_teachers": True}
 
 
+def _started_name(run_dir: str, default: str) -> str:
+    """The ``name`` in the run directory's resolved config (``default`` if unreadable)."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            name = yaml.safe_load(f).get("name")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return default
+    return name if isinstance(name, str) else default
+
+
 def arm_key(cfg: RunConfig) -> str:
     """A short hash of everything that decides the run's numbers (not its name)."""
     values = cfg.to_dict()
@@ -74,17 +84,6 @@ class ArmResult:
     def final_mean(self, key: str = "loss") -> float:
         """The final ``key`` averaged over the run's replicas."""
         return statistics.fmean(self.final(r, key) for r in range(self.cfg.replicas))
-
-
-def _started_name(run_dir: str, default: str) -> str:
-    """The name an arm's run was started under (its ``config.yaml``), else ``default``: the
-    run's name is part of the run id peers check, so a resume keeps it."""
-    try:
-        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-            name = (yaml.safe_load(f) or {}).get("name")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return default
-    return name if isinstance(name, str) else default
 
 
 class Study:
@@ -151,8 +150,8 @@ class Study:
             log.info("arm %s: finished earlier (%s), skipped", cfg.name, out)
         else:
             resume = os.path.isdir(os.path.join(out, "checkpoints"))
-            if resume:  # the same arm, perhaps named otherwise: resume it under its first name
-                cfg.name = _started_name(out, cfg.name)
+            if resume:  # the arm as it was started: its key ignores the name, a resume may not change it
+                cfg = dataclasses.replace(cfg, name=_started_name(out, cfg.name))
             log.info("arm %s -> %s%s", cfg.name, out, " (resuming)" if resume else "")
             run(cfg, out, progress=self.progress, overwrite=not resume, resume=resume, task=self.task(cfg))
             self._trained.add(out)

@@ -10,23 +10,20 @@ own as ``task: package.module:Class``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import DataSettings
 from ..losses import predict_probs, task_loss
 from ..models import build_model
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
+from ..settings import DataSettings, TaskSchema
 
 Batch = tuple[Any, torch.Tensor]  # (model inputs: a tensor, a tuple or a dict; targets)
 
 
-class Task(ABC):
+class Task(TaskSchema, ABC):
     """One problem: data, model, φ, output kind, metrics, predictions for churn.
 
     Subclasses set ``Data`` (the dataclass of the config's ``data:`` section, a subclass of
@@ -37,16 +34,8 @@ class Task(ABC):
     the same examples (their randomness comes from the generators the loop passes).
     """
 
-    Data: ClassVar[type[DataSettings]] = DataSettings
-    output: ClassVar[str] = "categorical"
-    default_model: ClassVar[dict[str, Any]] = {}
-
     def __init__(self, data: DataSettings) -> None:
         self.data = data
-
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        """Cross-field rules between ``data`` and ``model``; raise ConfigError naming a field."""
 
     @property
     @abstractmethod

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataSettings, setting
 from ..data.tabular import ClickTable, CriteoGenerator, load_adult, load_movielens, load_table
+from ..settings import ConfigError, DataSettings, setting
 from .base import Batch, Task, spread_subset
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import DataSettings, setting
 from ..data.images import augment, load_fashion_mnist, to_float
+from ..settings import DataSettings, setting
 from .base import Batch, Task, spread_subset
 
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataSettings, setting
 from ..data.text import TextCorpus, build_text_corpus
+from ..settings import ConfigError, DataSettings, setting
 from .base import Batch, Task, spread_subset
 
 if TYPE_CHECKING:
