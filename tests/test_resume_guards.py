@@ -263,7 +263,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
 
     values = _values(tiny_config_factory)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
-    write = checkpoint._write_atomic
+    write = checkpoint.atomic_write
     signals = {"count": 1}
 
     def interrupted_write(path, data):
@@ -273,7 +273,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
                 time.sleep(0.01)  # the handler runs between bytecodes
         write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_atomic", interrupted_write)
+    monkeypatch.setattr(checkpoint, "atomic_write", interrupted_write)
     out = tmp_path / "run"
     assert _train(tmp_path / "c.yaml", out) == 130
     err = capsys.readouterr().err
@@ -287,7 +287,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
     root = str(out2 / "checkpoints")
     assert list((out2 / "checkpoints" / "replica-0").glob(".staging-*"))
     assert valid_steps(root, 0) == [5] and checkpoint.list_checkpoints(root, 0) == [5]
-    monkeypatch.setattr(checkpoint, "_write_atomic", write)
+    monkeypatch.setattr(checkpoint, "atomic_write", write)
     assert _train(tmp_path / "c.yaml", out2, "--resume") == 0
     assert json.loads((out2 / "summary.json").read_text())["start"] == 5
 

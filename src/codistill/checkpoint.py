@@ -23,7 +23,6 @@ damaged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -39,27 +38,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .files import atomic_write, fsync_dir, sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = "codistill-checkpoint/2"
 _FILE = re.compile(r"trainer\.pt|worker-\d+\.pt|state/(\.metadata|__\d+_\d+\.distcp)")
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier(group: Any) -> None:
@@ -140,12 +124,12 @@ def _save(root: str, replica: int, step: int, worker: int, num_workers: int, wor
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier(group)
-    _write_atomic(os.path.join(staging, f"worker-{worker}.pt"), _torch_bytes(worker_state))
+    atomic_write(os.path.join(staging, f"worker-{worker}.pt"), _torch_bytes(worker_state))
     _dcp(dcp.save, state, group, storage_writer=dcp.FileSystemWriter(os.path.join(staging, "state")))
     if worker == 0:
         if trainer_state is None:
             raise ValueError("the replica's first rank must pass trainer_state")
-        _write_atomic(os.path.join(staging, "trainer.pt"), _torch_bytes(trainer_state))
+        atomic_write(os.path.join(staging, "trainer.pt"), _torch_bytes(trainer_state))
     _barrier(group)
     if worker == 0:
         files = _files(staging)
@@ -153,19 +137,16 @@ def _save(root: str, replica: int, step: int, worker: int, num_workers: int, wor
         missing = sorted(expected - set(files))
         if missing:
             raise RuntimeError(f"checkpoint {staging}: files {missing} are missing")
-        sums = {}
-        for name in files:
-            with open(os.path.join(staging, name), "rb") as f:
-                sums[name] = hashlib.sha256(f.read()).hexdigest()
+        sums = {name: sha256_file(os.path.join(staging, name)) for name in files}
         manifest = {"format": FORMAT, "replica": replica, "step": step, "workers": num_workers,
                     "sha256": sums}
-        _write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
-        _fsync_dir(os.path.join(staging, "state"))
-        _fsync_dir(staging)
+        atomic_write(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
+        fsync_dir(os.path.join(staging, "state"))
+        fsync_dir(staging)
         if os.path.exists(final):  # a checkpoint of this step from an earlier attempt
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         for old in list_checkpoints(root, replica)[:-keep]:
             shutil.rmtree(os.path.join(folder, f"{old:010d}"), ignore_errors=True)
     _barrier(group)
@@ -193,9 +174,8 @@ def _verify(folder: str, worker: int) -> str | None:
         for name, digest in manifest["sha256"].items():
             if not _FILE.fullmatch(name):
                 return f"unexpected file name {name!r} in the manifest"
-            with open(os.path.join(folder, name), "rb") as f:
-                if hashlib.sha256(f.read()).hexdigest() != digest:
-                    return f"{name} fails its checksum"
+            if sha256_file(os.path.join(folder, name)) != digest:
+                return f"{name} fails its checksum"
     except (OSError, ValueError, KeyError, AttributeError) as e:
         return str(e)
     return None

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .config import ConfigError, RunConfig
 from .exchange import BackgroundExchange, Exchange, MemoryExchange, make_exchange, signing
 from .exchange.collective import CollectiveExchange
+from .files import atomic_write
 from .loop import Loop, make_checkpointer, set_threads
 from .parallel import layout
 from .replica import build_replica
@@ -106,10 +107,7 @@ def _unmark_elastic(out_dir: str, topo: Topology) -> None:
 def _mark_elastic(out_dir: str, topo: Topology) -> None:
     marker, writer = _elastic_marker(out_dir, topo)
     if writer and "TORCHELASTIC_RUN_ID" in os.environ:
-        tmp = f"{marker}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(os.environ["TORCHELASTIC_RUN_ID"])
-        os.replace(tmp, marker)
+        atomic_write(marker, os.environ["TORCHELASTIC_RUN_ID"])
 
 
 def train_rank(cfg: RunConfig, out_dir: str, topo: Topology, groups: Groups, device: str,

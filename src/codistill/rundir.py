@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, dump_config
 from .exchange import Exchange
+from .files import atomic_write
 from .metrics import MetricsWriter, RunDirError
 
 log = logging.getLogger(__name__)
@@ -89,16 +90,12 @@ class RunDir:
         folder = os.path.join(self.path, f"replica-{replica}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "model.safetensors")
-        save_file(state, f"{path}.tmp", metadata={"model": json.dumps(spec)})
-        os.replace(f"{path}.tmp", path)  # whole or absent, even after a Ctrl-C
-        return path
+        # whole or absent, even after a Ctrl-C
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"model": json.dumps(spec)}))
 
     def write_summary(self, summary: dict[str, Any]) -> str:
         path = os.path.join(self.path, f"summary{self.suffix}.json")
-        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(f"{path}.tmp", path)
-        return path
+        return atomic_write(path, json.dumps(summary, indent=1))
 
     def close(self) -> None:
         if self.writer is not None:
