@@ -62,7 +62,7 @@ class Loop:
         """Load every local replica's checkpoint at ``step``; republish a version whose
         background write a crash may have lost."""
         for rep, ck in zip(self.replicas, self.checkpointers):
-            ck.restore(step, rep)
+            rep.load_state(ck.load(step))
             apply_optimizer_config(self.cfg, rep.optimizer, rep.scheduler)
             cd = rep.codistiller
             if (cd.exchange.durable and cd.exchange_due(step)
@@ -188,7 +188,7 @@ class Loop:
             # Last: a checkpoint at this step holds every row written up to it.
             if checkpoint_due:
                 for rep, ck in zip(self.replicas, self.checkpointers):
-                    ck.save(done, rep)
+                    ck.save(done, rep.state())
         bar.close()
         wall = time.perf_counter() - t_start
         for rep in self.replicas:
