@@ -387,3 +387,42 @@ def test_one_job_per_replica_guards_its_own_replica(tiny_config_factory, tmp_pat
     with pytest.raises(ConfigError, match=changed):
         run_distributed(from_dict(values), str(out), replica=1, resume=True, progress=False)
     assert _snapshot(out) == before
+
+
+# -- the fingerprint and `workers` ----------------------------------------------------------------
+def test_the_engine_checkpoint_fingerprint_holds_the_effective_batch(tiny_config_factory, tmp_path):
+    """A checkpoint the engine wrote with W×b examples per step is refused with another W,
+    even when its saved config is not there to compare (the fingerprint's own check)."""
+    from codistill.config import ConfigError
+    from codistill.run import Placement, make_checkpointer
+    from codistill.tasks import build_task
+
+    values = _values(tiny_config_factory, replicas=1)
+    cfg = from_dict(values)
+    run(cfg, str(tmp_path / "run"), progress=False, stop_at=5)
+    other = from_dict({**values, "workers": 2})
+    task = build_task(other)
+
+    class Rep:  # what make_checkpointer reads of a replica
+        index, spec = 0, task.model_spec(other.replica_model(0))
+
+    place = Placement([0], other.workers * other.batch_size, "cpu")
+    ck = make_checkpointer(other, str(tmp_path / "run"), Rep(), place)  # type: ignore[arg-type]
+    assert ck.fingerprint["effective_batch"] == 2 * cfg.batch_size
+    with pytest.raises(ConfigError, match="effective_batch"):
+        ck.load(5)
+    place = Placement([0], cfg.batch_size, "cpu")
+    same = make_checkpointer(cfg, str(tmp_path / "run"), Rep(), place)  # type: ignore[arg-type]
+    assert same.load(5).shared["step"] == 5
+
+
+def test_workers_under_torchrun_is_1_or_the_ranks_per_replica(tiny_config_factory, tmp_path):
+    """Under torchrun W is the world's ranks per replica; a config's ``workers`` other than 1
+    or that W is one clear error (here a world of one rank, a job for replica 0)."""
+    from codistill.config import ConfigError
+    from codistill.launch import run_distributed
+
+    values = _values(tiny_config_factory, replicas=1, workers=2)
+    with pytest.raises(ConfigError, match=r"workers=2, but this torchrun job has 1 rank\(s\) per replica"):
+        run_distributed(from_dict(values), str(tmp_path / "run"), replica=0, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -118,6 +118,10 @@ def run_distributed(
                           "distillation) run in the one-process engine only")
     rank, world, local_rank = env_world()
     topo = make_topology(rank, world, cfg.replicas, replica)
+    if cfg.workers not in (1, topo.workers):
+        raise ConfigError(f"workers={cfg.workers}, but this torchrun job has {topo.workers} rank(s) per "
+                          "replica: under torchrun W is the ranks per replica (world size / replicas, or the "
+                          f"world of a job per replica); set workers to {topo.workers} or leave it at 1")
     set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     device = _device(cfg, local_rank)
     timeout = timedelta(seconds=cfg.dist_timeout)

@@ -111,7 +111,7 @@ def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, place: Placeme
     """The checkpointer of ``rep`` under ``RUN_DIR/checkpoints``, fingerprinted with the
     settings its data position and weights depend on (a resume with others is refused)."""
     fingerprint = {"task": cfg.task, "seed": cfg.seed, "replicas": cfg.replicas, "workers": place.workers,
-                   "batch_size": cfg.batch_size,
+                   "batch_size": cfg.batch_size, "effective_batch": place.effective_batch,
                    "data": dataclasses.asdict(cfg.data), "model": rep.spec,
                    "outer": dataclasses.asdict(cfg.outer)}
     return Checkpointer(os.path.join(run_dir, "checkpoints"), rep.index, place.worker, place.workers,
