@@ -74,6 +74,11 @@ class Placement:
         return self.topology is None or self.topology.is_leader
 
     @property
+    def announces(self) -> bool:
+        """The process that logs what is said once per run (rank 0)."""
+        return self.topology is None or self.topology.rank == 0
+
+    @property
     def group(self) -> Any:
         """The replica's process group (None: one process)."""
         return self.groups.replica if self.groups else None
@@ -155,56 +160,54 @@ def run(cfg: RunConfig, out_dir: str, place: Placement, task: Task | None = None
     :func:`~codistill.rundir.plan_resume`); ``stop_at`` checkpoints and stops there;
     ``task``: the loaded data of ``cfg``, else loaded here.
     """
-    topo = place.topology
     if task is None:
         task = build_task(cfg)  # before anything is written: a bad data path leaves no debris
-    exchange = build_exchange(cfg, place)
-    source = cfg.codistill.teachers_from
-    fixed = load_run_teachers(source, cfg.replicas) if source else []
-    for t in fixed:  # offline distillation: a finished run's models, published once
-        exchange.publish(t.replica, t.step, t.state, t.meta)
-    exchange.flush()
-    fixed_bytes = max((state_nbytes(t.state) for t in fixed), default=0)
-    wrap = layout(cfg.parallel, place.group, place.device) if topo else None
-    in_group = place.group if place.workers > 1 else None
-    replicas = [build_replica(cfg, task, r, exchange, place.batch_size, place.worker, place.workers, wrap,
-                              in_group, fixed_teachers=len(fixed), fixed_teacher_bytes=fixed_bytes)
-                for r in place.replicas]
-    checkpointers = [make_checkpointer(cfg, out_dir, rep, place) for rep in replicas]
-    rundir = RunDir(out_dir, place.suffix) if place.leader else None
-    names = " ".join(str(r) for r in place.replicas)
-    loop = Loop(cfg, task, replicas, checkpointers, rundir, place.device, leader=place.leader,
-                progress=place.progress, desc=f"{cfg.name} replica {names}" if topo else cfg.name,
-                worker=place.worker, workers=place.workers, group=place.group)
-    restored = agree_resume(place, checkpointers) if resume else None
-    if resume and restored is None:
-        log.warning("replica(s) %s: --resume found no valid checkpoint; starting afresh, replacing "
-                    "their earlier metrics and exchange versions", names)
-    who = f" (replica {names})" if topo and not topo.one_world else ""
-    plan = plan_resume(cfg, out_dir, checkpointers[0], restored, allow_changes,
-                       announce=topo is None or topo.rank == 0, who=who, suffix=place.suffix)
-    if plan is not None and plan.finished:
-        exchange.close()
-        return plan.summary(place.worker)
-    if restored is not None:
-        loop.restore(restored)
-    elif fixed:
-        for rep in replicas:
-            rep.codistiller.refresh(0)
-    start = restored or 0
-    with place.claim():
+    topo = place.topology
+    with contextlib.ExitStack() as closing:  # whatever happens: the run directory, then the exchange
+        exchange = build_exchange(cfg, place)
+        closing.callback(exchange.close)
+        rundir = RunDir(out_dir, place.suffix) if place.leader else None
         if rundir is not None:
-            rundir.open(cfg, checkpointers, exchange, place.replicas, restored, overwrite or resume,
-                        write_config=0 in place.replicas, changes=plan and plan.changes)
-    if topo is None or topo.rank == 0:
-        log.info("run %s: task %s, N=%d W=%d b=%d K=%d B=%d alpha=%g, steps %d..%d -> %s", cfg.name,
-                 cfg.task, cfg.replicas, place.effective_batch // cfg.batch_size, cfg.batch_size,
-                 cfg.codistill.exchange_every, cfg.codistill.burn_in, cfg.codistill.alpha, start,
-                 cfg.steps, out_dir)
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    try:
+            closing.callback(rundir.close)
+        source = cfg.codistill.teachers_from
+        fixed = load_run_teachers(source, cfg.replicas) if source else []
+        for t in fixed:  # offline distillation: a finished run's models, published once
+            exchange.publish(t.replica, t.step, t.state, t.meta)
+        exchange.flush()
+        fixed_bytes = max((state_nbytes(t.state) for t in fixed), default=0)
+        wrap = layout(cfg.parallel, place.group, place.device) if topo else None
+        in_group = place.group if place.workers > 1 else None
+        replicas = [build_replica(cfg, task, r, exchange, place.batch_size, place.worker, place.workers, wrap,
+                                  in_group, fixed_teachers=len(fixed), fixed_teacher_bytes=fixed_bytes)
+                    for r in place.replicas]
+        checkpointers = [make_checkpointer(cfg, out_dir, rep, place) for rep in replicas]
+        names = " ".join(str(r) for r in place.replicas)
+        loop = Loop(cfg, task, replicas, checkpointers, rundir, place.device, leader=place.leader,
+                    progress=place.progress, desc=f"{cfg.name} replica {names}" if topo else cfg.name,
+                    worker=place.worker, workers=place.workers, group=place.group)
+        restored = agree_resume(place, checkpointers) if resume else None
+        if resume and restored is None:
+            log.warning("replica(s) %s: --resume found no valid checkpoint; starting afresh, replacing "
+                        "their earlier metrics and exchange versions", names)
+        who = f" (replica {names})" if topo and not topo.one_world else ""
+        plan = plan_resume(cfg, out_dir, checkpointers[0], restored, allow_changes,
+                           announce=place.announces, who=who, suffix=place.suffix)
+        if plan is not None and plan.finished:
+            return plan.summary(place.worker)
+        if restored is not None:
+            loop.restore(restored)
+        elif fixed:
+            for rep in replicas:
+                rep.codistiller.refresh(0)
+        start = restored or 0
+        with place.claim():
+            if rundir is not None:
+                rundir.open(cfg, checkpointers, exchange, place.replicas, restored, overwrite or resume,
+                            write_config=0 in place.replicas, changes=plan and plan.changes)
+        if place.announces:
+            log.info("run %s: task %s, N=%d W=%d b=%d K=%d B=%d alpha=%g, steps %d..%d -> %s", cfg.name,
+                     cfg.task, cfg.replicas, place.effective_batch // cfg.batch_size, cfg.batch_size,
+                     cfg.codistill.exchange_every, cfg.codistill.burn_in, cfg.codistill.alpha, start,
+                     cfg.steps, out_dir)
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         return loop.run(start, end, place.worker)
-    finally:
-        if rundir is not None:
-            rundir.close()
-        exchange.close()
