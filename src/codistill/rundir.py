@@ -144,7 +144,7 @@ FREE_ON_RESUME = frozenset({
 })
 # Fields (and sections) that cannot change on resume at all: the checkpoint's weights,
 # optimizer state or data position depend on them (most are also in its fingerprint, which
-# Checkpointer.restore checks).
+# Checkpointer.load checks).
 FIXED_ON_RESUME = ("task", "seed", "replicas", "workers", "batch_size", "data", "model", "replica_models",
                    "outer", "optimizer.name")
 
