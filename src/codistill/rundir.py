@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -72,11 +73,12 @@ class RunDir:
                       changes: dict[str, tuple[Any, Any]]) -> None:
         path = os.path.join(self.path, "config.yaml")
         if resume_step is None or not os.path.exists(path):
-            dump_config(cfg, path)
+            atomic_write(path, functools.partial(dump_config, cfg))
         elif changes:
             record = os.path.join(self.path, f"config.resume-{resume_step}.yaml")
             diff = describe_changes(changes)
-            dump_config(cfg, record, header=f"# resumed at step {resume_step} with: {diff}\n")
+            header = f"# resumed at step {resume_step} with: {diff}\n"
+            atomic_write(record, lambda tmp: dump_config(cfg, tmp, header=header))
             log.warning("resumed at step %d with a changed config: %s (the config up to step %d is in %s, "
                         "the one from then on in %s)", resume_step, diff, resume_step, path, record)
 
