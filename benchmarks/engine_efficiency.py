@@ -52,9 +52,10 @@ from torch import nn
 from codistill.config import RunConfig, load_config
 from codistill.data.images import augment, to_float
 from codistill.exchange import make_exchange
-from codistill.loop import Loop, make_checkpointer
+from codistill.loop import Loop
 from codistill.losses import distill_loss, task_and_distill_loss, task_loss
 from codistill.replica import build_replica, model_seed
+from codistill.run import Placement, make_checkpointer
 from codistill.rundir import RunDir
 from codistill.tasks import Task, build_task
 from codistill.teachers import call_model
@@ -89,7 +90,8 @@ def engine_loop(cfg: RunConfig, task: Task, out_dir: str) -> Loop:
     exchange = make_exchange("memory", keep=cfg.codistill.keep)
     reps = [build_replica(cfg, task, r, exchange, cfg.workers * cfg.batch_size) for r in range(cfg.replicas)]
     rundir = RunDir(out_dir)
-    rundir.open(cfg, [make_checkpointer(cfg, out_dir, rep) for rep in reps], exchange,
+    place = Placement(list(range(cfg.replicas)), cfg.workers * cfg.batch_size, cfg.device)
+    rundir.open(cfg, [make_checkpointer(cfg, out_dir, rep, place) for rep in reps], exchange,
                 list(range(cfg.replicas)), None, True, write_config=True)
     nulls: list[Any] = [NoCheckpoint() for _ in reps]
     return Loop(cfg, task, reps, nulls, rundir, cfg.device, progress=False)

@@ -273,7 +273,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     values = _values(tiny_config_factory)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
-    write = checkpoint._write_atomic
+    write = checkpoint.atomic_write
     signals = {"count": 1}
 
     def interrupted_write(path, data):
@@ -283,7 +283,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
                 time.sleep(0.01)  # the handler runs between bytecodes
         write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_atomic", interrupted_write)
+    monkeypatch.setattr(checkpoint, "atomic_write", interrupted_write)
     out = tmp_path / "run"
     assert _train(tmp_path / "c.yaml", out) == 130
     err = capsys.readouterr().err
@@ -297,7 +297,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
     root = str(out2 / "checkpoints")
     assert list((out2 / "checkpoints" / "replica-0").glob(".staging-*"))
     assert valid_steps(root, 0) == [5] and checkpoint.list_checkpoints(root, 0) == [5]
-    monkeypatch.setattr(checkpoint, "_write_atomic", write)
+    monkeypatch.setattr(checkpoint, "atomic_write", write)
     assert _train(tmp_path / "c.yaml", out2, "--resume") == 0
     assert json.loads((out2 / "summary.json").read_text())["start"] == 5
 
@@ -397,3 +397,42 @@ def test_one_job_per_replica_guards_its_own_replica(tiny_config_factory, tmp_pat
     with pytest.raises(ConfigError, match=changed):
         run_distributed(from_dict(values), str(out), replica=1, resume=True, progress=False)
     assert _snapshot(out) == before
+
+
+# -- the fingerprint and `workers` ----------------------------------------------------------------
+def test_the_engine_checkpoint_fingerprint_holds_the_effective_batch(tiny_config_factory, tmp_path):
+    """A checkpoint the engine wrote with W×b examples per step is refused with another W,
+    even when its saved config is not there to compare (the fingerprint's own check)."""
+    from codistill.config import ConfigError
+    from codistill.run import Placement, make_checkpointer
+    from codistill.tasks import build_task
+
+    values = _values(tiny_config_factory, replicas=1)
+    cfg = from_dict(values)
+    run(cfg, str(tmp_path / "run"), progress=False, stop_at=5)
+    other = from_dict({**values, "workers": 2})
+    task = build_task(other)
+
+    class Rep:  # what make_checkpointer reads of a replica
+        index, spec = 0, task.model_spec(other.replica_model(0))
+
+    place = Placement([0], other.workers * other.batch_size, "cpu")
+    ck = make_checkpointer(other, str(tmp_path / "run"), Rep(), place)  # type: ignore[arg-type]
+    assert ck.fingerprint["effective_batch"] == 2 * cfg.batch_size
+    with pytest.raises(ConfigError, match="effective_batch"):
+        ck.load(5)
+    place = Placement([0], cfg.batch_size, "cpu")
+    same = make_checkpointer(cfg, str(tmp_path / "run"), Rep(), place)  # type: ignore[arg-type]
+    assert same.load(5).shared["step"] == 5
+
+
+def test_workers_under_torchrun_is_1_or_the_ranks_per_replica(tiny_config_factory, tmp_path):
+    """Under torchrun W is the world's ranks per replica; a config's ``workers`` other than 1
+    or that W is one clear error (here a world of one rank, a job for replica 0)."""
+    from codistill.config import ConfigError
+    from codistill.launch import run_distributed
+
+    values = _values(tiny_config_factory, replicas=1, workers=2)
+    with pytest.raises(ConfigError, match=r"workers=2, but this torchrun job has 1 rank\(s\) per replica"):
+        run_distributed(from_dict(values), str(tmp_path / "run"), replica=0, progress=False)
+    assert not (tmp_path / "run").exists()

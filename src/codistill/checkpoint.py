@@ -5,9 +5,10 @@ Layout under ``RUN_DIR/checkpoints/replica-R/``::
     0000000200/state/              Distributed Checkpoint (torch.distributed.checkpoint): the
                                    model, the optimizer and the teachers, each rank writing
                                    its own shards (a tensor every rank holds whole: once)
-    0000000200/trainer.pt          LR schedule, step, teacher versions, counters, the run's
+    0000000200/trainer.pt          what every rank of the replica shares (LR schedule, teacher
+                                   versions, counters), the step, the fingerprint and the run's
                                    resolved config (first rank)
-    0000000200/worker-W.pt         each worker's data position and RNG state
+    0000000200/worker-W.pt         each worker's own state (data position, RNG states)
     0000000200/manifest.json       sha256 of every file; written last
 
 One format for every layout: a whole model (engine, DDP) and a sharded one (FSDP2) are both
@@ -17,13 +18,14 @@ staging folder, which the first rank renames to the step's name once every rank'
 in and the manifest is written: a checkpoint folder either is complete or does not exist.
 Ctrl-C while a checkpoint is written takes effect once it is complete (a second one at once).
 Loading verifies the checksums and falls back to the previous checkpoint if the newest is
-damaged.
+damaged. What a checkpoint holds is the replica's to say (:class:`State`, from
+:meth:`~codistill.replica.Replica.state`); this module only stages, writes, checksums,
+verifies and prunes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -34,32 +36,18 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .files import atomic_write, fsync_dir, sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = "codistill-checkpoint/2"
 _FILE = re.compile(r"trainer\.pt|worker-\d+\.pt|state/(\.metadata|__\d+_\d+\.distcp)")
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier(group: Any) -> None:
@@ -140,12 +128,12 @@ def _save(root: str, replica: int, step: int, worker: int, num_workers: int, wor
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier(group)
-    _write_atomic(os.path.join(staging, f"worker-{worker}.pt"), _torch_bytes(worker_state))
+    atomic_write(os.path.join(staging, f"worker-{worker}.pt"), _torch_bytes(worker_state))
     _dcp(dcp.save, state, group, storage_writer=dcp.FileSystemWriter(os.path.join(staging, "state")))
     if worker == 0:
         if trainer_state is None:
             raise ValueError("the replica's first rank must pass trainer_state")
-        _write_atomic(os.path.join(staging, "trainer.pt"), _torch_bytes(trainer_state))
+        atomic_write(os.path.join(staging, "trainer.pt"), _torch_bytes(trainer_state))
     _barrier(group)
     if worker == 0:
         files = _files(staging)
@@ -153,19 +141,16 @@ def _save(root: str, replica: int, step: int, worker: int, num_workers: int, wor
         missing = sorted(expected - set(files))
         if missing:
             raise RuntimeError(f"checkpoint {staging}: files {missing} are missing")
-        sums = {}
-        for name in files:
-            with open(os.path.join(staging, name), "rb") as f:
-                sums[name] = hashlib.sha256(f.read()).hexdigest()
+        sums = {name: sha256_file(os.path.join(staging, name)) for name in files}
         manifest = {"format": FORMAT, "replica": replica, "step": step, "workers": num_workers,
                     "sha256": sums}
-        _write_atomic(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
-        _fsync_dir(os.path.join(staging, "state"))
-        _fsync_dir(staging)
+        atomic_write(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
+        fsync_dir(os.path.join(staging, "state"))
+        fsync_dir(staging)
         if os.path.exists(final):  # a checkpoint of this step from an earlier attempt
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         for old in list_checkpoints(root, replica)[:-keep]:
             shutil.rmtree(os.path.join(folder, f"{old:010d}"), ignore_errors=True)
     _barrier(group)
@@ -193,9 +178,8 @@ def _verify(folder: str, worker: int) -> str | None:
         for name, digest in manifest["sha256"].items():
             if not _FILE.fullmatch(name):
                 return f"unexpected file name {name!r} in the manifest"
-            with open(os.path.join(folder, name), "rb") as f:
-                if hashlib.sha256(f.read()).hexdigest() != digest:
-                    return f"{name} fails its checksum"
+            if sha256_file(os.path.join(folder, name)) != digest:
+                return f"{name} fails its checksum"
     except (OSError, ValueError, KeyError, AttributeError) as e:
         return str(e)
     return None
@@ -227,9 +211,41 @@ def read_state(folder: str) -> dict[str, Any]:
         return torch.load(path, weights_only=True)
 
 
+@dataclass
+class State:
+    """What a checkpoint holds of one replica, as one rank gives it: ``tensors`` through the
+    distributed state-dict APIs (whole or sharded as laid out, shared with the modules: DCP,
+    each rank its shards), ``shared`` (the same on every rank: written by the first),
+    ``worker`` (this rank's own)."""
+
+    tensors: dict[str, Any]
+    shared: dict[str, Any]
+    worker: dict[str, Any]
+
+
+@dataclass
+class Saved:
+    """A verified checkpoint, read back: ``shared`` and ``worker`` as saved (``shared`` with the
+    step, fingerprint and config), the tensors read on demand into a template of them."""
+
+    folder: str
+    shared: dict[str, Any]
+    worker: dict[str, Any]
+    group: Any = None
+
+    def read_tensors(self, into: dict[str, Any]) -> None:
+        """Load the checkpoint's tensors into ``into`` in place (the layout of a :class:`State`'s
+        ``tensors``: each rank reads what it holds)."""
+        import torch.distributed.checkpoint as dcp
+
+        reader = dcp.FileSystemReader(os.path.join(self.folder, "state"))
+        _dcp(dcp.load, into, self.group, storage_reader=reader)
+
+
 class Checkpointer:
-    """Saves and restores one replica's full training state (every rank of the replica
-    calls :meth:`save` and :meth:`restore` together)."""
+    """Stages, writes, checksums and prunes one replica's checkpoints (every rank of the
+    replica calls :meth:`save` and :meth:`load` together); what they hold is the replica's
+    (:meth:`~codistill.replica.Replica.state`)."""
 
     def __init__(self, root: str, replica: int, worker: int = 0, num_workers: int = 1,
                  group: Any = None, keep: int = 2, fingerprint: dict[str, Any] | None = None,
@@ -256,65 +272,28 @@ class Checkpointer:
         """Delete every checkpoint of this replica (a fresh start with --overwrite)."""
         shutil.rmtree(replica_dir(self.root, self.replica), ignore_errors=True)
 
-    @staticmethod
-    def _state(rep: Any) -> dict[str, Any]:
-        """Model, optimizer and teachers through the distributed state-dict APIs: whole or
-        sharded as they are laid out (tensors shared with the modules, so loading is in place)."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        from .parallel import model_state
-
-        return {"model": model_state(rep.model),
-                "optimizer": get_optimizer_state_dict(rep.model, rep.optimizer),
-                "teachers": {str(p): model_state(t.module) for p, t in rep.codistiller.teachers.items()
-                             if t.version is not None}}
-
-    def save(self, step: int, rep: Any) -> str:
-        """Write ``rep`` (a :class:`~codistill.replica.Replica`) as its checkpoint at ``step``."""
-        worker_state = {"sampler": rep.sampler.state(), "torch_rng": rep.rng_state,
-                        "generator": rep.generator.get_state()}
-        trainer_state = None
-        cd = rep.codistiller
+    def save(self, step: int, state: State) -> str:
+        """Write ``state`` as the checkpoint at ``step``; returns its folder."""
+        shared = None
         if self.worker == 0:
-            cd.exchange.flush()  # the version published at this step is readable before we record it
-            trainer_state = {"step": step, "scheduler": rep.scheduler.state_dict(),
-                             "codistiller": cd.state_dict(weights=False), "fingerprint": self.fingerprint,
-                             "config": self.config}
-            if rep.outer is not None:
-                trainer_state["outer"] = rep.outer.state_dict()
+            shared = {"step": step, **state.shared, "fingerprint": self.fingerprint, "config": self.config}
         return save_checkpoint(self.root, self.replica, step, self.worker, self.num_workers,
-                               worker_state, self._state(rep), trainer_state, self.group, self.keep)
+                               state.worker, state.tensors, shared, self.group, self.keep)
 
-    def restore(self, step: int, rep: Any) -> None:
-        """Load the checkpoint at ``step`` into ``rep``; a changed setting is a ConfigError."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
+    def load(self, step: int) -> Saved:
+        """The checkpoint at ``step``, verified; a changed fingerprint setting is a ConfigError."""
         from .config import ConfigError
 
         folder = os.path.join(replica_dir(self.root, self.replica), f"{step:010d}")
         problem = _verify(folder, self.worker)
         if problem is not None:
             raise ValueError(f"checkpoint {folder}: {problem}")
-        trainer = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
-        saved = trainer.get("fingerprint", {})
+        shared = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
+        saved = shared.get("fingerprint", {})
         changed = sorted(k for k, v in self.fingerprint.items() if k in saved and saved[k] != v)
         if changed:
             raise ConfigError(f"--resume: the checkpoint at step {step} was written with different "
                               f"{', '.join(changed)} ({', '.join(f'{k}={saved[k]}' for k in changed)}); "
                               "resume with the same settings or start a new run")
-        rep.codistiller.load_state_dict(trainer["codistiller"])  # builds the teachers (no weights yet)
-        state = self._state(rep)
-        _dcp(dcp.load, state, self.group, storage_reader=dcp.FileSystemReader(os.path.join(folder, "state")))
-        set_model_state_dict(rep.model, state["model"])
-        set_optimizer_state_dict(rep.model, rep.optimizer, state["optimizer"])
-        for peer, t in rep.codistiller.teachers.items():
-            if str(peer) in state["teachers"]:
-                set_model_state_dict(t.module, state["teachers"][str(peer)])
-        rep.scheduler.load_state_dict(trainer["scheduler"])
-        if rep.outer is not None:
-            rep.outer.load_state_dict(trainer["outer"])
         worker = torch.load(os.path.join(folder, f"worker-{self.worker}.pt"), weights_only=True)
-        rep.sampler.load_state(worker["sampler"])
-        rep.rng_state = worker["torch_rng"]
-        rep.generator.set_state(worker["generator"])
+        return Saved(folder, shared, worker, self.group)

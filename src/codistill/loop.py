@@ -14,8 +14,6 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import torch
-
 from .averaging import outer_sync
 from .checkpoint import Checkpointer
 from .config import RunConfig
@@ -60,16 +58,11 @@ class Loop:
         self.first_loss: dict[int, float] = {}  # per replica: task loss of the first step run here
 
     # -- resume -----------------------------------------------------------------------
-    def valid_steps(self) -> list[int]:
-        """Checkpoint steps every local replica has a valid checkpoint of."""
-        sets = [set(ck.valid_steps()) for ck in self.checkpointers]
-        return sorted(set.intersection(*sets)) if sets else []
-
     def restore(self, step: int) -> None:
         """Load every local replica's checkpoint at ``step``; republish a version whose
         background write a crash may have lost."""
         for rep, ck in zip(self.replicas, self.checkpointers):
-            ck.restore(step, rep)
+            rep.load_state(ck.load(step))
             apply_optimizer_config(self.cfg, rep.optimizer, rep.scheduler)
             cd = rep.codistiller
             if (cd.exchange.durable and cd.exchange_due(step)
@@ -196,7 +189,7 @@ class Loop:
             # Last: a checkpoint at this step holds every row written up to it.
             if checkpoint_due:
                 for rep, ck in zip(self.replicas, self.checkpointers):
-                    ck.save(done, rep)
+                    ck.save(done, rep.state())
         bar.close()
         wall = time.perf_counter() - t_start
         for rep in self.replicas:
@@ -244,27 +237,3 @@ def _progress(steps: range, disable: bool, **kwargs: Any) -> Any:
     from ._extras import require
 
     return require("tqdm", "the progress bar (or pass progress=False)").tqdm(steps, **kwargs)
-
-
-def make_checkpointer(cfg: RunConfig, run_dir: str, rep: Replica, worker: int = 0, workers: int = 1,
-                      group: Any = None) -> Checkpointer:
-    """The checkpointer of ``rep`` under ``RUN_DIR/checkpoints``, fingerprinted with the
-    settings its data position and weights depend on (a resume with others is refused)."""
-    import dataclasses
-    import os
-
-    fingerprint = {"task": cfg.task, "seed": cfg.seed, "replicas": cfg.replicas, "workers": workers,
-                   "batch_size": cfg.batch_size, "data": dataclasses.asdict(cfg.data), "model": rep.spec,
-                   "outer": dataclasses.asdict(cfg.outer)}
-    return Checkpointer(os.path.join(run_dir, "checkpoints"), rep.index, worker, workers, group,
-                        cfg.checkpoint.keep, fingerprint, cfg.to_dict())
-
-
-def set_threads(cfg: RunConfig, local_processes: int = 1) -> None:
-    """torch intra-op threads: ``cfg.threads``, else the cores shared among local processes."""
-    import os
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif local_processes > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))

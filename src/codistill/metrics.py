@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._extras import require
+from .files import atomic_write
 from .teachers import call_model
 
 
@@ -169,10 +170,7 @@ class MetricsWriter:
         if os.path.exists(self.path):
             if resume_step is not None:
                 kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-                tmp = f"{self.path}.tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in kept)
-                os.replace(tmp, self.path)
+                atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             elif overwrite:
                 os.remove(self.path)
                 shutil.rmtree(tb_dir, ignore_errors=True)

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from .averaging import OuterSync
+from .checkpoint import Saved, State
 from .codistiller import BoundedDrift, Codistiller, DistillLoss, LockStep, TeacherSpec, Trust
 from .config import RunConfig
 from .data import ShardSampler, shard_indices
 from .exchange import Exchange, state_nbytes
 from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
-from .parallel import DTYPES, autocast
+from .parallel import DTYPES, autocast, model_state
 from .tasks import Batch, Task
 from .teachers import call_model
 
@@ -41,6 +42,50 @@ class Replica:
 
     def next_batch(self, task: Task, device: str) -> Batch:
         return task.train_batch(self.sampler.next_batch(), self.generator, device)
+
+    def _tensors(self) -> dict[str, Any]:
+        """Model, optimizer and teachers through the distributed state-dict APIs: whole or
+        sharded as they are laid out (tensors shared with the modules, so loading is in place)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"model": model_state(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+                "teachers": {str(p): model_state(t.module) for p, t in self.codistiller.teachers.items()
+                             if t.version is not None}}
+
+    def state(self) -> State:
+        """Everything of this replica a checkpoint holds: weights, optimizer and teachers (this
+        rank's part), the LR schedule, the codistiller's versions and counters, weight
+        averaging's state, and this rank's data position and RNGs. A publish still in flight
+        is finished first: the versions recorded are readable."""
+        self.codistiller.exchange.flush()
+        shared = {"scheduler": self.scheduler.state_dict(),
+                  "codistiller": self.codistiller.state_dict(weights=False)}
+        if self.outer is not None:
+            shared["outer"] = self.outer.state_dict()
+        worker = {"sampler": self.sampler.state(), "torch_rng": self.rng_state,
+                  "generator": self.generator.get_state()}
+        return State(self._tensors(), shared, worker)
+
+    def load_state(self, saved: Saved) -> None:
+        """Restore :meth:`state` from a checkpoint."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        cd = self.codistiller
+        cd.load_state_dict(saved.shared["codistiller"])  # builds the teachers (no weights yet)
+        tensors = self._tensors()
+        saved.read_tensors(tensors)
+        set_model_state_dict(self.model, tensors["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
+        for peer, t in cd.teachers.items():
+            if str(peer) in tensors["teachers"]:
+                set_model_state_dict(t.module, tensors["teachers"][str(peer)])
+        self.scheduler.load_state_dict(saved.shared["scheduler"])
+        if self.outer is not None:
+            self.outer.load_state_dict(saved.shared["outer"])
+        self.sampler.load_state(saved.worker["sampler"])
+        self.rng_state = saved.worker["torch_rng"]
+        self.generator.set_state(saved.worker["generator"])
 
 
 # Strides of the seeds of a replica's random streams (primes: (seed, replica, worker) stay apart).

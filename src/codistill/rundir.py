@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, dump_config
 from .exchange import Exchange
+from .files import atomic_write
 from .metrics import MetricsWriter, RunDirError
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,12 @@ class RunDir:
                       changes: dict[str, tuple[Any, Any]]) -> None:
         path = os.path.join(self.path, "config.yaml")
         if resume_step is None or not os.path.exists(path):
-            dump_config(cfg, path)
+            atomic_write(path, functools.partial(dump_config, cfg))
         elif changes:
             record = os.path.join(self.path, f"config.resume-{resume_step}.yaml")
             diff = describe_changes(changes)
-            dump_config(cfg, record, header=f"# resumed at step {resume_step} with: {diff}\n")
+            header = f"# resumed at step {resume_step} with: {diff}\n"
+            atomic_write(record, lambda tmp: dump_config(cfg, tmp, header=header))
             log.warning("resumed at step %d with a changed config: %s (the config up to step %d is in %s, "
                         "the one from then on in %s)", resume_step, diff, resume_step, path, record)
 
@@ -89,16 +92,12 @@ class RunDir:
         folder = os.path.join(self.path, f"replica-{replica}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "model.safetensors")
-        save_file(state, f"{path}.tmp", metadata={"model": json.dumps(spec)})
-        os.replace(f"{path}.tmp", path)  # whole or absent, even after a Ctrl-C
-        return path
+        # whole or absent, even after a Ctrl-C
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"model": json.dumps(spec)}))
 
     def write_summary(self, summary: dict[str, Any]) -> str:
         path = os.path.join(self.path, f"summary{self.suffix}.json")
-        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(f"{path}.tmp", path)
-        return path
+        return atomic_write(path, json.dumps(summary, indent=1))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -147,7 +146,7 @@ FREE_ON_RESUME = frozenset({
 })
 # Fields (and sections) that cannot change on resume at all: the checkpoint's weights,
 # optimizer state or data position depend on them (most are also in its fingerprint, which
-# Checkpointer.restore checks).
+# Checkpointer.load checks).
 FIXED_ON_RESUME = ("task", "seed", "replicas", "workers", "batch_size", "data", "model", "replica_models",
                    "outer", "optimizer.name")
 

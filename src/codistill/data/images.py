@@ -7,6 +7,7 @@ Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package: either inst
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import logging
@@ -19,6 +20,8 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +256,7 @@ def _place(src: str, dest: str) -> None:
             if not os.path.isdir(dest):  # not lost to a concurrent installer: a real error
                 raise
     for name in names:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=dest)
-        os.close(fd)
-        try:
-            shutil.copyfile(os.path.join(src, name), tmp)
-            os.replace(tmp, os.path.join(dest, name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(os.path.join(dest, name), functools.partial(shutil.copyfile, os.path.join(src, name)))
 
 
 def install_fashion_mnist(dest: str | None = None) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..losses import predict_probs, task_loss
+from ..losses import task_loss
 from ..models import build_model
 from ..settings import DataSettings, TaskSchema
 
@@ -62,10 +62,6 @@ class Task(TaskSchema, ABC):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """φ, the task loss."""
         return task_loss(outputs, targets, self.output)
-
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        """The predictions churn is measured on: class probabilities or a click probability."""
-        return predict_probs(outputs.float(), "bce" if self.output == "binary" else "kl")
 
     def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Extra values computed from one model's evaluation (e.g. bits per byte)."""
