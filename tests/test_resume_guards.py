@@ -213,8 +213,11 @@ def _interrupt_once(cmd: list[str], cwd: Path, timeout: float = 120) -> subproce
     """Start ``cmd``, send SIGINT to its process group (as a terminal's Ctrl-C does) once both
     replicas have a checkpoint in ``cwd/run``, and return what it did."""
     root = str(cwd / "run" / "checkpoints")
+    # SIGINT's default action in the child, as under a terminal: a suite started in the
+    # background (`make test &`, nohup) passes SIGINT on as ignored, and Python keeps it so.
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not all(list_checkpoints(root, r) for r in (0, 1)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
