@@ -32,9 +32,8 @@ from .exchange.collective import CollectiveExchange
 from .loop import Loop
 from .parallel import layout
 from .replica import Replica, build_replica
-from .rundir import RunDir, plan_resume
+from .rundir import RunDir, load_run_teachers, plan_resume
 from .tasks import Task, build_task
-from .teachers import load_run_teachers
 from .topology import Groups, Topology
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, dump_config
-from .exchange import Exchange
+from .exchange import Exchange, Published
 from .files import atomic_write
 from .metrics import MetricsWriter, RunDirError
 
@@ -244,3 +244,18 @@ def plan_resume(cfg: RunConfig, path: str, checkpointer: Checkpointer, step: int
         log.warning("run %s%s: the final checkpoint (step %d) is there but not the final summary: "
                     "writing the final weights and summary", cfg.name, who, step)
     return Resume(step, changes)
+
+
+def load_run_teachers(run_dir: str, first: int) -> list[Published]:
+    """The final weights of every replica of the finished run ``run_dir`` as published
+    versions numbered ``first, first+1, ...`` (offline distillation's fixed teachers)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"codistill.teachers_from: {run_dir} is not a run directory (no config.yaml)")
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    out = []
+    for r in range(int(cfg.get("replicas", 1))):
+        state, spec = load_weights(run_dir, r)
+        out.append(Published(first + r, int(cfg.get("steps", 0)), state, {"model": spec, "run": run_dir}))
+    return out

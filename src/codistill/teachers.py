@@ -42,27 +42,6 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_run_teachers(run_dir: str, first: int) -> list[Published]:
-    """The final weights of every replica of the finished run ``run_dir`` as published
-    versions numbered ``first, first+1, ...`` (offline distillation's fixed teachers)."""
-    import os
-
-    import yaml
-
-    from .rundir import load_weights
-
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"codistill.teachers_from: {run_dir} is not a run directory (no config.yaml)")
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    out = []
-    for r in range(int(cfg.get("replicas", 1))):
-        state, spec = load_weights(run_dir, r)
-        out.append(Published(first + r, int(cfg.get("steps", 0)), state, {"model": spec, "run": run_dir}))
-    return out
-
-
 class Teacher:
     """A frozen copy of one peer, loaded in place from that peer's published weights.
 
