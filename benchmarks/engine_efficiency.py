@@ -54,11 +54,11 @@ from codistill.data.images import augment, to_float
 from codistill.exchange import make_exchange
 from codistill.loop import Loop
 from codistill.losses import distill_loss, task_and_distill_loss, task_loss
+from codistill.modules import call_model
 from codistill.replica import build_replica, model_seed
 from codistill.run import Placement, make_checkpointer
 from codistill.rundir import RunDir
 from codistill.tasks import Task, build_task
-from codistill.teachers import call_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TASKS = {"lm": "demo.yaml", "image": "image.yaml", "click": "click.yaml"}

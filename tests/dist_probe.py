@@ -41,9 +41,9 @@ import torch
 from safetensors.torch import save_file
 
 from codistill import cli
-from codistill.exchange import unwrap
 from codistill.exchange.directory import DirectoryExchange
 from codistill.loop import Loop
+from codistill.modules import unwrap
 
 
 def _delay(var: str) -> tuple[int, float, int | None] | None:

@@ -15,7 +15,8 @@ from numerics import U32, kl_tolerance, log_softmax_error, softmax_error
 from torch import nn
 
 from codistill import Codistiller, DistillLoss, MemoryExchange, TeacherSpec
-from codistill.losses import as_logits, distill_loss, prediction
+from codistill.losses import distill_loss
+from codistill.modules import as_logits, prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import unwrap
+from .modules import unwrap
 
 
 class OuterSync:

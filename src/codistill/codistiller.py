@@ -28,9 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
-from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing, unwrap
+from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing
 from .exchange.signing import Trust
 from .losses import AlphaSchedule, DistillLoss, distill_loss
+from .modules import unwrap
 from .picking import BoundedDrift, LockStep, Newest, Policy, VersionPicker
 from .publishing import Publisher
 from .replica_group import ReplicaGroup

@@ -17,8 +17,8 @@ from typing import Any
 from .averaging import outer_sync
 from .checkpoint import Checkpointer
 from .config import RunConfig
-from .exchange import unwrap
 from .metrics import evaluate_models
+from .modules import unwrap
 from .parallel import full_state
 from .replica import Replica, apply_optimizer_config, replica_step
 from .rundir import RunDir

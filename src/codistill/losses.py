@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .modules import as_logits, prediction
+
 DISTILL_KINDS = ("kl", "ce", "bce")
 TASK_KINDS = ("categorical", "binary")
 PREDICTIONS = ("logits", "log_probs", "probs")  # what a model's prediction may be
@@ -195,38 +197,6 @@ class AlphaSchedule:
         if self.alpha < 0 or self.burn_in < 0 or self.ramp < 0:
             raise ValueError(f"alpha, burn_in and ramp must be >= 0, got {self.alpha}, {self.burn_in}, "
                              f"{self.ramp}")
-
-
-def prediction(output: Any) -> torch.Tensor:
-    """The prediction in a model's output: a tensor as it is, the first element of a tuple
-    or list, the ``logits`` of a mapping or of an object that has them (Hugging Face model
-    outputs), else a mapping's first value."""
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return prediction(output[0])
-    if isinstance(output, dict) and output:
-        return prediction(output["logits"] if "logits" in output else next(iter(output.values())))
-    logits = getattr(output, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    raise TypeError(f"no prediction found in a model output of type {type(output).__name__}: pass "
-                    "teachers=TeacherSpec(forward=lambda module, inputs: <the logits>) to the Codistiller")
-
-
-def as_logits(pred: torch.Tensor, predictions: str, kind: str) -> torch.Tensor:
-    """``pred`` (what a model predicts: ``logits``, ``log_probs`` or ``probs``) as logits of
-    the same distribution (for ``bce``: of the positive class)."""
-    if predictions == "logits" or (predictions == "log_probs" and kind != "bce"):
-        return pred  # log-probabilities are logits of the same softmax
-    tiny = torch.finfo(torch.float32).tiny
-    if predictions == "log_probs":  # binary: log p -> log p - log(1 - p)
-        return pred - torch.log1p(-pred.exp().clamp(max=1 - 1e-7))
-    p = pred.float().clamp(tiny, 1.0)
-    if kind == "bce":
-        p = p.clamp(max=1 - 1e-7)
-        return (p.log() - torch.log1p(-p)).to(pred.dtype)
-    return p.log().to(pred.dtype)
 
 
 @dataclass(frozen=True)

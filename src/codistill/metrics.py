@@ -17,7 +17,7 @@ from torch import nn
 
 from ._extras import require
 from .files import atomic_write
-from .teachers import call_model
+from .modules import call_model
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

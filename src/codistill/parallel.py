@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .exchange.base import HostBuffers
+from .modules import unwrap
 
 LAYOUTS = ("ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -92,7 +93,6 @@ def full_state(module: nn.Module, keep: bool = True, host: HostBuffers | None = 
     publish in flight); or, with ``copy=False``, the module's own tensors (for a caller that
     reads them at once). A sharded module gathers one tensor at a time, and every rank of its
     replica must call this together; only where ``keep`` is the result kept (else None)."""
-    from .exchange import unwrap
 
     sharded, cls = is_sharded(module), _dtensor()
     items = model_state(module).items() if sharded else unwrap(module).state_dict().items()

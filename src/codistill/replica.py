@@ -21,9 +21,9 @@ from .config import RunConfig
 from .data import ShardSampler, shard_indices
 from .exchange import Exchange, state_nbytes
 from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
+from .modules import call_model
 from .parallel import DTYPES, autocast, model_state
 from .tasks import Batch, Task
-from .teachers import call_model
 
 
 @dataclass

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Published, state_nbytes, unwrap
+from .exchange import Published, state_nbytes
 from .exchange.base import Check, Header, header_nbytes, header_of
 from .losses import DistillLoss, predict_probs
+from .modules import call_model, unwrap
 from .parallel import full_state, is_sharded, load_full_state
 
 log = logging.getLogger(__name__)
@@ -23,15 +24,6 @@ def finite(t: torch.Tensor) -> bool:
     """True if every element of ``t`` is finite: one sum (a NaN or infinity makes it
     non-finite), and the exact test only when the sum is not finite (it may overflow)."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Call ``model`` on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .background import BackgroundExchange
-from .base import Exchange, Published, cpu_state, state_nbytes, unwrap
+from .base import Exchange, Published, state_nbytes
 from .directory import DirectoryExchange
 from .memory import MemoryExchange
 
@@ -13,10 +13,8 @@ __all__ = [
     "Exchange",
     "MemoryExchange",
     "Published",
-    "cpu_state",
     "make_exchange",
     "state_nbytes",
-    "unwrap",
 ]
 
 

@@ -64,21 +64,6 @@ def header_nbytes(header: Header) -> int:
     return sum(tensor_nbytes(dtype, shape) for dtype, shape in header.values())
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / DataParallel wrappers (other modules are returned as they are)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(module, (DistributedDataParallel, DataParallel)):
-        module = module.module
-    return module
-
-
-def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached, contiguous CPU copy of ``module``'s state (unwraps DDP)."""
-    module = unwrap(module)
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
-
-
 class HostBuffers:
     """Host copies of a model's weights for a publish in flight, allocated once and reused
     (pinned when the weights live on an accelerator, so the copies are non-blocking).

@@ -26,7 +26,7 @@ from torch import nn
 
 from .._extras import require
 from ..codistiller import Codistiller
-from ..losses import prediction
+from ..modules import prediction
 from .common import token_mask, use_default_group
 
 transformers = require("transformers", "the Hugging Face Trainer integration")
