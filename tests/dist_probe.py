@@ -123,9 +123,8 @@ def main(argv: list[str]) -> int:
     ex = rep.codistiller.exchange
     info = {"rank": rank, "replica": rep.index, "worker": loop.checkpointers[0].worker,
             "leader": loop.leader, "teacher_versions": versions,
-            "exchange": {"type": type(ex).__name__, "durable": ex.durable,
-                         "bytes_sent": getattr(ex, "bytes_sent", None),
-                         "bytes_received": getattr(ex, "bytes_received", None)}}
+            "exchange": {"type": type(ex).__name__, "durable": ex.durable},
+            "bytes_published": rep.codistiller.stats().bytes_published}
     save_file(tensors, os.path.join(folder, f"rank-{rank}.safetensors"),
               metadata={"probe": json.dumps(info)})
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from exchanges import newest
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
@@ -59,7 +60,7 @@ def test_directory_roundtrip(tmp_path):
     assert (pub.replica, pub.step, pub.nbytes) == (0, 50, nbytes)
     _assert_state_equal(pub.state, _state(1))
     assert pub.meta == meta
-    assert ex.latest(0).step == 50 and ex.latest(1) is None
+    assert newest(ex, 0).step == 50 and newest(ex, 1) is None
 
     data = _weights(tmp_path, 50).read_bytes()
     assert len(data) == nbytes
@@ -75,7 +76,7 @@ def test_file_url_is_a_local_directory(tmp_path):
     assert isinstance(ex, DirectoryExchange)
     ex.publish(2, 7, _state(3), {})
     assert _weights(tmp_path, 7, replica=2).is_file()
-    _assert_state_equal(DirectoryExchange(str(tmp_path)).latest(2).state, _state(3))
+    _assert_state_equal(newest(DirectoryExchange(str(tmp_path)), 2).state, _state(3))
 
 
 def test_unfinished_files_are_invisible(tmp_path):
@@ -89,8 +90,8 @@ def test_unfinished_files_are_invisible(tmp_path):
     save_file(_state(2), str(_weights(tmp_path, 30)))
     (folder / "0000000040.json.partial").write_bytes(b"{")
     assert ex.versions(0) == [10]
-    assert ex.latest(0).step == 10
-    _assert_state_equal(ex.latest(0).state, _state(1))
+    assert newest(ex, 0).step == 10
+    _assert_state_equal(newest(ex, 0).state, _state(1))
     assert ex.load(0, 30) is None
 
 
@@ -133,7 +134,7 @@ def test_concurrent_reader_only_sees_complete_versions(tmp_path):
                 else:
                     assert len(data) == weights_size, path.name
                 files_checked += 1
-            pub = reader_ex.latest(0)
+            pub = newest(reader_ex, 0)
             if pub is None:
                 continue
             assert pub.state["w"].shape == (size,)
@@ -143,7 +144,7 @@ def test_concurrent_reader_only_sees_complete_versions(tmp_path):
     finally:
         thread.join()
     assert not errors, errors
-    assert reader_ex.latest(0).step == n_versions
+    assert newest(reader_ex, 0).step == n_versions
     assert len(set(seen)) > 1 and files_checked > 0
 
 
@@ -160,7 +161,7 @@ def test_corrupted_weights_are_skipped(tmp_path, caplog):
         assert ex.load(0, 20) is None
     assert "checksum" in caplog.text
     assert ex.versions(0) == [10, 20]
-    pub = ex.latest(0)
+    pub = newest(ex, 0)
     assert pub.step == 10
     _assert_state_equal(pub.state, _state(1))
 
@@ -172,7 +173,7 @@ def test_swapped_valid_weights_fail_the_checksum(tmp_path):
     ex.publish(0, 20, _state(2), {})
     save_file(_state(3), str(_weights(tmp_path, 20)))
     assert ex.load(0, 20) is None
-    assert ex.latest(0).step == 10
+    assert newest(ex, 0).step == 10
 
 
 def test_truncated_weights_are_skipped(tmp_path):
@@ -182,19 +183,19 @@ def test_truncated_weights_are_skipped(tmp_path):
     path = _weights(tmp_path, 20)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert ex.latest(0).step == 10
+    assert newest(ex, 0).step == 10
 
 
-def test_the_latest_valid_version_wins(tmp_path):
+def test_every_kept_version_is_listed_and_loads(tmp_path):
     ex = DirectoryExchange(str(tmp_path), keep=5)
     for step in (10, 20, 30):  # (a step after the one published is removed: see _prune)
         ex.publish(1, step, _state(step), {"step": step})
     assert ex.versions(1) == [10, 20, 30]
-    pub = ex.latest(1)
-    assert pub.step == 30 and pub.meta == {"step": 30}
-    _assert_state_equal(pub.state, _state(30))
-    assert ex.latest(1, max_step=25).step == 20
-    assert ex.latest(1, max_step=5) is None
+    for step in (10, 20, 30):
+        pub = ex.load(1, step)
+        assert pub.step == step and pub.meta == {"step": step}
+        _assert_state_equal(pub.state, _state(step))
+    assert ex.load(1, 25) is None
 
 
 @pytest.mark.parametrize("keep", [2, 3])
@@ -236,7 +237,7 @@ def test_a_bad_manifest_is_skipped(tmp_path, manifest):
         manifest = json.dumps({**good, "weights": "../replica-0/0000000010.safetensors"}).encode()
     _manifest(tmp_path, 20).write_bytes(manifest)
     assert ex.load(0, 20) is None
-    assert ex.latest(0).step == 10
+    assert newest(ex, 0).step == 10
 
 
 @pytest.mark.parametrize("manifest", ["no sha256", "json list", "json null"])
@@ -249,7 +250,7 @@ def test_a_structurally_bad_manifest_is_skipped(tmp_path, manifest):
             "json list": [good], "json null": None}[manifest]
     _manifest(tmp_path, 20).write_text(json.dumps(body))
     assert ex.load(0, 20) is None
-    assert ex.latest(0).step == 10
+    assert newest(ex, 0).step == 10
 
 
 def test_directory_keep_below_two_raises(tmp_path):
@@ -266,7 +267,7 @@ def test_fsspec_memory_url(tmp_path):
         for step in (1, 2, 3):
             ex.publish(0, step, _state(step), {"step": step})
         assert ex.versions(0) == [2, 3]
-        pub = ex.latest(0)
+        pub = newest(ex, 0)
         assert pub.step == 3 and pub.meta == {"step": 3}
         _assert_state_equal(pub.state, _state(3))
         # Corrupt the newest weights in the object store: the reader falls back.
@@ -274,7 +275,7 @@ def test_fsspec_memory_url(tmp_path):
         data = bytearray(fs.cat_file(path))
         data[-1] ^= 0xFF
         fs.pipe_file(path, bytes(data))
-        assert ex.latest(0).step == 2
+        assert newest(ex, 0).step == 2
         # Another client sees the same store.
         assert DirectoryExchange(url).versions(0) == [2, 3]
     finally:
@@ -292,7 +293,7 @@ def test_memory_roundtrip_copies_the_state():
     pub = ex.load(0, 5)
     _assert_state_equal(pub.state, _state(1))
     assert (pub.replica, pub.step, pub.meta, pub.nbytes) == (0, 5, {"model": {"name": "lstm"}}, nbytes)
-    assert ex.latest(0).step == 5 and ex.latest(1) is None and ex.load(0, 6) is None
+    assert newest(ex, 0).step == 5 and newest(ex, 1) is None and ex.load(0, 6) is None
 
 
 def test_memory_keep():
@@ -302,7 +303,7 @@ def test_memory_keep():
     ex.publish(1, 9, _state(9), {})
     assert ex.versions(0) == [3, 4] and ex.versions(1) == [9]
     assert ex.load(0, 2) is None
-    _assert_state_equal(ex.latest(0).state, _state(4))
+    _assert_state_equal(newest(ex, 0).state, _state(4))
     with pytest.raises(ValueError, match="keep"):
         MemoryExchange(keep=0)
 
@@ -354,7 +355,7 @@ def test_background_exchange_writes_in_order_on_one_thread(tmp_path):
     ex.flush()
     assert ex.versions(0) == [10, 20]
     _assert_state_equal(ex.load(0, 10).state, _state(1))
-    _assert_state_equal(ex.latest(0).state, _state(2))
+    _assert_state_equal(newest(ex, 0).state, _state(2))
     assert ex.wait_seconds >= 0.04  # the training thread waited for the write in flight
     assert all(name.startswith("codistill-publish") for name in writers) and len(writers) == 2
     ex.clear(0)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_CONFIG
+from exchanges import newest
 
 from codistill.codistiller import Codistiller, Newest, Trust
 from codistill.exchange import DirectoryExchange, signing
@@ -94,7 +95,7 @@ def test_an_unsigned_version_is_rejected_before_its_weights_are_read(tmp_path, c
     _exchange(tmp_path).publish(1, 20, _state(1), {})  # planted by a writer without the key
     reader = _exchange(tmp_path, KEY)
     _rejected(reader, 20, caplog, "unsigned version")
-    assert reader.latest(1).step == 10  # the newest valid version is used
+    assert newest(reader, 1).step == 10  # the newest valid version is used
 
 
 def test_a_version_signed_with_another_key_is_rejected(tmp_path, caplog):

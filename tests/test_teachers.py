@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from exchanges import newest
 from numerics import kl_tolerance
 
 from codistill.codistiller import BoundedDrift, Codistiller, DistillLoss, LockStep, TeacherSpec
@@ -230,7 +231,7 @@ def test_teacher_rejects_weights_that_do_not_fit(make_lm, lstm_spec, transformer
     ex.publish(1, 5, peer.state_dict(), {"replica": 1})
     teacher = Teacher(1, make_lm(0, lstm_spec))
     with pytest.raises(ValueError, match="replica 1 at step 5"):
-        teacher.load(ex.latest(1))
+        teacher.load(newest(ex, 1))
     assert teacher.version is None
 
 

@@ -140,17 +140,6 @@ class Exchange(ABC):
         ``max_bytes`` or is refused by ``check`` (called with its tensors' names, dtypes and
         shapes and its meta before the tensors are read)."""
 
-    def latest(self, replica: int, max_step: int | None = None, check: Check | None = None
-               ) -> Published | None:
-        """The newest valid version of ``replica`` (at most ``max_step``), or None."""
-        for step in reversed(self.versions(replica)):
-            if max_step is not None and step > max_step:
-                continue
-            published = self.load(replica, step, check)
-            if published is not None:
-                return published
-        return None
-
     def ident(self, replica: int, step: int) -> str | None:
         """The ident of ``replica``'s version ``step`` without loading its weights (None if
         it is missing)."""

@@ -56,18 +56,14 @@ def broadcast_state(
 
 
 class CollectiveExchange(MemoryExchange):
-    """Synchronous weight exchange among the first ranks of all replicas of one world.
-
-    Counts the bytes it sends (``bytes_sent``) and receives (``bytes_received``).
-    """
+    """Synchronous weight exchange among the first ranks of all replicas of one world (the
+    bytes a replica sends and reads are its codistiller's ``bytes_published`` / ``bytes_read``)."""
 
     def __init__(self, topo: Topology, groups: Groups, device: str = "cpu", keep: int = 2) -> None:
         if not topo.one_world:
             raise ValueError("the collective exchange needs every replica in one world (one torchrun job)")
         super().__init__(keep=keep)
         self.topo, self.groups, self.device = topo, groups, device
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     def publish(self, replica: int, step: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
         """Give this replica's weights to every other first rank; receive theirs."""
@@ -83,10 +79,7 @@ class CollectiveExchange(MemoryExchange):
             mine = r == replica
             got = broadcast_state(state if mine else None, r_layout, topo.leader_rank(r),
                                   self.groups.leaders, self.device)
-            if mine:
-                self.bytes_sent += state_nbytes(got)
-            else:
-                self.bytes_received += state_nbytes(got)
+            if not mine:  # (its own version stays with the replica: nothing reads it here)
                 super().publish(r, step, got, r_meta)
         return state_nbytes(state)
 
