@@ -12,8 +12,8 @@ JSON in the file's metadata. (The run's own checkpoints and final weights are wr
 replica's first rank only, so they cannot show that the ranks of one replica agree.)
 
 Hooks: ``codistill.loop.Loop.run`` is wrapped to capture the rank's loop (its one replica),
-and ``Loop.exchange`` (called on every rank after every step) to inject the faults below at
-exchange steps.
+and ``Loop.publish_and_refresh`` (called on every rank after every step) to inject the faults
+below at exchange steps.
 
 Fault injection for the tests, through the environment:
 
@@ -69,10 +69,10 @@ def _install_faults() -> None:
     slow_workers = _delay("CODISTILL_PROBE_SLOW_WORKERS")
     gates = [tuple(int(x) for x in g.split(":"))
              for g in os.environ.get("CODISTILL_PROBE_GATES", "").split(",") if g]
-    orig_exchange = Loop.exchange
+    orig_publish_and_refresh = Loop.publish_and_refresh
 
-    def exchange(self, done):  # type: ignore[no-untyped-def]
-        # Loop.exchange runs on every rank after every step; faults hit exchange steps only.
+    def publish_and_refresh(self, done):  # type: ignore[no-untyped-def]
+        # It runs on every rank after every step; faults hit exchange steps only.
         (rep,) = self.replicas  # one replica per rank under torchrun
         if rep.codistiller.exchange_due(done):
             for replica, step, peer, peer_step in gates:
@@ -85,9 +85,9 @@ def _install_faults() -> None:
             if (slow_workers is not None and not self.leader and done == slow_workers[0]
                     and slow_workers[2] in (None, rep.index)):
                 time.sleep(slow_workers[1])
-        return orig_exchange(self, done)
+        return orig_publish_and_refresh(self, done)
 
-    Loop.exchange = exchange  # type: ignore[method-assign]
+    Loop.publish_and_refresh = publish_and_refresh  # type: ignore[method-assign]
 
 
 def _out_dir(argv: list[str]) -> str:

@@ -71,7 +71,7 @@ class Loop:
         log.info("replica(s) %s: resumed at step %d", [r.index for r in self.replicas], step)
 
     # -- one step ---------------------------------------------------------------------
-    def exchange(self, done: int) -> float:
+    def publish_and_refresh(self, done: int) -> float:
         """Every due replica publishes, then every one refreshes (so replicas in one process
         see each other's weights of this very step). Returns the seconds it took."""
         due = [r.codistiller for r in self.replicas if r.codistiller.exchange_due(done)]
@@ -162,7 +162,7 @@ class Loop:
                     self.first_loss[rep.index] = float(out["task_loss"])
             nacc += 1
             done = step + 1
-            seconds = self.exchange(done)
+            seconds = self.publish_and_refresh(done)
             if seconds:
                 for rep in self.replicas:
                     acc[rep.index]["exchange_time"] += seconds / len(self.replicas)

@@ -20,7 +20,7 @@ from .exchange.base import HostBuffers
 from .modules import unwrap
 
 LAYOUTS = ("ddp", "fsdp")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a run's precision (or teacher_dtype) -> dtype
 
 
 def _dtensor() -> type:
@@ -150,4 +150,4 @@ def autocast(device: str, precision: str) -> Any:
 
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])

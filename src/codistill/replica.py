@@ -22,7 +22,7 @@ from .data import ShardSampler, shard_indices
 from .exchange import Exchange, state_nbytes
 from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
 from .modules import call_model
-from .parallel import DTYPES, autocast, model_state
+from .parallel import PRECISIONS, autocast, model_state
 from .tasks import Batch, Task
 
 
@@ -201,7 +201,7 @@ def build_replica(
         loss=DistillLoss(c.distill, c.temperature), model_spec=spec,
         teachers=TeacherSpec(
             factory=teacher_factory,
-            dtype=DTYPES[cfg.precision if c.teacher_dtype == "auto" else c.teacher_dtype],
+            dtype=PRECISIONS[cfg.precision if c.teacher_dtype == "auto" else c.teacher_dtype],
             layout=wrap if cfg.parallel == "fsdp" and c.shard_teachers and wrap is not None else None),
         wait=LockStep(c.sync_timeout) if c.sync else BoundedDrift(c.max_drift, c.sync_timeout),
         process_group=process_group,

@@ -55,8 +55,9 @@ FORMAT = "codistill-exchange/1"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_DEPTH = 16  # JSON nesting: a manifest (its meta's model spec) and a safetensors header are shallow
-DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = {  # a safetensors header's dtype code -> torch's dtype name
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _version_name(step: int) -> str:
@@ -456,7 +457,8 @@ class DirectoryExchange(Exchange):
         for name, entry in raw.items():
             if name == "__metadata__":
                 continue
-            dtype, shape, (start, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+            start, end = entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end:
                 raise ValueError(f"tensor {name!r}: bad shape or offsets in the safetensors header")
             header[name] = (dtype, tuple(shape))
