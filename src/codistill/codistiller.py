@@ -160,7 +160,8 @@ class Codistiller:
     # -- the loss term ----------------------------------------------------------------
     def distill_loss(self, inputs: Any, student_outputs: Any, step: int | None = None,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
-        """α(step)·ψ(mean of the teachers' predictions on ``inputs``, the student's).
+        """α(step)·ψ(mean of the teachers' predictions on ``inputs``, the student's): the term
+        to add to the task loss (ψ alone is :func:`codistill.losses.distill_loss`).
 
         ``student_outputs``: the model's output on ``inputs`` (a tensor, or a tuple / mapping /
         object holding the prediction, see :func:`prediction`); ``step``: the step being

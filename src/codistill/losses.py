@@ -52,7 +52,8 @@ def distill_loss(
     kind: str = "kl",
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """ψ: loss of the student's logits toward the teachers' (averaged) probabilities.
+    """ψ: loss of the student's logits toward the teachers' (averaged) probabilities, without
+    the weight α (:meth:`Codistiller.distill_loss` returns α·ψ, the term added to a loss).
 
     ``kl``: KL(p_teacher || p_student), zero when they agree. ``ce``: soft-target cross
     entropy, which differs from ``kl`` by the teacher's entropy (a constant), so both give the

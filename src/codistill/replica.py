@@ -264,7 +264,7 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     return {
         "loss": loss.detach(),
         "task_loss": phi.detach(),
-        "distill_loss": term.detach() / alpha if alpha > 0 else term.detach(),
+        "distill_loss": term.detach() / alpha if alpha > 0 else term.detach(),  # ψ: loss = φ + α·ψ
         "alpha": alpha,
         "skipped": skipped,
         "step_time": time.perf_counter() - t0,

@@ -61,7 +61,8 @@ class CodistillTrainer(transformers.Trainer):
             the labels; None: true for the models ``AutoModelForCausalLM`` builds.
         args, kwargs: the Trainer's.
 
-    Logs ``distill_loss`` (ψ with α, this process's mean since the last log) beside ``loss``.
+    Logs ``distill_loss`` (ψ without α, as in the engine's train rows; this process's mean
+    since the last log) beside ``loss``.
     The Codistiller is flushed when training ends (a further ``train()`` goes on with it).
     """
 
@@ -87,14 +88,16 @@ class CodistillTrainer(transformers.Trainer):
         teacher_inputs = {k: v for k, v in inputs.items() if k not in labels}
         mask = self.distill_mask(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kw)
-        psi = self.codistiller.distill_loss(teacher_inputs, outputs, self.state.global_step,
-                                            mask if _fits(mask, outputs) else None)
-        self._psi_sum = self._psi_sum + psi.detach()
+        step = self.state.global_step
+        term = self.codistiller.distill_loss(teacher_inputs, outputs, step,
+                                             mask if _fits(mask, outputs) else None)  # α·ψ
+        alpha = self.codistiller.alpha(step)
+        self._psi_sum = self._psi_sum + (term.detach() / alpha if alpha > 0 else term.detach())
         self._psi_count += 1
         if self._loss_scaled_for_accumulation(num_items_in_batch):
-            psi = psi / getattr(self, "current_gradient_accumulation_steps",
-                                self.args.gradient_accumulation_steps)
-        loss = loss + psi
+            term = term / getattr(self, "current_gradient_accumulation_steps",
+                                  self.args.gradient_accumulation_steps)
+        loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
     def distill_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ class CodistillCallback(L.Callback):
         use_default_group(self.codistiller)  # the strategy's processes are one replica
 
     def distill_loss(self, inputs: Any, outputs: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """α·ψ at the Trainer's step (see :func:`distill_loss`)."""
+        """α·ψ at the Trainer's step (:meth:`Codistiller.distill_loss`; see :func:`distill_loss`)."""
         if self.codistiller is None or self._trainer is None:
             raise RuntimeError("CodistillCallback.distill_loss is for training_step (the callback is "
                                "set up when fit starts)")
@@ -89,7 +89,8 @@ class CodistillCallback(L.Callback):
 
 
 def distill_loss(module: Any, inputs: Any, outputs: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """α·ψ to add to ``module``'s loss in its ``training_step``: the distillation term of the
+    """α·ψ to add to ``module``'s loss in its ``training_step`` (:meth:`Codistiller.distill_loss`
+    at the Trainer's step): the distillation term of the
     :class:`CodistillCallback` of ``module``'s Trainer toward the teachers' predictions on
     ``inputs`` (what a teacher is called with), ``outputs`` being ``module``'s on them. ``mask``:
     the positions that count (e.g. ``[batch, tokens]``, false for padding); default all. Zero
