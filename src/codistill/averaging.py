@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .exchange import state_nbytes
 from .modules import unwrap
 
 
@@ -74,4 +75,4 @@ def outer_sync(syncs: list[OuterSync]) -> int:
     for s in syncs:
         s.apply(mean)
     average_buffers([s.model for s in syncs])
-    return sum(d.numel() * d.element_size() for d in deltas[0])
+    return state_nbytes(deltas[0])

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
-from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing
+from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing, state_nbytes
 from .exchange.signing import Trust
 from .losses import AlphaSchedule, DistillLoss, distill_loss
 from .modules import unwrap
@@ -113,7 +113,7 @@ class Codistiller:
         signing.configure(self.exchange, trust.key, trust.key_file, trust.run_id, exchange_every)
         max_bytes = trust.max_teacher_bytes
         if max_bytes is None:
-            max_bytes = 4 * sum(v.numel() * v.element_size() for v in unwrap(model).state_dict().values())
+            max_bytes = 4 * state_nbytes(unwrap(model).state_dict())
         if self.exchange.max_bytes is None or self.exchange.max_bytes < max_bytes:
             self.exchange.limit(max_bytes)  # shared in-process exchanges take the largest
         others = [p for p in range(num_replicas) if p != replica]

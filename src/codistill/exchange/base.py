@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +42,10 @@ class _Rejections:
     listed: dict[int, dict[int, Any]] = field(default_factory=dict)  # replica -> its last listing
 
 
-def state_nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+def state_nbytes(state: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors of a state dict (or of the tensors an iterable yields)."""
+    tensors = state.values() if isinstance(state, Mapping) else state
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def header_of(state: dict[str, torch.Tensor]) -> Header:
