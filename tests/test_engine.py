@@ -16,9 +16,10 @@ from codistill.checkpoint import read_state
 from codistill.cli import main
 from codistill.config import from_dict, load_config
 from codistill.engine import run
-from codistill.metrics import evaluate_models, read_metrics
+from codistill.metrics import evaluate_models
 from codistill.models import LSTMLM, TransformerLM, build_model
 from codistill.report import make_report
+from codistill.runlog import read_metrics
 from codistill.tasks import build_task
 
 K, B = 5, 10  # exchange interval and burn-in of the tiny config

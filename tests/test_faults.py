@@ -15,7 +15,7 @@ from codistill.config import from_dict
 from codistill.engine import run
 from codistill.exchange import DirectoryExchange
 from codistill.exchange.directory import _FsspecStore
-from codistill.metrics import read_metrics
+from codistill.runlog import read_metrics
 
 
 class FullDisk(MemoryFileSystem):

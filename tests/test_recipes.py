@@ -14,9 +14,10 @@ from numerics import U32, log_softmax_error, softmax_error
 from torch import nn
 
 from codistill.churn import Ensemble
-from codistill.metrics import eval_curve, evaluate_models, read_metrics, steps_to_target
+from codistill.metrics import evaluate_models
 from codistill.recipes import reproduce
 from codistill.recipes.study import Study, arm_key, fmt, make_config, mean_spread
+from codistill.runlog import eval_curve, read_metrics, steps_to_target
 
 
 def test_steps_to_target_on_hand_made_curves():

@@ -31,7 +31,7 @@ from codistill.checkpoint import list_checkpoints, read_state, valid_steps
 from codistill.cli import main
 from codistill.config import from_dict, load_config
 from codistill.engine import run
-from codistill.metrics import read_metrics
+from codistill.runlog import read_metrics
 
 pytestmark = pytest.mark.slow  # whole runs through the CLI, some under torchrun: not in the fast tier
 

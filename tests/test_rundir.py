@@ -11,7 +11,7 @@ from codistill import Codistiller, TeacherSpec
 from codistill.config import from_dict, load_config
 from codistill.engine import run
 from codistill.exchange import MemoryExchange
-from codistill.metrics import MetricsWriter, RunDirError, read_metrics
+from codistill.runlog import MetricsWriter, RunDirError, read_metrics
 
 
 def test_second_run_into_the_same_dir_is_refused_then_overwritten(tiny_config_factory, tmp_path):

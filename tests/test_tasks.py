@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from codistill.cli import main
 from codistill.config import ConfigError, from_dict
 from codistill.engine import run
-from codistill.metrics import read_metrics
+from codistill.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from ._extras import pyplot
-from .metrics import eval_curve, read_metrics, steps_to_target
+from .runlog import eval_curve, read_metrics, steps_to_target
 
 EXTRA_METRICS = {"bpb": "bits/byte", "acc": "acc", "auc": "AUC", "calibration": "calibration"}
 

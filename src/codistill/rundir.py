@@ -29,7 +29,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, dump_config
 from .exchange import Exchange, Published
 from .files import atomic_write
-from .metrics import MetricsWriter, RunDirError
+from .runlog import MetricsWriter, RunDirError
 
 log = logging.getLogger(__name__)
 

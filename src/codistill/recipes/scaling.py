@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..metrics import steps_to_target
+from ..runlog import steps_to_target
 from .results import Section, plot_curves
 from .study import TUNE_SEED, ArmResult, Study, fmt, mean_spread, preamble, tuning_text
 

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ..config import RunConfig, from_dict
-from ..metrics import eval_curve, read_metrics
+from ..runlog import eval_curve, read_metrics
 from ..tasks import Task, build_task
 
 log = logging.getLogger(__name__)
