@@ -454,3 +454,23 @@ def test_tied_weights_publish_to_a_directory(tmp_path):
     teacher = cds[0].teachers[1].module
     assert torch.equal(teacher.embed.weight, models[1].embed.weight)
     assert torch.equal(teacher.head.weight, models[1].head.weight)
+
+
+def test_collective_broadcast_keeps_state_order_dtypes_and_values():
+    """The collective sends a state by its Header (header_of: name -> (dtype, shape), in state
+    order): a one-rank group gets every tensor back in order, dtype and value."""
+    import torch.distributed as dist
+
+    from codistill.exchange.base import Published, header_of
+    from codistill.exchange.collective import broadcast_state, share_teachers
+
+    state = {"b": torch.randn(3, 2), "a": torch.arange(5), "c": torch.randn(4).half()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        got = broadcast_state(state, header_of(state), 0, dist.group.WORLD, "cpu")
+        shared = share_teachers({1: Published(1, 7, state, {"m": 1}, 0)}, True, 0, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert list(got) == list(state) and header_of(got) == header_of(state)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    assert shared[1].step == 7 and shared[1].state is state

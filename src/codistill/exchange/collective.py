@@ -4,8 +4,9 @@
 is a collective among them (every first rank calls it at the same exchange step), after
 which every peer's version of that step is held in memory for ``versions`` / ``load``.
 :func:`share_teachers` passes a first rank's chosen teachers on inside its replica.
-Replicas may have different architectures: names, shapes and dtypes travel first as small
-objects, then one flat buffer per dtype, so every value arrives bit for bit.
+Replicas may have different architectures: names, dtypes and shapes (a :data:`Header`, in
+state order) travel first as small objects, then one flat buffer per dtype, so every value
+arrives bit for bit.
 """
 
 from __future__ import annotations
@@ -16,17 +17,11 @@ import torch
 import torch.distributed as dist
 
 from ..topology import Groups, Topology
-from .base import Published, state_nbytes
+from .base import Header, Published, header_of, state_nbytes
 from .memory import MemoryExchange
 
-Layout = list[tuple[str, list[int], str]]  # (name, shape, dtype) in state order
 
-
-def layout_of(state: dict[str, torch.Tensor]) -> Layout:
-    return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
-
-
-def _numel(shape: list[int]) -> int:
+def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -34,14 +29,14 @@ def _numel(shape: list[int]) -> int:
 
 
 def broadcast_state(
-    state: dict[str, torch.Tensor] | None, layout: Layout, src: int, group: Any, device: str
+    state: dict[str, torch.Tensor] | None, header: Header, src: int, group: Any, device: str
 ) -> dict[str, torch.Tensor]:
-    """Broadcast ``state`` (given on rank ``src``) with the known ``layout``; return it on
-    every rank as CPU tensors. One collective per dtype."""
-    dtypes = sorted({d for _, _, d in layout})
+    """Broadcast ``state`` (given on rank ``src``) with the known ``header`` (in state
+    order); return it on every rank as CPU tensors. One collective per dtype."""
+    dtypes = sorted({d for d, _ in header.values()})
     out: dict[str, torch.Tensor] = {}
     for dtype in dtypes:
-        names = [(k, s) for k, s, d in layout if d == dtype]
+        names = [(k, s) for k, (d, s) in header.items() if d == dtype]
         if state is not None:
             buf = torch.cat([state[k].detach().reshape(-1) for k, _ in names]).to(device)
         else:
@@ -52,7 +47,7 @@ def broadcast_state(
         for k, s in names:
             out[k] = buf[i : i + _numel(s)].reshape(s).clone()
             i += _numel(s)
-    return {k: out[k] for k, _, _ in layout}
+    return {k: out[k] for k in header}
 
 
 class CollectiveExchange(MemoryExchange):
@@ -71,13 +66,13 @@ class CollectiveExchange(MemoryExchange):
         if not topo.is_leader or replica != topo.replica:
             raise RuntimeError("CollectiveExchange.publish runs on a replica's first rank, for its replica")
         infos: list[Any] = [None] * topo.num_replicas
-        dist.all_gather_object(infos, (step, layout_of(state), meta), group=self.groups.leaders)
-        for r, (r_step, r_layout, r_meta) in enumerate(infos):
+        dist.all_gather_object(infos, (step, header_of(state), meta), group=self.groups.leaders)
+        for r, (r_step, r_header, r_meta) in enumerate(infos):
             if r_step != step:
                 raise RuntimeError(f"collective exchange: replica {r} published step {r_step} while "
                                    f"replica {replica} published step {step}")
             mine = r == replica
-            got = broadcast_state(state if mine else None, r_layout, topo.leader_rank(r),
+            got = broadcast_state(state if mine else None, r_header, topo.leader_rank(r),
                                   self.groups.leaders, self.device)
             if not mine:  # (its own version stays with the replica: nothing reads it here)
                 super().publish(r, step, got, r_meta)
@@ -91,11 +86,11 @@ def share_teachers(
     out = dict(peers or {}) if is_source else {}
     box: list[Any] = [None]
     if is_source:
-        box = [{r: (p.step, p.meta, layout_of(p.state)) for r, p in out.items()}]
+        box = [{r: (p.step, p.meta, header_of(p.state)) for r, p in out.items()}]
     dist.broadcast_object_list(box, src=src, group=group)
-    for r, (step, r_meta, r_layout) in sorted(box[0].items()):
+    for r, (step, r_meta, r_header) in sorted(box[0].items()):
         state = out[r].state if is_source else None
-        got = broadcast_state(state, r_layout, src, group, device)
+        got = broadcast_state(state, r_header, src, group, device)
         if not is_source:
             out[r] = Published(r, step, got, r_meta, state_nbytes(got))
     return out
