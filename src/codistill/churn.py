@@ -8,7 +8,6 @@ module compares the final weights of separate runs on the validation split.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import load_config
-from .metrics import evaluate_models
+from .metrics import ensemble_prediction, evaluate_models
 from .models import build_model
 from .rundir import load_weights
 from .tasks import build_task
@@ -35,7 +34,8 @@ def load_final_model(run_dir: str, replica: int = 0,
 
 class Ensemble(nn.Module):
     """Several models as one predictor: its outputs, read as logits, give the average of
-    the models' predicted probabilities (softmax for classes, sigmoid for clicks)."""
+    the models' predicted probabilities (softmax for classes, sigmoid for clicks;
+    :func:`codistill.metrics.ensemble_prediction`)."""
 
     def __init__(self, models: list[nn.Module], output: str) -> None:
         super().__init__()
@@ -44,10 +44,9 @@ class Ensemble(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         outs = [m(*args, **kwargs).float() for m in self.members]
         if self.output == "binary":
-            p = torch.stack([torch.sigmoid(o) for o in outs]).mean(0).clamp(1e-7, 1 - 1e-7)
+            p = ensemble_prediction([torch.sigmoid(o) for o in outs], binary=True).clamp(1e-7, 1 - 1e-7)
             return torch.log(p) - torch.log1p(-p)
-        logp = torch.stack([torch.log_softmax(o, -1) for o in outs])
-        return torch.logsumexp(logp, 0) - math.log(len(outs))
+        return ensemble_prediction([torch.log_softmax(o, -1) for o in outs], binary=False)
 
 
 def churn_between(runs: list[tuple[str, int]] | list[list[tuple[str, int]]],

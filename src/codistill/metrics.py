@@ -55,6 +55,15 @@ def _pairs_churn(probs: list[torch.Tensor], binary: bool) -> tuple[float, float]
     return tv / len(pairs), top1 / len(pairs)
 
 
+def ensemble_prediction(predictions: Sequence[torch.Tensor], binary: bool) -> torch.Tensor:
+    """An ensemble's prediction: the mean of its models' predicted probabilities. Binary:
+    ``predictions`` are probabilities (sigmoid) and their mean is returned; categorical: they
+    are log-probabilities (log-softmax) and the log of the mean is returned (log-sum-exp)."""
+    if binary:
+        return torch.stack(list(predictions)).mean(0)
+    return torch.logsumexp(torch.stack(list(predictions)), 0) - math.log(len(predictions))
+
+
 @torch.no_grad()
 def evaluate_models(
     models: list[nn.Module], batches: Iterable[tuple[Any, torch.Tensor]], output: str = "categorical",
@@ -64,10 +73,11 @@ def evaluate_models(
 
     ``output`` is the task's: ``categorical`` (cross entropy, accuracy) or ``binary`` (log
     loss, accuracy at 0.5, AUC, calibration = mean prediction / mean label). The ensemble
-    averages the models' predicted probabilities. Churn between two models is the mean
-    total-variation distance of their predicted distributions (for clicks: the mean absolute
-    difference of the predicted probability) and the fraction of examples whose top-1
-    prediction differs; with more than two models it is averaged over pairs.
+    averages the models' predicted probabilities (:func:`ensemble_prediction`). Churn
+    between two models is the mean total-variation distance of their predicted distributions
+    (for clicks: the mean absolute difference of the predicted probability) and the fraction
+    of examples whose top-1 prediction differs; with more than two models it is averaged
+    over pairs.
 
     Returns ``{"models": [metrics per model], "count": N}`` and, for several models,
     ``"ensemble"`` (its metrics) and ``"churn"`` (``churn_prob``, ``churn_top1``).
@@ -102,7 +112,7 @@ def evaluate_models(
                 correct[i] += int((tops[i] == t).sum())
             probs = [lp.exp() for lp in logps]
             if n > 1:
-                ens = torch.logsumexp(torch.stack(logps), 0) - math.log(n)
+                ens = ensemble_prediction(logps, binary=False)
                 ens_nll += float(-ens.gather(1, t[:, None]).sum())
                 ens_correct += int((ens.argmax(-1) == t).sum())
         if n > 1:
@@ -135,7 +145,7 @@ def evaluate_models(
         ps = [torch.cat(p) for p in probs_all]
         out["models"] = [_binary_metrics(p, y) for p in ps]
         if n > 1:
-            out["ensemble"] = _binary_metrics(torch.stack(ps).mean(0), y)
+            out["ensemble"] = _binary_metrics(ensemble_prediction(ps, binary=True), y)
     else:
         out["models"] = [{"loss": nll[i] / count, "acc": correct[i] / count} for i in range(n)]
         if n > 1:
