@@ -30,7 +30,9 @@ def atomic_write(path: str, data: bytes | str | Callable[[str], object], fsync: 
     ``data(tmp)`` writes at the temporary path it is given (e.g. ``safetensors.save_file``).
     ``fsync``: the file and then its directory's new entry are on disk before this returns.
     Returns ``path``."""
-    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"  # one per writer
+    folder, name = os.path.split(path)
+    # Hidden and one per writer: a reader listing the folder never sees a part-written file.
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         if callable(data):
             data(tmp)
@@ -45,7 +47,7 @@ def atomic_write(path: str, data: bytes | str | Callable[[str], object], fsync: 
             os.remove(tmp)
         raise
     if fsync:
-        fsync_dir(os.path.dirname(path) or ".")
+        fsync_dir(folder or ".")
     return path
 
 

@@ -38,7 +38,6 @@ import re
 import stat
 import struct
 import time
-import uuid
 from typing import Any
 
 import fsspec
@@ -46,6 +45,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..files import atomic_write
 from .base import Check, Exchange, Header, Published, tensor_nbytes
 from .signing import signer_of
 
@@ -105,24 +105,8 @@ class _LocalStore:
 
     def write(self, rel: str, data: bytes) -> None:
         path = os.path.join(self.root, rel)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, data)
 
     def _open(self, rel: str) -> tuple[int, int]:
         """(an fd, the size) of the regular file ``rel``; ValueError if it is anything else (a
