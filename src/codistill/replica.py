@@ -18,7 +18,7 @@ from .averaging import OuterSync
 from .checkpoint import Saved, State
 from .codistiller import BoundedDrift, Codistiller, DistillLoss, LockStep, TeacherSpec, Trust
 from .config import RunConfig
-from .data import ShardSampler, shard_indices
+from .data import ShardSampler, StreamSampler
 from .exchange import Exchange, state_nbytes
 from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
 from .modules import call_model
@@ -32,7 +32,7 @@ class Replica:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: ShardSampler
+    sampler: ShardSampler | StreamSampler
     codistiller: Codistiller
     spec: dict[str, Any]  # the complete model spec (saved with the weights)
     generator: torch.Generator  # data randomness (augmentation)
@@ -182,11 +182,9 @@ def build_replica(
     if wrap is not None:
         model = wrap(model)
     optimizer, scheduler = build_optimizer(cfg, model)
-    shard = shard_indices(task.train_size, cfg.replicas, replica, cfg.seed, cfg.data.shards)
-    shard = shard[worker::num_workers]
     stream = cfg.seed * STREAM_SEED_STRIDE + replica * MODEL_SEED_STRIDE + worker  # per (replica, worker)
-    sampler = ShardSampler(shard, batch_size,
-                           seed=cfg.seed * SAMPLER_SEED_STRIDE + replica * SAMPLER_REPLICA_STRIDE + worker)
+    order = cfg.seed * SAMPLER_SEED_STRIDE + replica * SAMPLER_REPLICA_STRIDE + worker
+    sampler = task.sampler(replica, cfg.replicas, worker, num_workers, batch_size, cfg.seed, order)
     c = cfg.codistill
 
     def teacher_factory(peer: int, meta: dict[str, Any]) -> nn.Module:

@@ -8,12 +8,10 @@ Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package: either inst
 from __future__ import annotations
 
 import functools
-import glob
 import gzip
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import zlib
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
+from .debian import default_cache_dir, download_deb, extract_deb, search_dirs
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +111,6 @@ def write_idx(path: str, array: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------ Fashion-MNIST
 
 
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/codistill``, or ``~/.cache/codistill``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "codistill")
-
-
 def _file_in(directory: str, name: str) -> str | None:
     """Path of ``name`` (or ``name`` without ``.gz``) inside ``directory``, if present."""
     for candidate in (name, name.removesuffix(".gz")):
@@ -132,12 +125,7 @@ def _missing(directory: str) -> list[str]:
 
 
 def _search_dirs() -> list[str]:
-    dirs = []
-    if os.environ.get("CODISTILL_DATA"):
-        dirs.append(os.path.join(os.environ["CODISTILL_DATA"], "fashion-mnist"))
-    dirs.append(os.path.join(default_cache_dir(), "fashion-mnist"))
-    dirs.append(DEBIAN_DIR)
-    return dirs
+    return search_dirs("fashion-mnist", DEBIAN_DIR)
 
 
 def fashion_mnist_dir(data_dir: str | None = None) -> str:
@@ -190,45 +178,9 @@ def load_fashion_mnist(data_dir: str | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-APT_TIMEOUT = 900  # seconds for one apt-get/dpkg command
-
-
-def _run(cmd: list[str], cwd: str) -> subprocess.CompletedProcess[str]:
-    log.info("running: %s", " ".join(cmd))
-    try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {e}") from e
-
-
-def _check(proc: subprocess.CompletedProcess[str], cmd: list[str], hint: str = "") -> None:
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-10:])
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}{hint}")
-
-
-def _download_deb(tmp: str) -> str:
-    """``apt-get download`` the package into ``tmp`` (as root: ``apt-get update`` once on failure)."""
-    cmd = ["apt-get", "download", DEBIAN_PACKAGE]
-    proc = _run(cmd, tmp)
-    root = hasattr(os, "geteuid") and os.geteuid() == 0
-    if proc.returncode != 0 and root:
-        log.info("apt-get download failed; updating the package lists once and retrying")
-        _check(_run(["apt-get", "update"], tmp), ["apt-get", "update"])
-        proc = _run(cmd, tmp)
-    hint = "" if root else "\n(as root, run `apt-get update` first; or set data.dir to a copy of the files)"
-    _check(proc, cmd, hint)
-    debs = sorted(glob.glob(os.path.join(tmp, f"{DEBIAN_PACKAGE}_*.deb")))
-    if not debs:
-        raise RuntimeError(f"`{' '.join(cmd)}` produced no {DEBIAN_PACKAGE}_*.deb in {tmp}")
-    return debs[-1]
-
-
 def _extract(deb: str, tmp: str) -> str:
     """``dpkg -x`` the package under ``tmp``; return the directory holding the four files."""
-    cmd = ["dpkg", "-x", deb, os.path.join(tmp, "x")]
-    _check(_run(cmd, tmp), cmd)
-    src = os.path.join(tmp, "x", DEBIAN_DIR.lstrip("/"))
+    src = os.path.join(extract_deb(deb, os.path.join(tmp, "x")), DEBIAN_DIR.lstrip("/"))
     missing = [n for n in FASHION_MNIST_FILES.values() if not os.path.isfile(os.path.join(src, n))]
     if missing:
         raise RuntimeError(f"{os.path.basename(deb)} lacks {', '.join(missing)} under {DEBIAN_DIR}")
@@ -278,7 +230,7 @@ def install_fashion_mnist(dest: str | None = None) -> str:
         log.info("Fashion-MNIST already in %s", dest)
         return dest
     with tempfile.TemporaryDirectory(prefix="codistill-fmnist-") as tmp:
-        src = _extract(_download_deb(tmp), tmp)
+        src = _extract(download_deb(DEBIAN_PACKAGE, tmp), tmp)
         _place(src, dest)
     log.info("Fashion-MNIST installed in %s", dest)
     return dest

@@ -6,6 +6,7 @@ from ``codistill launch``'s environment and the worker from torch.distributed by
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sized
 
@@ -70,6 +71,67 @@ class ShardSampler:
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._epoch_order()
+
+
+def stream_shard(n: int, num_shards: int, shard: int, mode: str = "disjoint") -> tuple[int, int]:
+    """(first, count) of the contiguous block of items ``0..n-1`` given to ``shard`` (every
+    item with ``shared``). For streams whose order is already a fixed shuffle (a corpus of
+    documents in hash order), where a random partition would cost a pass over all of it."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+    if mode == "shared":
+        return 0, n
+    if mode != "disjoint":
+        raise ValueError(f"data.shards must be 'disjoint' or 'shared', got {mode!r}")
+    first = n * shard // num_shards
+    return first, n * (shard + 1) // num_shards - first
+
+
+class StreamSampler:
+    """Batches of items from the block ``[first, first + count)`` with no item drawn twice
+    until all were, in a seeded order that costs no memory: the ``p``-th item drawn is
+    ``first + (a·p + c) mod count`` with ``a`` coprime to ``count``. Its position is one
+    number, so ``state()``/``load_state()`` resume exactly. After ``count`` items (an epoch)
+    a new ``(a, c)`` is drawn, and :attr:`epoch` says items now repeat."""
+
+    def __init__(self, first: int, count: int, batch_size: int, seed: int) -> None:
+        if count < batch_size:
+            raise ValueError(f"a shard of {count} items is smaller than one batch ({batch_size})")
+        if count >= 2**31:
+            raise ValueError(f"a shard of {count} items is too large for StreamSampler (at most 2**31 - 1)")
+        self.first, self.count, self.batch_size, self.seed = first, count, batch_size, seed
+        self.epoch = 0
+        self.offset = 0
+        self._order()
+
+    def _order(self) -> None:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        a = int(rng.integers(1, max(2, self.count)))
+        while math.gcd(a, self.count) != 1:
+            a = a % (self.count - 1) + 1
+        self._a, self._c = a, int(rng.integers(0, self.count))
+
+    def next_batch(self) -> np.ndarray:
+        if self.offset + self.batch_size > self.count:  # drop the ragged tail
+            self.epoch += 1
+            self.offset = 0
+            self._order()
+        p = np.arange(self.offset, self.offset + self.batch_size, dtype=np.int64)
+        self.offset += self.batch_size
+        # (a·p + c) mod count without int64 overflow: a, p < count < 2**31 keeps a·p < 2**62.
+        return self.first + (self._a * p + self._c) % self.count
+
+    @property
+    def drawn(self) -> int:
+        """Items drawn so far (counting earlier epochs)."""
+        return self.epoch * (self.count - self.count % self.batch_size) + self.offset
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order()
 
 
 def _worker_env() -> tuple[int, int]:

@@ -91,15 +91,16 @@ class Study:
     or, through :meth:`run_all` / :meth:`tuned_arms`, up to ``jobs`` at once in worker processes.
 
     ``seeds``: how many seeds (or retrain pairs) a recipe reports; ``quick``: the smoke-test
-    size; ``report_dir``: where ``results.md`` and its plots go (plots under ``results/``).
+    size; ``profile``: the hardware a recipe is sized for (``cpu``; ``gpu`` where a recipe has
+    one); ``report_dir``: where ``results.md`` and its plots go (plots under ``results/``).
     """
 
     def __init__(self, root: str, report_dir: str | None = None, seeds: int = 3, quick: bool = False,
-                 progress: bool = False, threads: int = 0, jobs: int = 1) -> None:
+                 progress: bool = False, threads: int = 0, jobs: int = 1, profile: str = "cpu") -> None:
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.root, self.report_dir, self.threads, self.jobs = root, report_dir or root, threads, jobs
-        self.seeds, self.quick, self.progress = seeds, quick, progress
+        self.seeds, self.quick, self.progress, self.profile = seeds, quick, progress, profile
         self._trained: set[str] = set()  # arm directories trained by this study
         self._read: set[str] = set()  # every arm directory it returned
         self._tasks: dict[str, Task] = {}  # loaded data, shared by the arms that use it

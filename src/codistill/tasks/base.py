@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.sharding import ShardSampler, StreamSampler, shard_indices
 from ..losses import task_loss
 from ..models import build_model
 from ..settings import DataSettings, TaskSchema
@@ -50,6 +51,14 @@ class Task(TaskSchema, ABC):
     def val_batches(self, batch_size: int, max_batches: int, device: str) -> list[Batch]:
         """Fixed validation batches (all of the split when ``max_batches`` is 0, else an evenly
         spread subset of ``max_batches`` batches)."""
+
+    def sampler(self, replica: int, num_replicas: int, worker: int, num_workers: int, batch_size: int,
+                shard_seed: int, order_seed: int) -> ShardSampler | StreamSampler:
+        """The sampler of one worker of one replica: its share of ``data.shards`` (a seeded
+        random partition of the examples, by ``shard_seed``), split among the replica's workers,
+        drawn in an order seeded by ``order_seed``."""
+        shard = shard_indices(self.train_size, num_replicas, replica, shard_seed, self.data.shards)
+        return ShardSampler(shard[worker::num_workers], batch_size, seed=order_seed)
 
     def model_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         """``spec`` completed with what the data decides (vocabulary, classes, fields)."""

