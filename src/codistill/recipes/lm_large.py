@@ -72,7 +72,7 @@ CPU = Profile(
      "optimizer": {"name": "adam", "warmup": 50, "schedule": "constant", "grad_clip": 1.0},
      "codistill": {"alpha": 1.0, "burn_in": 200, "exchange_every": 25},
      "eval": {"every": 25, "batch_size": 512, "max_batches": 4}, "checkpoint": {"every": 200}},
-    lr_grid=(0.005, 0.01, 0.02, 0.04), first_w=1, max_w=64,
+    lr_grid=(0.005, 0.01, 0.02, 0.04, 0.08), first_w=1, max_w=64,
     codistill_grid=({"burn_in": 0.25, "alpha": 1.0, "exchange_every": 25},
                     {"burn_in": 0.5, "alpha": 1.0, "exchange_every": 25},
                     {"burn_in": 0.25, "alpha": 0.5, "exchange_every": 25},
@@ -275,7 +275,9 @@ def run(study: Study) -> Section:
                     f"{'–' if math.isnan(st) else f'{st / budget:.2f}'} | {pays}"
         else:
             cells = "– | – | – | (first)"
-        sweep_lines.append(f"| {v} | {v * b} | {sweep[v].lr:g} | {final:.4f} | {cells} |")
+        at_edge = len(p.lr_grid) > 1 and sweep[v].lr in (min(p.lr_grid), max(p.lr_grid))
+        edge = " (grid edge)" if at_edge else ""
+        sweep_lines.append(f"| {v} | {v * b} | {sweep[v].lr:g}{edge} | {final:.4f} | {cells} |")
     found = double in doubling and not doubling[double] <= (1 - LIMIT_GAIN) * budget
     found_text = (f"The doubling from W={limit} to W={double} does not pay: **W* = {limit}** "
                   f"(batch {limit * b})." if found else
