@@ -3,6 +3,7 @@
 from .codistiller import Codistiller, CodistillStats
 from .config import ConfigError, RunConfig, load_config
 from .data import ReplicaSampler, shard_dataset
+from .env import replica_seed
 from .exchange import DirectoryExchange, Exchange, MemoryExchange, make_exchange
 from .exchange.signing import Trust
 from .losses import AlphaSchedule, DistillLoss, distill_loss, predict_probs, task_loss
@@ -33,6 +34,7 @@ __all__ = [
     "load_config",
     "make_exchange",
     "predict_probs",
+    "replica_seed",
     "shard_dataset",
     "task_loss",
 ]

@@ -1,5 +1,6 @@
 """The plug-in: add codistillation to an existing PyTorch training loop in a few lines.
 
+    torch.manual_seed(replica_seed(0))   # each replica its own init
     cd = Codistiller.from_env(model, exchange_every=50, alpha=AlphaSchedule(burn_in=1000))
     for x, y in batches:
         out = model(x)
@@ -53,6 +54,23 @@ class CodistillStats:
     sync_wait_s: float  # time spent waiting for peers (lock-step, bounded drift)
     teacher_versions: dict[int, int | None]  # {peer: step of the loaded weights}
     staleness: dict[int, int | None]  # {peer: steps since its loaded weights were published}
+    psi: float | None = None  # ψ (without α) of the last distill_loss; None before any teacher
+    alpha: float = 0.0  # α of the last distill_loss
+
+    def scalars(self) -> dict[str, float]:
+        """The counters as flat ``{name: number}`` for any logger (teachers by peer)."""
+        out = {"alpha": self.alpha, "bytes_published": self.bytes_published, "bytes_read": self.bytes_read,
+               "publish_failures": self.publish_failures, "publish_wait_s": self.publish_wait_s,
+               "rejected_versions": self.rejected_versions, "sync_wait_s": self.sync_wait_s}
+        if self.psi is not None:
+            out["psi"] = self.psi
+        for peer, v in self.teacher_versions.items():
+            if v is not None:
+                out[f"teacher_version/{peer}"] = v
+        for peer, s in self.staleness.items():
+            if s is not None:
+                out[f"staleness/{peer}"] = s
+        return {k: float(v) for k, v in out.items()}
 
 
 class Codistiller:
@@ -80,6 +98,9 @@ class Codistiller:
             publishes and picks the teachers' versions and hands them to the other ranks, so
             every rank distils from identical teachers. Without it every rank acts on its own.
         trust: what is accepted from the exchange: signing key, run id, size bound (:class:`Trust`).
+        writer: a TensorBoard ``SummaryWriter`` (anything with ``add_scalar``): at every
+            exchange, :meth:`stats` is written to it under ``codistill/`` (ψ, α, teachers'
+            versions and staleness, bytes, failures).
     """
 
     def __init__(
@@ -96,6 +117,7 @@ class Codistiller:
         wait: Policy | None = None,
         process_group: Any = None,
         trust: Trust | None = None,
+        writer: Any = None,
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
@@ -128,6 +150,10 @@ class Codistiller:
         self.publisher = Publisher(model, self.exchange, replica, model_spec, self.group)
         self.step = 0  # optimizer steps done, as after_step counts them
         self.last_exchange: int | None = None  # step of the last refresh
+        self.writer = writer
+        self._psi: torch.Tensor | None = None  # the last ψ, read only when stats() are asked for
+        self._alpha = 0.0
+        self._forward_checked = False
 
     @classmethod
     def from_env(cls, model: nn.Module, exchange: Exchange | str | None = None, **kwargs: Any) -> Codistiller:
@@ -174,8 +200,13 @@ class Codistiller:
         if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit predictions of shape "
                              f"{tuple(logits.shape)} (it should be {tuple(logits.shape[:-1])})")
-        target = self.distill_target(inputs, self.step if step is None else step)
+        if not self._forward_checked:
+            self.check_teacher_forward(inputs, logits)
+        step = self.step if step is None else step
+        target = self.distill_target(inputs, step)
+        self._alpha = self.alpha(step)
         if target is None:
+            self._psi = None
             return logits.new_zeros(())
         a, probs = target
         if mask is not None:
@@ -184,7 +215,35 @@ class Codistiller:
             if logits.shape[0] == 0:
                 return logits.new_zeros(())
         psi = distill_loss(logits, probs.to(logits.dtype), self.loss.kind, self.loss.temperature)
+        self._psi = psi.detach()
         return psi if a == 1.0 else a * psi
+
+    def check_teacher_forward(self, inputs: Any, logits: torch.Tensor) -> None:
+        """Call the teachers' forward (``TeacherSpec.forward``) once on the student's own model
+        (eval mode, no gradients, the random state kept) and check that its prediction has
+        the shape of ``logits``, the student's: a wrong forward is found at the first step,
+        even alone, not at the first exchange. :meth:`distill_loss` does this at its first call."""
+        self._forward_checked = True
+        module, stateful = unwrap(self.model), self.teachers.spec.stateful
+        was_training = module.training
+        devices = [logits.device] if logits.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                module.eval()
+                got = self.teachers.predict(module, inputs, None) if stateful else \
+                    self.teachers.predict(module, inputs)
+        except Exception as e:
+            raise ValueError(f"TeacherSpec.forward (how a teacher is called) fails on the student's own "
+                             f"model with the inputs given to distill_loss: {type(e).__name__}: {e}") from e
+        finally:
+            module.train(was_training)
+        got = got[0] if stateful else got
+        if tuple(got.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"TeacherSpec.forward gives predictions of shape {tuple(got.shape)} on the student's own "
+                f"model, but the student's outputs given to distill_loss have shape {tuple(logits.shape)}: "
+                "a teacher must be called as the student is (e.g. a seq-first RNN needs its hidden state "
+                "sized by x.size(1), not len(x))")
 
     def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
         """(α(step), the teachers' averaged predictions on ``inputs``), or None when α is 0
@@ -205,6 +264,9 @@ class Codistiller:
         if self.exchange_due(step):
             self.publish(step)
             self.refresh(step)
+            if self.writer is not None:
+                for name, value in self.stats(step).scalars().items():
+                    self.writer.add_scalar(f"codistill/{name}", value, step)
 
     def flush(self) -> None:
         """Finish the write in flight and stop reading ahead (until the next refresh): the
@@ -270,7 +332,8 @@ class Codistiller:
             publish_failures=self.publisher.failures, publish_wait_s=self.exchange.wait_seconds,
             rejected_versions=sum(self.exchange.rejected(p) for p in self.peers) + self.teachers.drops,
             sync_wait_s=self.picker.wait_s, teacher_versions=self.teacher_versions(),
-            staleness=self.staleness(self.step if step is None else step))
+            staleness=self.staleness(self.step if step is None else step),
+            psi=None if self._psi is None else float(self._psi), alpha=self._alpha)
 
     def teacher_versions(self) -> dict[int, int | None]:
         """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""

@@ -13,6 +13,16 @@ ENV_KEY = "CODISTILL_EXCHANGE_KEY"  # the key(s) every replica signs and verifie
 ENV_RUN_ID = "CODISTILL_RUN_ID"  # the run id written into every version
 
 
+REPLICA_SEED_STRIDE = 1009  # seed + 1009·replica: the engine's model init uses the same offsets
+
+
+def replica_seed(base: int, replica: int | None = None) -> int:
+    """A seed of this replica's own, ``base + 1009·replica`` (``replica`` from the launcher's
+    environment by default; replica 0, and a script run alone, keep ``base``). Seed each
+    replica's model with it so that replicas do not start from identical weights."""
+    return base + REPLICA_SEED_STRIDE * (replica_env()[0] if replica is None else replica)
+
+
 def replica_env() -> tuple[int, int]:
     """``(replica, num_replicas)`` from the launcher's environment; ``(0, 1)`` outside it."""
     if ENV_REPLICA not in os.environ:

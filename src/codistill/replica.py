@@ -19,6 +19,7 @@ from .checkpoint import Saved, State
 from .codistiller import BoundedDrift, Codistiller, DistillLoss, LockStep, TeacherSpec, Trust
 from .config import RunConfig
 from .data import ShardSampler, StreamSampler
+from .env import REPLICA_SEED_STRIDE
 from .exchange import Exchange, state_nbytes
 from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
 from .modules import call_model
@@ -89,7 +90,7 @@ class Replica:
 
 
 # Strides of the seeds of a replica's random streams (primes: (seed, replica, worker) stay apart).
-MODEL_SEED_STRIDE = 1009  # model init: seed + 1009·replica
+MODEL_SEED_STRIDE = REPLICA_SEED_STRIDE  # model init: seed + 1009·replica (env.replica_seed)
 STREAM_SEED_STRIDE = 100_003  # its RNG stream: seed·100_003 + replica·1009 + worker
 SAMPLER_SEED_STRIDE, SAMPLER_REPLICA_STRIDE = 7919, 131  # its shard sampler: seed·7919 + replica·131 + worker
 GENERATOR_OFFSET = 7  # the generator of its batches: the stream's seed + 7

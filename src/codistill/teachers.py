@@ -41,9 +41,11 @@ class Teacher:
     ``header`` then names the weights as the peer publishes them (default: ``module``'s)."""
 
     def __init__(self, peer: int, module: nn.Module, header: Header | None = None,
-                 forward: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> None:
+                 forward: Callable[..., Any] | None = None, stateful: bool = False) -> None:
         self.peer = peer
-        self.forward = forward or call_model  # module, inputs -> logits
+        self.forward = forward or call_model  # module, inputs[, state] -> output[, state]
+        self.stateful = stateful
+        self.state: Any = None  # a stateful forward's state (e.g. an RNN's hidden state)
         self.module = freeze(module)
         self.header = header if header is not None else header_of(module.state_dict())
         self.sharded = is_sharded(module)
@@ -72,6 +74,7 @@ class Teacher:
             ) from e
         freeze(self.module)
         self.dropped = False
+        self.state = None  # new weights start from a fresh state
         self.version = published.step
         self.meta = published.meta
         self.ident = published.ident
@@ -92,7 +95,10 @@ class Teacher:
         """The teacher's predicted probabilities (in fp32), its forward run in its own dtype
         (whatever autocast the student's step is under)."""
         with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self._bf16):
-            out = self.forward(self.module, inputs)
+            if self.stateful:
+                out, self.state = self.forward(self.module, inputs, self.state)
+            else:
+                out = self.forward(self.module, inputs)
         return predict_probs(out.float(), kind, temperature)
 
 
@@ -136,8 +142,16 @@ class TeacherSpec:
             against a skeleton built on the meta device), or a copy of the model.
         forward: ``f(module, inputs) -> output`` calls a teacher (default: ``module(x)`` for a
             tensor, ``module(*x)`` for a tuple, ``module(**x)`` for a dict); e.g. a recurrent
-            model that needs a fresh state: ``lambda m, x: m(x, m.init_hidden(len(x)))``. The
+            model that needs a fresh state on batch-first input:
+            ``lambda m, x: m(x, m.init_hidden(x.size(0)))`` (seq-first: ``x.size(1)``). The
             prediction is then found in the output as :func:`codistill.losses.prediction` does.
+            The Codistiller checks it once, at the first ``distill_loss``, on the student's
+            own model: the prediction must have the student's shape.
+        stateful: ``forward`` is ``f(module, inputs, state) -> (output, state)`` and each
+            teacher carries its state from batch to batch, as a student that carries an RNN's
+            hidden state does (``state`` is None at first and after each new version is loaded;
+            it is computed without gradients). E.g.
+            ``lambda m, x, h: m(x, h if h is not None else m.init_hidden(x.size(1)))``.
         dtype: store and run teachers in this dtype (e.g. ``torch.bfloat16``); published
             weights keep the model's dtype. None: as built.
         layout: ``f(module) -> module`` lays a new teacher out over the replica's ranks, e.g.
@@ -147,7 +161,8 @@ class TeacherSpec:
     """
 
     factory: Callable[[int, dict[str, Any]], nn.Module] | None = None
-    forward: Callable[[nn.Module, Any], Any] | None = None
+    forward: Callable[..., Any] | None = None
+    stateful: bool = False
     dtype: torch.dtype | None = None
     layout: Callable[[nn.Module], nn.Module] | None = None
     peers: list[int] | None = None
@@ -250,12 +265,16 @@ class TeacherSet(dict[int, Teacher]):
             module = module.to(self.spec.dtype)
         if self.spec.layout is not None:
             module = self.spec.layout(module)
-        teacher = self[peer] = Teacher(peer, module, header, self._predict)
+        teacher = self[peer] = Teacher(peer, module, header, self.predict, self.spec.stateful)
         return teacher
 
-    def _predict(self, module: nn.Module, inputs: Any) -> torch.Tensor:
-        """A teacher's prediction on ``inputs``, as logits."""
+    def predict(self, module: nn.Module, inputs: Any, *state: Any) -> Any:
+        """``module``'s prediction on ``inputs`` as logits, called as a teacher is (with
+        ``spec.stateful``: given its state, returning ``(logits, state)``)."""
         forward = self.spec.forward or call_model
+        if self.spec.stateful:
+            out, new_state = forward(module, inputs, *state)
+            return self.loss.logits(out), new_state
         return self.loss.logits(forward(module, inputs))
 
     def _from_meta(self, peer: int, meta: dict[str, Any]) -> nn.Module:

@@ -143,8 +143,13 @@ def _worker_env() -> tuple[int, int]:
 
 def replica_indices(n: int, replica: int | None = None, num_replicas: int | None = None,
                     worker: int | None = None, num_workers: int | None = None, seed: int = 0,
-                    mode: str = "disjoint", even: bool = True) -> np.ndarray:
+                    mode: str = "disjoint", even: bool = True, contiguous: bool = False) -> np.ndarray:
     """Indices of ``0..n-1`` for one worker of one replica.
+
+    ``contiguous``: one contiguous block per replica (in order; every index with ``shared``)
+    and a contiguous block of it per worker, for a token stream cut into sequences after
+    sharding; ``even`` then gives every worker the same number, dropping at most
+    ``num_workers - 1`` trailing indices of the replica's block.
 
     Replicas get ``shard_indices`` (disjoint and together covering the data, or ``shared``);
     a replica's shard is split among its workers. ``even``: pad the shard with its first
@@ -164,6 +169,13 @@ def replica_indices(n: int, replica: int | None = None, num_replicas: int | None
         num_workers = env_workers if num_workers is None else num_workers
     if num_workers < 1 or not 0 <= worker < num_workers:
         raise ValueError(f"worker must be in [0, {num_workers}), got {worker}")
+    if contiguous:
+        first, count = stream_shard(n, num_replicas, replica, mode)
+        if even:
+            size = count // num_workers
+            return np.arange(first + worker * size, first + (worker + 1) * size, dtype=np.int64)
+        sub, count = stream_shard(count, num_workers, worker)
+        return np.arange(first + sub, first + sub + count, dtype=np.int64)
     shard = shard_indices(n, num_replicas, replica, seed=seed, mode=mode)
     if even and len(shard) % num_workers:
         pad = num_workers - len(shard) % num_workers
@@ -171,14 +183,22 @@ def replica_indices(n: int, replica: int | None = None, num_replicas: int | None
     return shard[worker::num_workers]
 
 
-def shard_dataset(dataset: Dataset, replica: int | None = None, num_replicas: int | None = None, *,
-                  worker: int | None = None, num_workers: int | None = None, seed: int = 0,
-                  mode: str = "disjoint", even: bool = True) -> Subset:
+def shard_dataset(dataset: Dataset | torch.Tensor, replica: int | None = None,
+                  num_replicas: int | None = None, *, worker: int | None = None,
+                  num_workers: int | None = None, seed: int = 0, mode: str = "disjoint", even: bool = True,
+                  contiguous: bool = False) -> Subset | torch.Tensor:
     """This worker's part of a map-style ``dataset`` (see ``replica_indices``), as a ``Subset``.
 
     Use it with an ordinary ``DataLoader(..., shuffle=True)`` and no ``DistributedSampler``.
+    ``contiguous=True`` keeps order: each replica one contiguous part, each worker a
+    contiguous part of that — for a token stream (a 1-D tensor of token ids, for which the
+    part itself, a view, is returned), where the default's random positions would cut the
+    text apart.
     """
-    idx = replica_indices(len(dataset), replica, num_replicas, worker, num_workers, seed, mode, even)
+    idx = replica_indices(len(dataset), replica, num_replicas, worker, num_workers, seed, mode, even,
+                          contiguous)
+    if contiguous and isinstance(dataset, torch.Tensor):
+        return dataset[int(idx[0]) : int(idx[-1]) + 1] if len(idx) else dataset[:0]
     return Subset(dataset, idx.tolist())
 
 
