@@ -344,3 +344,46 @@ def test_a_missing_framework_names_its_extra(monkeypatch, module, extra):
     monkeypatch.setitem(sys.modules, blocked, None)  # import fails as if not installed
     with pytest.raises(MissingExtra, match=rf"pip install 'codistill\[{extra}\]'"):
         __import__(f"codistill.integrations.{module}")
+
+
+# -- per-replica outputs ---------------------------------------------------------------------
+
+def test_hf_trainer_writes_into_a_directory_of_its_replica(tmp_path, replica_env):
+    transformers = pytest.importorskip("transformers")
+    from codistill.integrations.hf import CodistillTrainer
+
+    replica_env(1)
+    model = transformers.GPT2LMHeadModel(_causal_config("gpt2"))
+    data = [{"input_ids": s, "labels": s} for s in counting_tokens(8, 16, 0)]
+    trainer = CodistillTrainer(model=model, args=_training_args(tmp_path / "out"), train_dataset=data)
+    assert trainer.args.output_dir == str(tmp_path / "out" / "replica-1")
+    trainer.save_model()
+    assert (tmp_path / "out" / "replica-1" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["replica-1"]
+    named = CodistillTrainer(model=model, args=_training_args(tmp_path / "run-replica-1"), train_dataset=data)
+    assert named.args.output_dir == str(tmp_path / "run-replica-1")  # named by `{replica}` already
+    trainer.codistiller.close()
+    named.codistiller.close()
+
+
+def test_lightning_replicas_started_alike_get_their_own_logs_and_checkpoints(tmp_path, replica_env):
+    L, TinyLM = _lightning_module()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from codistill.integrations.lightning import CodistillCallback
+
+    for r in (1, 0):  # the same arguments for both, as `codistill launch` runs them
+        replica_env(r)
+        data = torch.utils.data.TensorDataset(counting_tokens(64, 9, r))
+        trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, default_root_dir=str(tmp_path),
+                            callbacks=[CodistillCallback(exchange_every=2),
+                                       ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="last")],
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(TinyLM(), torch.utils.data.DataLoader(data, batch_size=8))
+        assert trainer.logger.log_dir == str(tmp_path / "lightning_logs" / f"version_0-replica-{r}")
+    logs = tmp_path / "lightning_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0-replica-0", "version_0-replica-1"]
+    for r in (0, 1):
+        files = [p.name for p in (logs / f"version_0-replica-{r}").iterdir()]
+        assert "hparams.yaml" in files and len([f for f in files if "tfevents" in f]) == 1
+        assert (tmp_path / "ckpt" / f"replica-{r}" / "last.ckpt").is_file()

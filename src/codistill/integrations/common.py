@@ -1,6 +1,10 @@
-"""What the framework integrations share: which positions ψ counts, and the replica's group."""
+"""What the framework integrations share: which positions ψ counts, the replica's group, and
+per-replica output paths."""
 
 from __future__ import annotations
+
+import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -27,3 +31,11 @@ def use_default_group(cd: Codistiller) -> Codistiller:
             and dist.get_world_size() > 1:
         cd.group.process_group = dist.group.WORLD
     return cd
+
+
+def per_replica(path: str, replica: int) -> str:
+    """``path/replica-R``, unless ``path`` names the replica already (``replica-R``,
+    ``replica_R`` or ``replicaR`` in it, as ``codistill launch``'s ``{replica}`` may have made)."""
+    if re.search(rf"replica[-_]?{replica}(?!\d)", path):
+        return path
+    return os.path.join(path, f"replica-{replica}")

@@ -13,7 +13,9 @@ labels; the teachers are published and refreshed after the Trainer's optimizer s
 number of replicas and exchange come from ``codistill launch``'s environment
 (:meth:`Codistiller.from_env`); under the Trainer's own data parallelism (torchrun, accelerate
 launch) all its processes are one replica. For token predictions ψ counts the positions the
-task loss counts: labels ≠ -100, shifted by one for a causal LM.
+task loss counts: labels ≠ -100, shifted by one for a causal LM. With N > 1 replicas each
+writes into its own ``output_dir/replica-R`` (checkpoints, logs, saved models), unless the
+path names its replica already.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from torch import nn
 
 from .._extras import require
 from ..codistiller import Codistiller
+from ..env import replica_env
 from ..modules import prediction
-from .common import token_mask, use_default_group
+from .common import per_replica, token_mask, use_default_group
 
 transformers = require("transformers", "the Hugging Face Trainer integration")
 
@@ -68,6 +71,11 @@ class CodistillTrainer(transformers.Trainer):
 
     def __init__(self, *args: Any, codistiller: Codistiller | Mapping[str, Any] | None = None,
                  shift_labels: bool | None = None, **kwargs: Any) -> None:
+        replica, num_replicas = ((codistiller.replica, codistiller.num_replicas)
+                                 if isinstance(codistiller, Codistiller) else replica_env())
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if num_replicas > 1 and training_args is not None and training_args.output_dir:
+            training_args.output_dir = per_replica(training_args.output_dir, replica)
         super().__init__(*args, **kwargs)
         if self.model is None:
             raise ValueError("CodistillTrainer needs model= (model_init is not supported)")

@@ -19,21 +19,27 @@ LightningModule, called as ``teacher(x)`` (its ``forward``) unless ``teachers=Te
 says otherwise. Under a data-parallel strategy (``strategy="ddp"``) all the Trainer's processes are
 one replica: its first rank publishes and loads, and hands the teachers to the others. The
 teachers travel in Lightning's checkpoints, so ``fit(ckpt_path=...)`` resumes ψ as it was.
+With N > 1 replicas each gets its own logger version (``version_0-replica-R``) and
+checkpoint directory, so replicas launched with the same arguments overwrite nothing.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import torch
 
 from .._extras import require
 from ..codistiller import Codistiller
-from .common import use_default_group
+from .common import per_replica, use_default_group
 
 L = require("lightning.pytorch", "the PyTorch Lightning integration")
 
 __all__ = ["CodistillCallback", "distill_loss"]
+
+EMPTY_EVENT_FILE = 1024  # bytes: a TensorBoard event file holding its header alone
 
 
 class CodistillCallback(L.Callback):
@@ -60,6 +66,8 @@ class CodistillCallback(L.Callback):
         if self.codistiller is None:
             self.codistiller = Codistiller.from_env(pl_module, **self.kwargs)
         use_default_group(self.codistiller)  # the strategy's processes are one replica
+        if self.codistiller.num_replicas > 1:
+            _separate_outputs(trainer, self.codistiller.replica)
 
     def distill_loss(self, inputs: Any, outputs: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
         """α·ψ at the Trainer's step (:meth:`Codistiller.distill_loss`; see :func:`distill_loss`)."""
@@ -86,6 +94,47 @@ class CodistillCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "codistiller" in state_dict and self.codistiller is not None:  # restored after setup
             self.codistiller.load_state_dict(state_dict["codistiller"])
+
+
+def _separate_outputs(trainer: Any, replica: int) -> None:
+    """Give this replica its own logger versions and checkpoint directories. Lightning made
+    the loggers' directories before any callback's ``setup`` (the same ``version_N`` for
+    every replica started at once): each logger is moved to ``version_N-replica-R``, and the
+    empty directory left behind is removed. ModelCheckpoints set up after this callback, so
+    one without a ``dirpath`` follows its logger; one with a ``dirpath`` gets ``dirpath/replica-R``."""
+    for logger in trainer.loggers:
+        if not hasattr(logger, "_version") or not hasattr(logger, "_experiment"):
+            continue  # a logger without versions (e.g. an online service's run): left as it is
+        version = logger._version
+        if isinstance(version, str) and per_replica(version, replica) == version:
+            continue
+        old_dir, old = logger.log_dir, logger._experiment
+        logger._version = f"{version if isinstance(version, str) else f'version_{version}'}-replica-{replica}"
+        logger._experiment = None  # made again, lazily, in the new directory
+        _close_and_remove(old, old_dir)
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None):
+            callback.dirpath = per_replica(str(callback.dirpath), replica)
+
+
+def _close_and_remove(experiment: Any, directory: str) -> None:
+    """Close a logger's first experiment and remove what it alone wrote: the empty event files
+    this process made (TensorBoard names them ``…tfevents.TIME.HOST.PID.N``), then the
+    directory if nothing else is in it."""
+    if experiment is None:
+        return
+    close = getattr(experiment, "close", None)
+    if callable(close):
+        close()
+    mine = re.compile(rf"tfevents\.\d+\..*\.{os.getpid()}\.\d+$")
+    try:
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if mine.search(name) and os.path.isfile(path) and os.path.getsize(path) <= EMPTY_EVENT_FILE:
+                os.unlink(path)
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty (another run's files stay) or already gone
 
 
 def distill_loss(module: Any, inputs: Any, outputs: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
