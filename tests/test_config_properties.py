@@ -57,8 +57,11 @@ def _invalid(f: dataclasses.Field, tp) -> st.SearchStrategy:
     """Values that break ``f``'s rules: outside its bounds or choices, non-finite, or of
     another type altogether."""
     rules = f.metadata
-    bad: list[st.SearchStrategy] = [st.lists(st.integers(), max_size=2),
-                                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)]
+    bad: list[st.SearchStrategy] = [st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)]
+    if rules.get("text"):  # numbers read as strings (column names): YAML booleans are refused
+        bad += [st.booleans(), st.lists(st.booleans(), min_size=1, max_size=2)]
+    else:
+        bad.append(st.lists(st.integers(), max_size=2))
     if "choices" in rules:
         bad.append(st.text(max_size=8).filter(lambda v: v not in rules["choices"]))
     if _number_type(tp) is not None:

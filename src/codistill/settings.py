@@ -28,9 +28,13 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, *, choices: tuple | None = None, gt: float | None = None,
-            ge: float | None = None, lt: float | None = None) -> Any:
-    """A config field with its rules: allowed ``choices`` and bounds (checked when loaded)."""
+            ge: float | None = None, lt: float | None = None, text: bool = False) -> Any:
+    """A config field with its rules: allowed ``choices`` and bounds (checked when loaded).
+    ``text``: a name or names (of columns, say) whose numbers — what YAML makes of an unquoted
+    ``4`` or ``1.5`` — are read as strings."""
     meta = {k: v for k, v in (("choices", choices), ("gt", gt), ("ge", ge), ("lt", lt)) if v is not None}
+    if text:
+        meta["text"] = True
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -72,24 +76,36 @@ def check_type(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
 
 
+def as_text(value: Any, name: str) -> Any:
+    """``value`` with its numbers (also in a list) as strings; a YAML boolean is a ConfigError."""
+    if isinstance(value, list):
+        return [as_text(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be str, got {value!r} (YAML reads an unquoted yes/no/on/off/"
+                          f"true/false as a boolean: quote it)")
+    return str(value) if isinstance(value, (int, float)) else value
+
+
 def build(cls: type, values: Any, prefix: str, types_: dict[str, type] | None = None) -> Any:
     """An instance of the config dataclass ``cls`` from plain values (``types_`` overrides the
     type of some fields, e.g. ``data`` by the task's own dataclass)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = {**typing.get_type_hints(cls), **(types_ or {})}
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = check_type(value, tp, f"{prefix}{key}")
+            continue
+        if fields[key].metadata.get("text"):
+            value = as_text(value, f"{prefix}{key}")
+        kwargs[key] = check_type(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
 
 

@@ -38,6 +38,15 @@ class ClickTable:
         return len(self.labels)
 
 
+class MissingColumn(ValueError):
+    """A requested column is not in the table file; ``role`` is ``label``, ``categorical`` or
+    ``numeric`` (the argument of :func:`load_table` that asked for it)."""
+
+    def __init__(self, role: str, column: str, path: str, available: list[str]) -> None:
+        super().__init__(f"column {column!r} is not in {path} (columns: {available})")
+        self.role, self.column = role, column
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -60,15 +69,15 @@ def encode_categorical(values: Sequence[str | None] | np.ndarray,
     return codes, int(keep.sum()) + 1
 
 
-def _encode_fields(columns: dict[str, Sequence], min_count: int) -> tuple[np.ndarray, list[int]]:
+def _encode_fields(columns: dict[str, Sequence], rows: int, min_count: int) -> tuple[np.ndarray, list[int]]:
+    """Codes ``[rows, F]`` of the fields ``columns`` (``[rows, 0]`` for none) and their cardinalities."""
     codes, cards = [], []
     for name, values in columns.items():
         c, k = encode_categorical(values, min_count)
         codes.append(c)
         cards.append(k)
         log.debug("field %s: cardinality %d", name, k)
-    n = len(next(iter(columns.values()))) if columns else 0
-    cat = np.stack(codes, axis=1) if codes else np.zeros((n, 0), np.int64)
+    cat = np.stack(codes, axis=1) if codes else np.zeros((rows, 0), np.int64)
     return cat.astype(np.int64), cards
 
 
@@ -175,17 +184,21 @@ def load_table(path: str, label: str, categorical: Sequence[str] = (), numeric: 
                min_count: int = 1, positive: str | None = None) -> ClickTable:
     """Load a CSV/TSV/Parquet click table. ``label`` holds 0/1 (or ``positive`` marks clicks);
     ``categorical`` columns are encoded (rare → 0), ``numeric`` ones cast to float (missing → 0)."""
+    if not categorical and not numeric:
+        raise ValueError(f"{path}: a click table needs categorical and/or numeric feature columns")
     table = _read_file(str(path))
     available = table.column_names
-    for col in [label, *categorical, *numeric]:
-        if col not in available:
-            raise ValueError(f"column {col!r} is not in {path} (columns: {available})")
+    for role, columns in (("label", [label]), ("categorical", categorical), ("numeric", numeric)):
+        for col in columns:
+            if col not in available:
+                raise MissingColumn(role, col, str(path), available)
     if table.num_rows == 0:
         raise ValueError(f"{path} has no rows")
     labels = _labels(table, label, str(path), positive)
-    cat, cards = _encode_fields({c: _column_strings(table, c) for c in categorical}, min_count)
+    rows = table.num_rows
+    cat, cards = _encode_fields({c: _column_strings(table, c) for c in categorical}, rows, min_count)
     nums = [_column_numeric(table, c, str(path)) for c in numeric]
-    num = np.stack(nums, axis=1) if nums else np.zeros((table.num_rows, 0), np.float32)
+    num = np.stack(nums, axis=1) if nums else np.zeros((rows, 0), np.float32)
     out = ClickTable(cat, num.astype(np.float32), labels, cards, list(categorical), list(numeric), str(path))
     log.info("loaded %s: %d rows, click rate %.3f, cardinalities %s", path, len(labels),
              float(labels.mean()), cards)
@@ -285,7 +298,7 @@ def load_movielens(path: str | None = None, min_count: int = 1) -> ClickTable:
         "release_year": year_s,
         "genres": item("class"),
     }
-    cat, cards = _encode_fields(columns, min_count)
+    cat, cards = _encode_fields(columns, n, min_count)
     hour = (ts // 3600) % 24
     weekday = (ts // 86400 + 3) % 7  # 1970-01-01 was a Thursday
     num = np.stack([age, year, hour, weekday], axis=1).astype(np.float32)
@@ -327,7 +340,7 @@ def load_adult(path: str | None = None, min_count: int = 1) -> ClickTable:
         table[c].type) or pa.types.is_dictionary(table[c].type)]
     numeric = [c for c in features if c not in categorical and (
         pa.types.is_integer(table[c].type) or pa.types.is_floating(table[c].type))]
-    cat, cards = _encode_fields({c: _column_strings(table, c) for c in categorical}, min_count)
+    cat, cards = _encode_fields({c: _column_strings(table, c) for c in categorical}, len(labels), min_count)
     num = np.stack([_column_numeric(table, c, path) for c in numeric], axis=1)
     out = ClickTable(cat, num.astype(np.float32), labels, cards, categorical, numeric, path)
     log.info("Adult: %d rows, click rate %.3f, cardinalities %s", len(labels), float(labels.mean()), cards)
@@ -452,5 +465,5 @@ class CriteoGenerator:
         return cat, num.astype(np.float32), (u < p).astype(np.float32)
 
 
-__all__ = ["ClickTable", "CriteoGenerator", "encode_categorical", "load_adult", "load_movielens",
-           "load_table", "movielens_dir", "splitmix64"]
+__all__ = ["ClickTable", "CriteoGenerator", "MissingColumn", "encode_categorical", "load_adult",
+           "load_movielens", "load_table", "movielens_dir", "splitmix64"]

@@ -28,7 +28,8 @@ class ClickModel(nn.Module):
     """Embedding per categorical field, concatenated with the numeric features, into a ReLU
     MLP; with ``cross_layers > 0`` a DCN cross network on the same input, whose output joins
     the MLP's last hidden layer before the final linear. ``forward(categorical, numeric)``
-    returns logits ``[B]``."""
+    returns logits ``[B]``. Without categorical fields there is no embedding: the MLP reads
+    the numeric features alone (``categorical`` may then be ``[B, 0]`` or None)."""
 
     def __init__(self, cardinalities: list[int], num_numeric: int, embed_dim: int = 8,
                  hidden: list[int] | None = None, cross_layers: int = 0, dropout: float = 0.0) -> None:
@@ -47,8 +48,9 @@ class ClickModel(nn.Module):
         offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0) if cards else torch.zeros(0)
         self.register_buffer("offsets", offsets.long(), persistent=False)
         self.register_buffer("limits", torch.tensor(cards, dtype=torch.long), persistent=False)
-        self.embedding = nn.Embedding(max(sum(cards), 1), embed_dim)
-        nn.init.normal_(self.embedding.weight, std=0.05)
+        self.embedding = nn.Embedding(sum(cards), embed_dim) if cards else None
+        if self.embedding is not None:
+            nn.init.normal_(self.embedding.weight, std=0.05)
         in_dim = self.num_fields * embed_dim + self.num_numeric
         layers: list[nn.Module] = []
         prev = in_dim
@@ -61,32 +63,42 @@ class ClickModel(nn.Module):
         self.cross = nn.ModuleList(CrossLayer(in_dim) for _ in range(cross_layers))
         self.head = nn.Linear(prev + (in_dim if cross_layers else 0), 1)
 
-    def _check(self, categorical: torch.Tensor, numeric: torch.Tensor | None) -> torch.Tensor:
+    def _check(self, categorical: torch.Tensor | None, numeric: torch.Tensor | None) -> torch.Tensor:
+        """``numeric`` (zeros ``[B, 0]`` for None) once both inputs have the expected shapes."""
         f, d = self.num_fields, self.num_numeric
-        if categorical.dim() != 2 or categorical.shape[1] != f:
-            raise ValueError(f"categorical: expected shape [batch, {f}], found {list(categorical.shape)}")
+        if categorical is None and not f and numeric is not None and numeric.dim() == 2:
+            b = numeric.shape[0]
+        else:
+            b = self._check_categorical(categorical)
+        if numeric is None:
+            if d:
+                raise ValueError(f"numeric: expected shape [batch, {d}], found None")
+            return torch.zeros((b, 0), dtype=self.head.weight.dtype, device=self.head.weight.device)
+        if numeric.dim() != 2 or numeric.shape[1] != d or numeric.shape[0] != b:
+            raise ValueError(f"numeric: expected shape [{b}, {d}], found {list(numeric.shape)}")
+        return numeric
+
+    def _check_categorical(self, categorical: torch.Tensor | None) -> int:
+        """The batch size of integer codes ``[B, F]`` that lie within each field's cardinality."""
+        f = self.num_fields
+        if categorical is None or categorical.dim() != 2 or categorical.shape[1] != f:
+            found = None if categorical is None else list(categorical.shape)
+            raise ValueError(f"categorical: expected shape [batch, {f}], found {found}")
         if categorical.is_floating_point() or categorical.is_complex():
             raise ValueError(f"categorical: expected integer codes, found dtype {categorical.dtype}")
         if f and categorical.numel() and ((categorical < 0) | (categorical >= self.limits)).any():
             raise ValueError(f"categorical: codes must lie in [0, cardinality) per field, "
                              f"cardinalities {self.cardinalities}")
-        b = categorical.shape[0]
-        if numeric is None:
-            if d:
-                raise ValueError(f"numeric: expected shape [batch, {d}], found None")
-            return categorical.new_zeros((b, 0), dtype=self.embedding.weight.dtype)
-        if numeric.dim() != 2 or numeric.shape[1] != d or numeric.shape[0] != b:
-            raise ValueError(f"numeric: expected shape [{b}, {d}], found {list(numeric.shape)}")
-        return numeric
+        return categorical.shape[0]
 
-    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, categorical: torch.Tensor | None, numeric: torch.Tensor | None = None) -> torch.Tensor:
         numeric = self._check(categorical, numeric)
         parts = []
-        if self.num_fields:
+        if self.embedding is not None and categorical is not None:
             emb = self.embedding(categorical.long() + self.offsets)  # [B, F, E]
             parts.append(emb.flatten(1))
         if self.num_numeric:
-            parts.append(numeric.to(self.embedding.weight.dtype))
+            parts.append(numeric.to(self.head.weight.dtype))
         x0 = torch.cat(parts, dim=1)
         h = self.mlp(x0)
         if self.cross:

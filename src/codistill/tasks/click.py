@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..data.tabular import ClickTable, CriteoGenerator, load_adult, load_movielens, load_table
+from ..data.tabular import (
+    ClickTable,
+    CriteoGenerator,
+    MissingColumn,
+    load_adult,
+    load_movielens,
+    load_table,
+)
 from ..settings import ConfigError, DataSettings, setting
 from .base import Batch, Task, spread_subset
 
@@ -21,10 +28,11 @@ if TYPE_CHECKING:
 class ClickData(DataSettings):
     name: str = setting("movielens", choices=("movielens", "adult", "table", "criteo"))
     path: str | None = None  # movielens: a directory of ml-100k files; adult/table: the file
-    label: str | None = None  # table: the 0/1 click column
-    categorical: list[str] = setting([])  # table: categorical columns
-    numeric: list[str] = setting([])  # table: numeric columns
-    positive: str | None = None  # table: the label value that means a click (string labels)
+    # Column names and the positive label are strings even if YAML read them as numbers.
+    label: str | None = setting(None, text=True)  # table: the 0/1 click column
+    categorical: list[str] = setting([], text=True)  # table: categorical columns
+    numeric: list[str] = setting([], text=True)  # table: numeric columns
+    positive: str | None = setting(None, text=True)  # table: the label value that means a click
     min_count: int = setting(1, gt=0)  # rarer categories share the 'unknown' id 0
     val_fraction: float = setting(0.1, gt=0, lt=0.5)  # held-out rows (random, by split_seed)
     # The validation split and the generator's rows: fixed across retrains with other `seed`s
@@ -73,8 +81,11 @@ class ClickTask(Task):
             return load_adult(data.path, min_count=data.min_count)
         if not data.path or not data.label:
             raise ConfigError("data.name 'table' needs data.path (a CSV or Parquet file) and data.label")
-        return load_table(data.path, data.label, data.categorical, data.numeric,
-                          min_count=data.min_count, positive=data.positive)
+        try:
+            return load_table(data.path, data.label, data.categorical, data.numeric,
+                              min_count=data.min_count, positive=data.positive)
+        except MissingColumn as e:
+            raise ConfigError(f"data.{e.role}: {e}") from None
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -82,7 +93,8 @@ class ClickTask(Task):
         if d.name == "table" and (not d.path or not d.label):
             raise ConfigError("data.name 'table' needs data.path (a CSV or Parquet file) and data.label")
         if d.name == "table" and not (d.categorical or d.numeric):
-            raise ConfigError("data.name 'table' needs data.categorical and/or data.numeric columns")
+            raise ConfigError("data.name 'table' needs feature columns: data.categorical and/or "
+                              "data.numeric (both are empty)")
 
     def _fit_numeric(self, train_numeric: np.ndarray) -> None:
         """Standardise numeric features with the training rows' statistics."""
