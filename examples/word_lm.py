@@ -1,6 +1,8 @@
 """A plain single-process PyTorch word-level LSTM language model, with 2-way codistillation
-added in six lines (each marked ``# codistill``; the last publish is written by a background
-thread that finishes before the interpreter exits, or call ``cd.close()``).
+added in six lines, each marked ``# codistill``: the import, a seed of each replica's own,
+its disjoint part of the data, the Codistiller (burn-in, how a teacher is called, what the
+model predicts), ψ added to the loss, and the step counted. The last publish is written by a
+background thread that finishes before the interpreter exits (or call ``cd.close()``).
 
 The script is the usual kind: an RNN model whose ``forward(x, hidden)`` returns
 ``(log_probs, hidden)``, a hidden state carried from batch to batch, an optimizer loop. Run
@@ -73,8 +75,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--bptt", type=int, default=35)
     p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--burn-in", type=int, default=100, help="steps before distillation starts")
     a = p.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(codistill.replica_seed(a.seed))  # codistill
     ids, vocab = corpus(a.vocab)
     train = Windows(ids, a.bptt)
     train = codistill.shard_dataset(train)  # codistill
@@ -82,9 +86,10 @@ def main() -> None:
     model = RNNModel(vocab)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loss_fn = nn.NLLLoss()
-    fresh = codistill.TeacherSpec(forward=lambda m, x: m(x, m.init_hidden(len(x))))  # codistill
-    cd = codistill.Codistiller.from_env(model, exchange_every=25, teachers=fresh,  # codistill
-                                        loss=codistill.DistillLoss(predictions="log_probs"))  # codistill
+    cd = codistill.Codistiller.from_env(  # codistill
+        model, exchange_every=25, alpha=codistill.AlphaSchedule(burn_in=a.burn_in),
+        teachers=codistill.TeacherSpec(forward=lambda m, x: m(x, m.init_hidden(x.size(0)))),
+        loss=codistill.DistillLoss(predictions="log_probs"))
     hidden, step = model.init_hidden(a.batch), 0
     while step < a.steps:
         for x, y in loader:
@@ -99,7 +104,9 @@ def main() -> None:
             cd.after_step()  # codistill
             step += 1
             if step % 50 == 0:
-                print(f"step {step}: loss {loss.item():.3f} teachers {cd.teacher_versions()}", flush=True)
+                s = cd.stats()  # ψ apart from the task loss, α, the teachers' versions
+                print(f"step {step}: loss {loss.item():.3f} psi {s.psi} alpha {s.alpha} "
+                      f"teachers {s.teacher_versions}", flush=True)
             if step == a.steps:
                 break
 

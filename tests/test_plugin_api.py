@@ -174,7 +174,8 @@ def test_the_word_lm_example_codistills_under_the_launcher(tmp_path: Path) -> No
     """examples/word_lm.py: a plain script plus six lines, 2 replicas through codistill launch."""
     job = subprocess.run(
         [sys.executable, "-m", "codistill", "launch", "--replicas", "2", "--exchange", str(tmp_path / "ex"),
-         "--", sys.executable, str(ROOT / "examples" / "word_lm.py"), "--steps", "100", "--vocab", "500"],
+         "--", sys.executable, str(ROOT / "examples" / "word_lm.py"), "--steps", "100", "--vocab", "500",
+         "--burn-in", "25"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
     for r in (0, 1):
@@ -184,3 +185,5 @@ def test_the_word_lm_example_codistills_under_the_launcher(tmp_path: Path) -> No
         # An untrained model's φ alone is about log 500 = 6.2 (ψ adds to it); 100 steps reach
         # 3.6-3.8 on this one batch: a nat and a half below is a model that learned.
         assert math.isfinite(loss) and loss < math.log(500) - 1.5
+        psi = float(lines[0].split("psi ")[1].split()[0])  # the replicas differ: seeded apart, data apart
+        assert 0 < psi < loss
