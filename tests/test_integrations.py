@@ -387,3 +387,31 @@ def test_lightning_replicas_started_alike_get_their_own_logs_and_checkpoints(tmp
         files = [p.name for p in (logs / f"version_0-replica-{r}").iterdir()]
         assert "hparams.yaml" in files and len([f for f in files if "tfevents" in f]) == 1
         assert (tmp_path / "ckpt" / f"replica-{r}" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_lightning_cli_replicas_launched_alike_overwrite_nothing(tmp_path):
+    """examples/lightning_cli.py, 2 replicas through `codistill launch` with identical
+    arguments: each its own logs, config and checkpoint; both exchange versions."""
+    pytest.importorskip("jsonargparse")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    job = subprocess.run(
+        [sys.executable, "-m", "codistill", "launch", "--replicas", "2", "--exchange", str(tmp_path / "ex"),
+         "--", sys.executable, os.path.join(root, "examples", "lightning_cli.py"), "fit",
+         "--trainer.max_steps", "20", "--data.chars", "60000",
+         "--trainer.callbacks+=codistill.integrations.lightning.CodistillCallback",
+         "--trainer.callbacks.exchange_every=5", "--trainer.callbacks.burn_in=5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    logs = tmp_path / "lightning_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0-replica-0", "version_0-replica-1"]
+    for r in (0, 1):
+        run = logs / f"version_0-replica-{r}"
+        assert (run / "config.yaml").is_file() and (run / "hparams.yaml").is_file()
+        (ckpt,) = (run / "checkpoints").iterdir()
+        assert ckpt.name.endswith("step=20.ckpt")
+        assert DirectoryExchange(str(tmp_path / "ex")).versions(r)[-1] == 20  # older ones pruned
+        state = torch.load(ckpt, weights_only=False)
+        (codistill_state,) = [v for k, v in state["callbacks"].items() if "CodistillCallback" in k]
+        versions = {p: t["version"] for p, t in codistill_state["codistiller"]["teachers"].items()}
+        assert versions.get(1 - r) is not None, versions  # a teacher was loaded from the peer

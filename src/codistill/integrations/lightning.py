@@ -33,6 +33,7 @@ import torch
 
 from .._extras import require
 from ..codistiller import Codistiller
+from ..losses import AlphaSchedule
 from .common import per_replica, use_default_group
 
 L = require("lightning.pytorch", "the PyTorch Lightning integration")
@@ -47,15 +48,21 @@ class CodistillCallback(L.Callback):
 
     Args:
         codistiller: a ready :class:`Codistiller` of the LightningModule; None: built in
-            ``setup`` by :meth:`Codistiller.from_env` with ``kwargs`` (e.g. ``exchange_every=50,
-            alpha=AlphaSchedule(burn_in=200), teachers=TeacherSpec(forward=...)``).
+            ``setup`` by :meth:`Codistiller.from_env` with ``exchange_every``, ``alpha``,
+            ``burn_in`` and ``kwargs`` (e.g. ``teachers=TeacherSpec(forward=...)``).
+        exchange_every: K; alpha: α (a number, or an :class:`AlphaSchedule`); burn_in: steps
+            before ψ starts (with a number α). Named, so that ``LightningCLI`` can set them:
+            ``--trainer.callbacks+=codistill.integrations.lightning.CodistillCallback
+            --trainer.callbacks.exchange_every=50 --trainer.callbacks.burn_in=200``.
 
     The Codistiller is flushed when training ends (a further ``fit`` goes on with it).
     """
 
-    def __init__(self, codistiller: Codistiller | None = None, **kwargs: Any) -> None:
+    def __init__(self, codistiller: Codistiller | None = None, exchange_every: int = 50,
+                 alpha: float | AlphaSchedule = 1.0, burn_in: int = 0, **kwargs: Any) -> None:
         self.codistiller = codistiller
-        self.kwargs = kwargs
+        schedule = alpha if isinstance(alpha, AlphaSchedule) else AlphaSchedule(alpha, burn_in)
+        self.kwargs = {"exchange_every": exchange_every, "alpha": schedule, **kwargs}
         self._trainer: Any = None
         self._done: int | None = None  # the global step after_step last saw
 
