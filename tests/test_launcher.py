@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from codistill import launcher
 from codistill.cli import main
 from codistill.launcher import Launcher, replica_command
 
@@ -28,6 +29,11 @@ if os.environ["CODISTILL_RESTART"] == "0":
     os.kill(os.getpid(), signal.SIGKILL)
 print("attempt", os.environ["CODISTILL_RESTART"])
 """
+
+
+@pytest.fixture(autouse=True)
+def _short_backoff(monkeypatch):
+    monkeypatch.setattr(launcher, "BACKOFF_FIRST", 0.01)
 
 
 def _script(tmp_path, text: str) -> str:
@@ -59,7 +65,8 @@ def test_a_replica_that_dies_is_restarted(tmp_path, caplog):
     assert "stopped with signal SIGKILL; restart 1 of 3" in caplog.text
 
 
-def test_a_replica_that_keeps_failing_fails_the_launch(tmp_path, caplog):
+def test_a_replica_that_keeps_failing_fails_the_launch(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(launcher, "QUICK_EXIT", 0.0)  # as if each ran a while: see test_launcher_args
     script = "import os; print('try', os.environ['CODISTILL_RESTART']); raise SystemExit(3)"
     code, out, _ = _launch(tmp_path, script, replicas=1, max_restarts=2)
     assert code == 1

@@ -205,17 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
+    from .launcher import BACKOFF_FIRST, BACKOFF_MAX, QUICK_EXIT
+
     la = sub.add_parser("launch", help="run N replicas of your own training script",
                         usage="codistill launch --replicas N --exchange DIR [--workers W] -- COMMAND ...",
-                        description="Start N replicas of COMMAND, each with CODISTILL_REPLICA, "
-                                    "CODISTILL_NUM_REPLICAS, CODISTILL_EXCHANGE and CODISTILL_RESTART set "
-                                    "(under torchrun when W > 1); stream their output prefixed "
-                                    "[replica R]; restart a replica that fails; Ctrl-C stops them all.")
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description=f"""\
+Start N replicas of COMMAND, each with CODISTILL_REPLICA, CODISTILL_NUM_REPLICAS,
+CODISTILL_EXCHANGE and CODISTILL_RESTART set (under torchrun when W > 1); stream their
+output prefixed [replica R]; restart a replica that fails; Ctrl-C stops them all.
+
+{{replica}} and {{num_replicas}} in COMMAND's arguments become each replica's index and N,
+so that replicas write files of their own:
+  codistill launch --replicas 2 --exchange ex -- python train.py --save model-{{replica}}.pt
+An argument that looks like an output path and is the same for every replica is warned
+about.
+
+A bare python, python3 or python3.X (of this version) as COMMAND's first word runs this
+interpreter (the one codistill is installed in), not the first python on PATH.
+
+A replica that exits non-zero is restarted after {BACKOFF_FIRST:g} s, {2 * BACKOFF_FIRST:g} s, \
+{4 * BACKOFF_FIRST:g} s ... (at most {BACKOFF_MAX:g} s),
+up to --max-restarts times, while the others run on. One that exits within {QUICK_EXIT:g} s
+of its start with the same exit code twice in a row (an import error, a bad argument)
+fails at once.""")
     la.add_argument("--replicas", type=int, required=True, help="N, the number of replicas")
     la.add_argument("--exchange", required=True, help="exchange directory or URL the replicas share")
     la.add_argument("--workers", type=int, default=1, help="W workers per replica (torchrun when > 1)")
     la.add_argument("--max-restarts", type=int, default=3,
-                    help="restarts of a replica that exits non-zero before it counts as failed (default 3)")
+                    help="restarts of a replica that exits non-zero before it counts as failed, with a "
+                         "doubling delay between them (default 3)")
     la.add_argument("--master-port", type=int,
                     help="with --workers > 1: replica R's torchrun uses this port + R (default: free ports)")
     la.add_argument("--grace", type=float, default=10.0,

@@ -2,17 +2,27 @@
 
 Each replica is one child process (a ``torchrun`` group of W workers when W > 1, with its own
 master port) in its own process group, started with the environment that tells the script
-who it is. Its output is streamed line by line with a ``[replica R]`` prefix. A replica that
-exits non-zero is started again (``CODISTILL_RESTART`` counts the restarts; resuming from a
-checkpoint is the script's business) at most ``max_restarts`` times. Ctrl-C or SIGTERM stops
-every replica: the signal is passed to each process group, then SIGKILL after ``grace``
-seconds.
+who it is. ``{replica}`` and ``{num_replicas}`` in the command's arguments become the replica's
+index and N (``--out=runs/r{replica}``); an argument that looks like an output path and is the
+same for every replica is warned about (``shared_outputs``). A bare ``python``, ``python3`` or
+``python3.X`` of this interpreter's version as the command's first word runs this interpreter
+(``sys.executable``), not whichever one is first on PATH.
+
+Its output is streamed line by line with a ``[replica R]`` prefix. A replica that exits
+non-zero is started again (``CODISTILL_RESTART`` counts the restarts; resuming from a
+checkpoint is the script's business) at most ``max_restarts`` times, after a delay that
+doubles from ``BACKOFF_FIRST`` up to ``BACKOFF_MAX`` seconds; other replicas are supervised
+meanwhile. One that exits within ``QUICK_EXIT`` seconds of its start with the same exit code
+twice in a row (an import error, a bad argument) fails for good at once. Ctrl-C or SIGTERM
+stops every replica: the signal is passed to each process group, then SIGKILL after
+``grace`` seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +46,100 @@ from .env import (  # noqa: F401
 )
 
 log = logging.getLogger(__name__)
+
+QUICK_EXIT = 10.0  # seconds: an exit this soon after the start is a crash at start-up
+BACKOFF_FIRST = 1.0  # seconds before the first restart, doubled for each further one
+BACKOFF_MAX = 60.0
+
+# Words in an option's name (or a positional argument) that say it names something written.
+OUTPUT_WORDS = ("out", "save", "dir", "log", "ckpt", "checkpoint")
+# ... and words that say it is read, or shared on purpose (a cache).
+INPUT_WORDS = ("data", "cache", "resume", "load", "init", "pretrained", "config", "input")
+
+_PYTHON = re.compile(r"python(?:3(?:\.(\d+))?)?")
+_OPTION = re.compile(r"(-{0,2}[A-Za-z_][\w.-]*)=(.*)")  # --name=value, or a Hydra-style name=value
+_TOKEN = re.compile(r"[\w./~+@%,{}-]+")  # a word a path could be: no spaces, quotes or URL scheme
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,9}$")
+
+
+def replica_args(command: Sequence[str], replica: int, num_replicas: int) -> list[str]:
+    """``command`` with ``{replica}`` and ``{num_replicas}`` in its arguments replaced."""
+    return [a.replace("{replica}", str(replica)).replace("{num_replicas}", str(num_replicas))
+            for a in command]
+
+
+def own_python(command: Sequence[str]) -> list[str]:
+    """``command`` with a bare ``python``, ``python3`` or ``python3.X`` (this X) as ``sys.executable``."""
+    m = _PYTHON.fullmatch(command[0]) if command else None
+    if m and (m.group(1) is None or int(m.group(1)) == sys.version_info.minor):
+        return [sys.executable, *command[1:]]
+    return list(command)
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w]
+
+
+def _script_args(command: Sequence[str]) -> list[str]:
+    """The arguments after the program and, for a Python interpreter, after its options and script."""
+    args = list(command[1:])
+    if not command or not _PYTHON.fullmatch(os.path.basename(command[0])):
+        return args
+    while args and args[0].startswith("-") and args[0] != "-":
+        flag = args.pop(0)
+        if flag in ("-m", "-c"):
+            break
+        if flag in ("-W", "-X") and args:
+            args.pop(0)
+    return args[1:]
+
+
+def _is_shared_output(name: str | None, value: str) -> bool:
+    """Whether ``value``, of option ``name`` (None: a positional argument), names an output."""
+    if "{replica}" in value or not _TOKEN.fullmatch(value) or value.startswith("-"):
+        return False
+    if value.lower() in ("true", "false", "yes", "no", "none", "null"):
+        return False
+    try:
+        float(value)
+        return False
+    except ValueError:
+        pass
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):  # the script, a data file: read, not written
+        return False
+    words = _words(name or value)
+    if name and any(w.startswith(INPUT_WORDS) for w in words):
+        return False
+    pathlike = "/" in value or bool(_EXTENSION.search(value))
+    if any(w.startswith(OUTPUT_WORDS) or w.endswith("dir") for w in words):
+        last = words[-1]
+        return pathlike or last.startswith(OUTPUT_WORDS) or last.endswith(("dir", "path", "file"))
+    return pathlike and not os.path.exists(path) and os.path.isdir(os.path.dirname(path) or ".")
+
+
+def shared_outputs(command: Sequence[str]) -> list[str]:
+    """The arguments of ``command`` that look like an output path every replica would share.
+
+    A heuristic: an option (``--save x``, ``--out=x``, ``dir=x``) or positional argument whose
+    name (a positional's own text) has a word of ``OUTPUT_WORDS`` and whose value looks like a
+    path, or any value that looks like a path that does not exist yet in an existing folder.
+    Never one with ``{replica}`` in it, an existing file (the script, data), or an option whose
+    name has a word of ``INPUT_WORDS``. Reads only whether paths exist.
+    """
+    found, args = [], _script_args(command)
+    while args:
+        arg = args.pop(0)
+        if m := _OPTION.fullmatch(arg):
+            name, value = m.groups()
+        elif arg.startswith("-") and args and not args[0].startswith("-"):
+            name, value = arg, args.pop(0)
+            arg = f"{arg} {value}"
+        else:
+            name, value = None, arg
+        if _is_shared_output(name, value):
+            found.append(arg)
+    return list(dict.fromkeys(found))
 
 
 def free_ports(count: int) -> list[int]:
@@ -98,12 +202,27 @@ def _kill(pid: int, sig: int, group: bool = False) -> None:
         pass
 
 
+def backoff(restarts: int) -> float:
+    """Seconds before restart ``restarts + 1``: ``BACKOFF_FIRST``, doubled per restart, capped."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** restarts)
+
+
 @dataclass
 class _Replica:
     index: int
     proc: subprocess.Popen
     restarts: int
+    started: float  # time.monotonic() at the start
+    quick_code: int | None = None  # the previous start's exit code if it came within QUICK_EXIT
     readers: list[threading.Thread] = field(default_factory=list)
+
+
+@dataclass
+class _Restart:
+    index: int
+    restarts: int
+    quick_code: int | None
+    when: float  # time.monotonic() to start it at
 
 
 class Launcher:
@@ -124,13 +243,22 @@ class Launcher:
             from .exchange.signing import load_keys
 
             load_keys()
-        self.command = list(command)
+        self.command = own_python(command)
+        if self.command[0] != command[0]:
+            log.info("launch: running %r as %s (this interpreter, not the first on PATH)",
+                     command[0], sys.executable)
+        if replicas > 1:
+            for arg in shared_outputs(self.command):
+                log.warning("launch: %r is the same for every replica, so they would write over each "
+                            "other's files; put {replica} in it (e.g. runs/r{replica}) unless they "
+                            "should share it", arg)
         self.replicas, self.workers, self.max_restarts = replicas, workers, max_restarts
         self.exchange = exchange if "://" in exchange else os.path.abspath(exchange)
         self.master_port, self.grace = master_port, grace
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._write_lock = threading.Lock()
         self._running: dict[int, _Replica] = {}
+        self._restarts: dict[int, _Restart] = {}  # waiting out their backoff
         self._stop_signal: int | None = None
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
@@ -144,11 +272,14 @@ class Launcher:
         try:
             for r in range(self.replicas):
                 self._start(r, restarts=0)
-            while self._running and self._stop_signal is None:
+            while (self._running or self._restarts) and self._stop_signal is None:
                 for rep in list(self._running.values()):
                     code = rep.proc.poll()
                     if code is not None:
                         self._ended(rep, code, failed)
+                for due in [r for r in self._restarts.values() if r.when <= time.monotonic()]:
+                    del self._restarts[due.index]
+                    self._start(due.index, due.restarts, due.quick_code)
                 time.sleep(0.05)
             if self._stop_signal is not None:
                 log.info("stopping %d replica(s) (%s)", len(self._running),
@@ -160,27 +291,38 @@ class Launcher:
             restore()
 
     def _ended(self, rep: _Replica, code: int, failed: list[int]) -> None:
+        """Log how replica ``rep`` ended; schedule its restart, or count it as failed for good."""
+        ran = time.monotonic() - rep.started
         del self._running[rep.index]
         self._join_readers(rep)
+        quick = code != 0 and ran < QUICK_EXIT
         if code == 0:
             log.info("replica %d finished", rep.index)
+        elif quick and rep.quick_code == code:
+            log.error("replica %d failed for good: %s twice in a row, each time within %g s of its start "
+                      "(a crash at start-up, such as an import error or a bad argument, is not retried; "
+                      "see its output above)", rep.index, _exit_text(code), QUICK_EXIT)
+            failed.append(rep.index)
         elif rep.restarts < self.max_restarts:
-            log.warning("replica %d stopped with %s; restart %d of %d", rep.index, _exit_text(code),
-                        rep.restarts + 1, self.max_restarts)
-            self._start(rep.index, rep.restarts + 1)
+            delay = backoff(rep.restarts)
+            log.warning("replica %d stopped with %s; restart %d of %d in %g s (it ran %.1f s)", rep.index,
+                        _exit_text(code), rep.restarts + 1, self.max_restarts, delay, ran)
+            self._restarts[rep.index] = _Restart(rep.index, rep.restarts + 1, code if quick else None,
+                                                 time.monotonic() + delay)
         else:
             log.error("replica %d failed for good: %s after %d restart(s)", rep.index, _exit_text(code),
                       rep.restarts)
             failed.append(rep.index)
 
-    def _start(self, index: int, restarts: int) -> None:
+    def _start(self, index: int, restarts: int, quick_code: int | None = None) -> None:
         port = self.master_port + index if self.master_port else free_ports(1)[0]
         env = {**os.environ, ENV_REPLICA: str(index), ENV_NUM_REPLICAS: str(self.replicas),
                ENV_EXCHANGE: self.exchange, ENV_RESTART: str(restarts), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(replica_command(self.command, self.workers, port), env=env,
+        command = replica_args(self.command, index, self.replicas)
+        proc = subprocess.Popen(replica_command(command, self.workers, port), env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, errors="replace", bufsize=1, start_new_session=True)
-        rep = _Replica(index, proc, restarts)
+        rep = _Replica(index, proc, restarts, time.monotonic(), quick_code)
         for pipe, sink in ((proc.stdout, self.out), (proc.stderr, self.err)):
             t = threading.Thread(target=self._pump, args=(pipe, f"[replica {index}] ", sink), daemon=True)
             t.start()
