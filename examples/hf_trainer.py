@@ -7,7 +7,8 @@ replicas that each train on their own part of the text and distil from each othe
         python examples/hf_trainer.py --steps 200
 
 The codistillation-specific lines are marked ``# codistill``: ``CodistillTrainer`` is the
-``Trainer`` with ψ added to its loss and the teachers exchanged on its optimizer steps.
+``Trainer`` with ψ added to its loss and the teachers exchanged on its optimizer steps. Each
+replica writes into ``output_dir/replica-R`` by itself.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, TrainingArguments
 
-from codistill import AlphaSchedule, BoundedDrift, shard_dataset  # codistill
+from codistill import AlphaSchedule, BoundedDrift, replica_seed, shard_dataset  # codistill
 from codistill.data import build_text_corpus
 from codistill.integrations.hf import CodistillTrainer  # codistill
 
@@ -32,6 +33,7 @@ def main() -> None:
     train = shard_dataset(train, worker=0, num_workers=1)  # codistill: this replica's part
     config = GPT2Config(vocab_size=256, n_positions=128, n_embd=64, n_layer=2, n_head=2,
                         bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(replica_seed(0))  # codistill: each replica its own init
     model = AutoModelForCausalLM.from_config(config)
     args = TrainingArguments(output_dir="runs/hf-trainer", max_steps=a.steps, learning_rate=2e-3,
                              per_device_train_batch_size=a.batch, logging_steps=25, save_strategy="no",
@@ -41,6 +43,7 @@ def main() -> None:
                                codistiller=dict(exchange_every=25, wait=BoundedDrift(25),  # codistill
                                                 alpha=AlphaSchedule(burn_in=50)))  # codistill
     trainer.train()
+    trainer.save_model()  # with N > 1 replicas: runs/hf-trainer/replica-R, one per replica
 
 
 if __name__ == "__main__":

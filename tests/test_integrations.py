@@ -415,3 +415,25 @@ def test_lightning_cli_replicas_launched_alike_overwrite_nothing(tmp_path):
         (codistill_state,) = [v for k, v in state["callbacks"].items() if "CodistillCallback" in k]
         versions = {p: t["version"] for p, t in codistill_state["codistiller"]["teachers"].items()}
         assert versions.get(1 - r) is not None, versions  # a teacher was loaded from the peer
+
+
+@pytest.mark.slow
+def test_hf_trainer_example_replicas_launched_alike_save_apart(tmp_path):
+    """examples/hf_trainer.py, 2 replicas through `codistill launch`, a bare `python` and no
+    per-replica argument: each saves its own model under runs/hf-trainer/replica-R."""
+    pytest.importorskip("transformers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    job = subprocess.run(
+        [sys.executable, "-m", "codistill", "launch", "--replicas", "2", "--exchange", str(tmp_path / "ex"),
+         "--", "python", os.path.join(root, "examples", "hf_trainer.py"), "--steps", "60"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    out = tmp_path / "runs" / "hf-trainer"
+    assert sorted(p.name for p in out.iterdir()) == ["replica-0", "replica-1"]
+    weights = []
+    for r in (0, 1):
+        assert (out / f"replica-{r}" / "config.json").is_file()
+        (w,) = (out / f"replica-{r}").glob("model.safetensors")
+        weights.append(w.read_bytes())
+        assert DirectoryExchange(str(tmp_path / "ex")).versions(r)[-1] == 50  # after burn-in
+    assert weights[0] != weights[1]  # two models, not one saved twice
