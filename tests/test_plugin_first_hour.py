@@ -6,9 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from codistill import Codistiller, MemoryExchange, TeacherSpec, replica_seed, shard_dataset
+from codistill import (
+    Codistiller,
+    DistillLoss,
+    MemoryExchange,
+    TeacherSpec,
+    replica_seed,
+    shard_dataset,
+    task_loss,
+)
 from codistill.data.sharding import replica_indices
 
 
@@ -165,3 +174,62 @@ def test_shard_dataset_cuts_a_token_stream_into_ordered_views(monkeypatch):
     scattered = shard_dataset(tokens, num_workers=1, worker=0)  # the default: a random half
     idx = torch.tensor(scattered.indices)
     assert len(idx) == 500 and not torch.equal(idx, torch.arange(500, 1000))
+
+
+def _taught(loss: str = "kl", **kw) -> tuple[Codistiller, nn.Module, nn.Module]:
+    ex = MemoryExchange()
+    torch.manual_seed(0)
+    student, peer = nn.Linear(4, 6), nn.Linear(4, 6)
+    cd = Codistiller(student, ex, replica=0, num_replicas=2, exchange_every=1, loss=loss, **kw)
+    Codistiller(peer, ex, replica=1, num_replicas=2).publish(1)
+    cd.refresh(1)
+    return cd, student, peer
+
+
+def test_total_loss_is_the_fused_pass_of_phi_and_alpha_psi():
+    from codistill.losses import task_and_distill_loss
+
+    cd, student, _ = _taught(alpha=0.5)
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 6, (3, 5))
+    out = student(x)
+    got = cd.total_loss(x, out, y, step=1)
+    _, probs = cd.distill_target(x, 1)
+    phi, psi = task_and_distill_loss(out, y, probs, "kl")
+    assert torch.equal(got, phi + 0.5 * psi)  # the same computation, in the same order
+    assert cd.stats().psi == float(psi) and cd.stats().alpha == 0.5
+    (g_total,) = torch.autograd.grad(got, student.weight)
+    (g_apart,) = torch.autograd.grad(task_loss(student(x), y) + cd.distill_loss(x, student(x), 1),
+                                     student.weight)
+    # one fused softmax against two: fp32 rounding apart, a few ulp of the gradient's scale
+    assert torch.allclose(g_total, g_apart, rtol=1e-5, atol=1e-6 * float(g_apart.abs().max()))
+
+
+def test_total_loss_leaves_ignored_positions_out_of_phi_and_psi():
+    cd, student, _ = _taught()
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 6, (2, 5))
+    y[0, 3:] = -100
+    out = student(x)
+    got = cd.total_loss(x, out, y, step=1)
+    keep = y != -100
+    phi = F.cross_entropy(out.reshape(-1, 6), y.reshape(-1), ignore_index=-100)
+    assert torch.equal(got, phi + cd.distill_loss(x, out, 1, mask=keep))
+    y_all = y.clone()
+    y_all[0, 3:] = 0  # the padded positions now count, and the value moves
+    assert float(cd.total_loss(x, out, y_all, step=1)) != pytest.approx(float(got))
+
+
+def test_total_loss_alone_binary_and_at_a_temperature():
+    alone = _alone(nn.Linear(4, 6))
+    x, y = torch.randn(8, 4), torch.randint(0, 6, (8,))
+    out = alone.model(x)
+    assert torch.equal(alone.total_loss(x, out, y), task_loss(out, y))
+    cd, student, _ = _taught("bce")
+    yb = torch.randint(0, 2, (8, 6)).float()
+    out = student(x)
+    assert torch.equal(cd.total_loss(x, out, yb, step=1),
+                       task_loss(out, yb, "binary") + cd.distill_loss(x, out, 1))
+    hot, student, _ = _taught(DistillLoss("kl", temperature=2.0))
+    out = student(x)
+    assert torch.equal(hot.total_loss(x, out, y, step=1), task_loss(out, y) + hot.distill_loss(x, out, 1))
+    with pytest.raises(ValueError, match=r"targets of shape \(7,\) do not fit"):
+        hot.total_loss(x, out, y[:7], step=1)

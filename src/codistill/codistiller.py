@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
 from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing, state_nbytes
 from .exchange.signing import Trust
-from .losses import AlphaSchedule, DistillLoss, distill_loss
+from .losses import AlphaSchedule, DistillLoss, distill_loss, task_and_distill_loss, task_loss
 from .modules import unwrap
 from .picking import BoundedDrift, LockStep, Newest, Policy, VersionPicker
 from .publishing import Publisher
@@ -217,6 +218,44 @@ class Codistiller:
         psi = distill_loss(logits, probs.to(logits.dtype), self.loss.kind, self.loss.temperature)
         self._psi = psi.detach()
         return psi if a == 1.0 else a * psi
+
+    def total_loss(self, inputs: Any, student_outputs: Any, targets: torch.Tensor, step: int | None = None,
+                   ignore_index: int | None = -100) -> torch.Tensor:
+        """φ + α·ψ in one call: φ the standard task loss of the prediction toward ``targets``
+        (cross entropy over the last axis for integer class targets, positions equal to
+        ``ignore_index`` left out of φ and ψ; binary cross entropy for ``loss="bce"``), ψ as
+        :meth:`distill_loss`. For classes with a KL or soft-target ψ at temperature 1 both
+        come from one fused pass over the logits (:func:`~codistill.losses.task_and_distill_loss`),
+        at about the cost of φ alone; otherwise it is ``φ + distill_loss(...)``. Finding out
+        whether any target is ``ignore_index`` reads one number from the device; pass
+        ``ignore_index=None`` when none is (no host synchronisation)."""
+        logits = self.loss.logits(student_outputs)
+        if self.loss.kind == "bce":
+            phi = task_loss(logits, targets, "binary")
+            return phi + self.distill_loss(inputs, student_outputs, step)
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"targets of shape {tuple(targets.shape)} do not fit predictions of shape "
+                             f"{tuple(logits.shape)} (they should be {tuple(logits.shape[:-1])})")
+        keep = None if ignore_index is None else targets != ignore_index
+        if keep is not None and not bool(keep.all()):  # padding: φ and ψ over the counted positions
+            phi = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=ignore_index)
+            return phi + self.distill_loss(inputs, student_outputs, step, mask=keep)
+        if not self._forward_checked:
+            self.check_teacher_forward(inputs, logits)
+        step = self.step if step is None else step
+        target = self.distill_target(inputs, step) if self.loss.temperature == 1.0 else None
+        self._alpha = self.alpha(step)
+        if target is None:
+            self._psi = None
+            phi = task_loss(logits, targets, "categorical")
+            if self.loss.temperature == 1.0:
+                return phi
+            return phi + self.distill_loss(inputs, student_outputs, step)
+        a, probs = target
+        phi, psi = task_and_distill_loss(logits, targets, probs, self.loss.kind)
+        self._psi = psi.detach()
+        return phi + (psi if a == 1.0 else a * psi)
 
     def check_teacher_forward(self, inputs: Any, logits: torch.Tensor) -> None:
         """Call the teachers' forward (``TeacherSpec.forward``) once on the student's own model
