@@ -72,7 +72,7 @@ CPU = Profile(
      "optimizer": {"name": "adam", "warmup": 50, "schedule": "constant", "grad_clip": 1.0},
      "codistill": {"alpha": 1.0, "burn_in": 200, "exchange_every": 25},
      "eval": {"every": 25, "batch_size": 512, "max_batches": 4}, "checkpoint": {"every": 200}},
-    lr_grid=(0.005, 0.01, 0.02, 0.04, 0.08), first_w=1, max_w=64,
+    lr_grid=(0.01, 0.02, 0.04, 0.08, 0.16), first_w=1, max_w=64,
     codistill_grid=({"burn_in": 0.25, "alpha": 1.0, "exchange_every": 25},
                     {"burn_in": 0.5, "alpha": 1.0, "exchange_every": 25},
                     {"burn_in": 0.25, "alpha": 0.5, "exchange_every": 25},
