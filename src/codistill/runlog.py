@@ -4,6 +4,7 @@ read back, and the curves and steps-to-target taken from them."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ from typing import Any
 
 from ._extras import require
 from .files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
@@ -71,7 +74,9 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """Rows of a metrics JSONL file (or of every ``metrics*.jsonl`` in a run directory)."""
+    """Rows of a metrics JSONL file (or of every ``metrics*.jsonl`` in a run directory). A
+    last line cut off by a crash while it was written (no newline, not JSON) is left out
+    with a warning; any other line that is not a JSON row is an error naming it."""
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.startswith("metrics") and f.endswith(".jsonl"))
         if not files:
@@ -79,14 +84,18 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         return [r for f in files for r in read_metrics(os.path.join(path, f))]
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+        lines = f.readlines()
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not raw.endswith("\n"):
+                log.warning("%s:%d: a row cut off while it was written (left out)", path, n)
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON row ({e.msg})") from e
+            raise ValueError(f"{path}:{n}: not a JSON row ({e.msg})") from e
     return rows
 
 
