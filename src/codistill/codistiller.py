@@ -31,6 +31,7 @@ from torch import nn
 
 from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
 from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing, state_nbytes
+from .exchange.compression import check_publish_dtype
 from .exchange.signing import Trust
 from .losses import AlphaSchedule, DistillLoss, distill_loss, task_and_distill_loss, task_loss
 from .modules import unwrap
@@ -47,8 +48,8 @@ __all__ = ["BoundedDrift", "Codistiller", "CodistillStats", "DistillLoss", "Lock
 class CodistillStats:
     """A Codistiller's counters (:meth:`Codistiller.stats`)."""
 
-    bytes_published: int  # tensor bytes of this replica's versions written
-    bytes_read: int  # tensor bytes of peers' versions loaded into teachers
+    bytes_published: int  # stored tensor bytes of this replica's versions written
+    bytes_read: int  # stored tensor bytes of peers' versions loaded into teachers
     publish_failures: int  # writes that failed (a full disk, an unreachable store)
     publish_wait_s: float  # training time spent waiting for a previous write
     rejected_versions: int  # peers' versions rejected, and teachers dropped for non-finite predictions
@@ -102,6 +103,10 @@ class Codistiller:
         writer: a TensorBoard ``SummaryWriter`` (anything with ``add_scalar``): at every
             exchange, :meth:`stats` is written to it under ``codistill/`` (ψ, α, teachers'
             versions and staleness, bytes, failures).
+        publish_dtype: how this replica's versions store its weights: ``"fp32"`` (as the model
+            holds them), ``"bf16"`` (half the bytes) or ``"int8"`` (per-channel quantised, about
+            a quarter); peers decode any into their teachers' dtype; every check on a version
+            and the byte counts apply to what it stores (:mod:`~codistill.exchange.compression`).
     """
 
     def __init__(
@@ -119,11 +124,13 @@ class Codistiller:
         process_group: Any = None,
         trust: Trust | None = None,
         writer: Any = None,
+        publish_dtype: str = "fp32",
     ) -> None:
         if not 0 <= replica < num_replicas:
             raise ValueError(f"replica must be in [0, {num_replicas}), got {replica}")
         if exchange_every < 1:
             raise ValueError(f"exchange_every must be >= 1, got {exchange_every}")
+        check_publish_dtype(publish_dtype)
         if exchange == "memory":
             raise ValueError("exchange='memory' cannot reach other Codistillers: create one "
                              "MemoryExchange() and pass it to every replica of this process")
@@ -148,7 +155,7 @@ class Codistiller:
         self.teachers = TeacherSet(model, spec, self.loss, max_bytes)
         self.picker = VersionPicker(self.exchange, self.peers, wait or Newest(), exchange_every, replica,
                                     self.exchange_due)
-        self.publisher = Publisher(model, self.exchange, replica, model_spec, self.group)
+        self.publisher = Publisher(model, self.exchange, replica, model_spec, self.group, publish_dtype)
         self.step = 0  # optimizer steps done, as after_step counts them
         self.last_exchange: int | None = None  # step of the last refresh
         self.writer = writer

@@ -66,8 +66,11 @@ class CodistillConfig:
     # A peer's published weights may be at most this multiple of the largest model the run
     # declares (checked before they are read: the exchange is untrusted input).
     max_teacher_size: float = setting(4.0, ge=1)
-    # dtype teachers are stored and run in (auto: the run's precision); published weights keep theirs
+    # dtype teachers are stored and run in (auto: the run's precision); a version is decoded into it
     teacher_dtype: str = setting("auto", choices=("auto", "fp32", "bf16"))
+    # how a version stores the weights (docs/compression.md): fp32 as the model holds them, bf16
+    # (half the bytes), int8 (per output channel, symmetric; about a quarter)
+    publish_dtype: str = setting("fp32", choices=("fp32", "bf16", "int8"))
     # under parallel: fsdp, shard each teacher across the replica's ranks like the student
     shard_teachers: bool = True
     # Signed versions (docs/security.md): a file holding the key every replica shares (hex;

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .exchange.base import HostBuffers
+from .exchange.compression import Encoder
 from .modules import unwrap
 
 LAYOUTS = ("ddp", "fsdp")
@@ -88,11 +89,13 @@ def model_state(module: nn.Module) -> dict[str, Any]:
 
 
 def full_state(module: nn.Module, keep: bool = True, host: HostBuffers | None = None,
-               copy: bool = True) -> dict[str, torch.Tensor] | None:
+               copy: bool = True, encode: Encoder | None = None) -> dict[str, torch.Tensor] | None:
     """``module``'s whole weights: a contiguous CPU copy; into reused ``host`` buffers (a
     publish in flight); or, with ``copy=False``, the module's own tensors (for a caller that
     reads them at once). A sharded module gathers one tensor at a time, and every rank of its
-    replica must call this together; only where ``keep`` is the result kept (else None)."""
+    replica must call this together; only where ``keep`` is the result kept (else None).
+    ``encode``: each whole tensor is replaced by the tensors it gives, on its device, before
+    any copy (a compressed version, :mod:`codistill.exchange.compression`)."""
 
     sharded, cls = is_sharded(module), _dtensor()
     items = model_state(module).items() if sharded else unwrap(module).state_dict().items()
@@ -101,10 +104,11 @@ def full_state(module: nn.Module, keep: bool = True, host: HostBuffers | None = 
         whole = value.full_tensor() if isinstance(value, cls) else value
         if not keep:
             continue
-        if host is not None:
-            host.put(name, whole)
-        else:
-            out[name] = whole.detach().to("cpu", copy=True).contiguous() if copy else whole.detach()
+        for key, tensor in (encode(name, whole) if encode is not None else {name: whole}).items():
+            if host is not None:
+                host.put(key, tensor)
+            else:
+                out[key] = tensor.detach().to("cpu", copy=True).contiguous() if copy else tensor.detach()
     if not keep:
         return None
     return host.state() if host is not None else out

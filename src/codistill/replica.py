@@ -197,7 +197,7 @@ def build_replica(
     cd = Codistiller(
         model, exchange, replica=replica, num_replicas=cfg.replicas + fixed_teachers,
         exchange_every=c.exchange_every, alpha=AlphaSchedule(c.alpha, c.burn_in, c.ramp),
-        loss=DistillLoss(c.distill, c.temperature), model_spec=spec,
+        loss=DistillLoss(c.distill, c.temperature), model_spec=spec, publish_dtype=c.publish_dtype,
         teachers=TeacherSpec(
             factory=teacher_factory,
             dtype=PRECISIONS[cfg.precision if c.teacher_dtype == "auto" else c.teacher_dtype],

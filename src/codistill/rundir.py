@@ -163,11 +163,18 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every field whose value differs between two configs (as plain values): ``{field: (old, new)}``."""
+    """Every field whose value differs between two configs (as plain values): ``{field: (old, new)}``.
+    A field ``old`` lacks (written before the field was added) reads as its default."""
     plain = [_flat(yaml.safe_load(yaml.safe_dump(v))) for v in (old, new)]  # tuples, ints vs floats
     missing = object()
+    before = {**{k: v for k, v in _defaults().items() if k in plain[1]}, **plain[0]}
     return {k: (plain[0].get(k), plain[1].get(k)) for k in sorted(set(plain[0]) | set(plain[1]))
-            if plain[0].get(k, missing) != plain[1].get(k, missing)}
+            if before.get(k, missing) != plain[1].get(k, missing)}
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return _flat(yaml.safe_load(yaml.safe_dump(RunConfig().to_dict())))
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Published, state_nbytes
+from .exchange import Published, compression, state_nbytes
 from .exchange.base import Check, Header, header_nbytes, header_of
 from .losses import DistillLoss, predict_probs
 from .modules import call_model, unwrap
@@ -38,7 +38,9 @@ class Teacher:
     """A frozen copy of one peer, loaded in place from that peer's published weights.
 
     ``module`` may be cast (``teacher_dtype``) or sharded across the replica's ranks;
-    ``header`` then names the weights as the peer publishes them (default: ``module``'s)."""
+    ``header`` then names the peer's weights as its model holds them (default: ``module``'s;
+    a compressed version stores them as :func:`~codistill.exchange.compression.stored_header`
+    says)."""
 
     def __init__(self, peer: int, module: nn.Module, header: Header | None = None,
                  forward: Callable[..., Any] | None = None, stateful: bool = False) -> None:
@@ -53,20 +55,22 @@ class Teacher:
         self._device_type = param.device.type if param is not None else "cpu"
         self._bf16 = param is not None and param.dtype == torch.bfloat16
         self.version: int | None = None  # step at which the loaded weights were published
-        self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec)
+        self.meta: dict[str, Any] = {}  # the peer's manifest meta (its model spec), without its publish dtype
         self.ident = ""  # the loaded version's ident (see Published.ident)
         self.dropped = False  # the loaded version predicted non-finite values: left out of ψ
         self.drops = 0  # versions dropped so far
 
     def load(self, published: Published, src: int | None = None, group: Any = None) -> None:
-        """Copy ``published`` weights into the preallocated module (no rebuild), cast to its
-        dtype. A sharded teacher: every rank of the replica calls this together, the weights
-        given on global rank ``src`` of ``group`` (an empty state elsewhere)."""
+        """Copy ``published`` weights into the preallocated module (no rebuild), decoded from
+        its publish dtype and cast to the module's dtype. A sharded teacher: every rank of the
+        replica calls this together, the weights given on global rank ``src`` of ``group`` (an
+        empty state elsewhere)."""
+        state = compression.decode(published.state, compression.declared(published.meta))
         try:
             if self.sharded:
-                load_full_state(self.module, published.state or None, src, group)
+                load_full_state(self.module, state or None, src, group)
             else:
-                self.module.load_state_dict(published.state, strict=True)
+                self.module.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(
                 f"published weights of replica {published.replica} at step {published.step} "
@@ -76,7 +80,7 @@ class Teacher:
         self.dropped = False
         self.state = None  # new weights start from a fresh state
         self.version = published.step
-        self.meta = published.meta
+        self.meta = compression.untagged(published.meta)  # the meta of the decoded weights it holds
         self.ident = published.ident
 
     def published(self) -> Published:
@@ -152,8 +156,8 @@ class TeacherSpec:
             hidden state does (``state`` is None at first and after each new version is loaded;
             it is computed without gradients). E.g.
             ``lambda m, x, h: m(x, h if h is not None else m.init_hidden(x.size(1)))``.
-        dtype: store and run teachers in this dtype (e.g. ``torch.bfloat16``); published
-            weights keep the model's dtype. None: as built.
+        dtype: store and run teachers in this dtype (e.g. ``torch.bfloat16``); a peer's
+            version, whatever its publish dtype, is decoded and cast into it. None: as built.
         layout: ``f(module) -> module`` lays a new teacher out over the replica's ranks, e.g.
             :func:`codistill.parallel.shard_model` (FSDP2): each rank holds a shard of every
             teacher.
@@ -171,7 +175,7 @@ class TeacherSpec:
 class TeacherSet(dict[int, Teacher]):
     """One replica's teachers, ``{peer: Teacher}``, each built on first use from ``spec``:
     the checks a peer's version passes before it is read, loading, the averaged prediction,
-    and the state of a checkpoint. ``bytes_read`` counts the tensor bytes loaded."""
+    and the state of a checkpoint. ``bytes_read`` counts the stored tensor bytes loaded."""
 
     def __init__(self, model: nn.Module, spec: TeacherSpec, loss: DistillLoss, max_bytes: int) -> None:
         super().__init__()
@@ -200,22 +204,22 @@ class TeacherSet(dict[int, Teacher]):
 
     # -- checks and loads ----------------------------------------------------------------
     def check(self, peer: int) -> Check:
-        """The test a peer's version must pass before its tensors are read: at most
-        ``max_bytes``, and the names, dtypes and shapes of its teacher (for a teacher not
-        built yet: of the module its manifest's spec describes, built without memory)."""
+        """The test a peer's version must pass before its tensors are read, on what it
+        stores: at most ``max_bytes``, the dtypes its declared publish dtype stores, and the
+        stored form of its teacher's names, dtypes and shapes (for a teacher not built yet: of
+        the module its manifest's spec describes, built without memory)."""
 
         def check(header: Header, meta: dict[str, Any]) -> None:
             nbytes = header_nbytes(header)
             if nbytes > self.max_bytes:
                 raise ValueError(f"{nbytes} bytes of weights exceed max_teacher_bytes={self.max_bytes}")
-            teacher = self.get(peer)
-            if teacher is not None:
-                expected: Header | None = teacher.header
-            elif self.spec.factory is None:  # built from a manifest's (untrusted) spec
-                expected = self._skeleton_header(meta)
-            else:
-                expected = None  # the caller's factory decides; Teacher.load checks after reading
-            if expected is not None and header != expected:
+            dtype = compression.declared(meta)
+            compression.check_stored(header, dtype)
+            held = self._expected_header(peer, meta)
+            if held is None:
+                return
+            expected = compression.stored_header(held, dtype)
+            if header != expected:
                 missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
                 wrong = sorted(k for k in set(header) & set(expected) if header[k] != expected[k])
                 raise ValueError(f"weights do not fit the teacher (missing {missing[:3]}, unexpected "
@@ -223,20 +227,32 @@ class TeacherSet(dict[int, Teacher]):
 
         return check
 
+    def _expected_header(self, peer: int, meta: dict[str, Any]) -> Header | None:
+        """The weights ``peer``'s teacher takes, as its model holds them (None: a caller's
+        factory decides, and :meth:`Teacher.load` checks them after reading)."""
+        teacher = self.get(peer)
+        if teacher is not None:
+            return teacher.header
+        if self.spec.factory is None:  # built from a manifest's (untrusted) spec
+            return self._skeleton_header(meta)
+        return None
+
     def accept(self, published: Published) -> Teacher | None:
         """The teacher ``published`` is to be loaded into (built on first use); None if it
         holds that version already. ValueError for non-finite weights (a diverged peer: its
-        last finite version stays)."""
+        last finite version stays) or int8 scales out of range."""
         teacher = self.get(published.replica)
         if teacher is not None and teacher.version == published.step and teacher.ident == published.ident:
             return None
         bad = [k for k, v in published.state.items() if v.is_floating_point() and not finite(v)]
         if bad:
             raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
+        compression.check_values(published.state, compression.declared(published.meta))
         return self.build(published.replica, published.meta)
 
     def load(self, published: Published, count: bool = True) -> None:
-        """Load a peer's published weights into its teacher (``count``: in ``bytes_read``)."""
+        """Load a peer's published weights into its teacher (``count``: its stored bytes in
+        ``bytes_read``)."""
         teacher = self.accept(published)
         if teacher is None:
             return

@@ -37,7 +37,7 @@ CODISTILL_GUARDS = ("max_teacher_size", "max_drift", "exchange_key_file", "run_i
 # Fields added after studies were run, left out of the key while they hold their defaults
 # (which give the numbers the earlier code gave), so finished arms keep their keys.
 LATER = {"parallel": "ddp", "precision": "fp32"}
-CODISTILL_LATER = {"teacher_dtype": "auto", "shard_teachers": True}
+CODISTILL_LATER = {"teacher_dtype": "auto", "shard_teachers": True, "publish_dtype": "fp32"}
 
 
 def _started_name(run_dir: str, default: str) -> str:
