@@ -1,13 +1,16 @@
-"""Shared fixtures: a tiny run config, tiny language models, a small CPU budget."""
+"""Shared fixtures: a tiny run config, tiny language models, a small CPU budget, a local S3 server."""
 
 from __future__ import annotations
 
 import copy
 import os
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from s3server import REGION, FaultyProxy, S3Server, start_server
 
 from codistill.models import build_model
 
@@ -84,3 +87,40 @@ def tokens() -> torch.Tensor:
     """A fixed batch of token ids ``[3, 10]`` in the test vocabulary."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(0, VOCAB, (3, 10), generator=g)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A local S3 server (moto, signatures checked) with a bucket, for the session; the test
+    fails if it cannot start (tests/s3server.py)."""
+    server = start_server(str(tmp_path_factory.mktemp("moto") / "server.log"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch, tmp_path) -> S3Server:
+    """The standard AWS variables pointed at ``s3_server`` (and nothing of the developer's ~/.aws)."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.url)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return s3_server
+
+
+@pytest.fixture
+def s3_url(s3_env: S3Server) -> str:
+    """A fresh ``s3://`` prefix in the server's bucket, the AWS variables set."""
+    return f"s3://{s3_env.bucket}/run-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def s3_proxy(s3_env: S3Server) -> Iterator[FaultyProxy]:
+    """A proxy in front of ``s3_server`` that answers 503 on demand (``fail(method, n)``)."""
+    proxy = FaultyProxy(s3_env.url)
+    yield proxy
+    proxy.stop()

@@ -20,6 +20,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "transformers": ("transformers", "hf"),
     "accelerate": ("accelerate", "hf"),
     "lightning": ("lightning", "lightning"),
+    "s3fs": ("s3fs", "s3"),
 }
 
 

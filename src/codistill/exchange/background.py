@@ -30,6 +30,7 @@ class BackgroundExchange(Exchange):
     def __init__(self, inner: Exchange) -> None:
         self.inner = inner
         self.durable = inner.durable
+        self.poll_seconds = inner.poll_seconds
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-publish")
         self._pending: Future | None = None
         self.last_write_seconds = 0.0

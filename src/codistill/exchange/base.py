@@ -125,6 +125,7 @@ class Exchange(ABC):
     durable = True  # versions outlive the process (a resumed replica republishes a lost one)
     wait_seconds = 0.0  # time the training thread spent waiting for writes
     max_bytes: int | None = None  # versions larger than this are rejected before they are read
+    poll_seconds = 0.2  # how often a prefetcher lists the peers' versions between exchanges
 
     @abstractmethod
     def publish(

@@ -7,10 +7,11 @@ Layout under the root::
 
 The manifest is written last, so its presence marks a complete version. On a local
 filesystem both files are written to a hidden temporary name, fsynced and renamed, so a
-reader never sees a half-written file. A publisher keeps its newest ``keep`` versions up to
-the step it publishes and removes any after it (not its own: planted, or lost in a crash
-before a resume); on a full disk it removes all but its newest complete version and writes
-once more.
+reader never sees a half-written file; an object store's PUT is atomic, and listings and
+sizes are read from the store itself, never from a client's cache (docs/object-store.md).
+A publisher keeps its newest ``keep`` versions up to the step it publishes and removes any
+after it (not its own: planted, or lost in a crash before a resume); on a full disk it
+removes all but its newest complete version and writes once more.
 
 Everything in the exchange is untrusted input (other jobs can write there). Only names of
 the form publish writes (ten ASCII digits) are versions. A reader reads only regular files:
@@ -23,7 +24,8 @@ order and before reading more, a reader checks: the manifest's size and fields; 
 and actual size of the weights against ``max_bytes``; the safetensors header (every
 tensor's dtype, shape and byte range) and the caller's ``check`` of it; then the whole
 file's checksum. A version that fails in any way is skipped (warned about once, counted,
-never read again unless written again) and the previous one is used. Nothing is ever
+never read again unless written again) and the previous one is used; one that an object
+store failed to serve (after its retries) is only skipped for that refresh. Nothing is ever
 unpickled.
 """
 
@@ -45,6 +47,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .._extras import require
 from ..files import atomic_write
 from .base import Check, Exchange, Header, Published, tensor_nbytes
 from .signing import signer_of
@@ -55,6 +58,8 @@ FORMAT = "codistill-exchange/1"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_DEPTH = 16  # JSON nesting: a manifest (its meta's model spec) and a safetensors header are shallow
+OBJECT_STORE_POLL = 1.0  # seconds between a prefetcher's listings of a peer (each a LIST request)
+PROTOCOL_MODULES = {"s3": "s3fs", "s3a": "s3fs"}  # a URL scheme -> the extra's module serving it
 SAFETENSORS_DTYPES = {  # a safetensors header's dtype code -> torch's dtype name
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -179,36 +184,69 @@ class _LocalStore:
 
 class _FsspecStore:
     """Any fsspec filesystem (s3://, gs://, memory://, ...): whole-object puts, manifest last.
-    Transient errors are retried with exponential backoff (``RETRIES`` times)."""
+
+    Listings and sizes always come from the store: a filesystem's listings cache (s3fs and
+    gcsfs keep one, forever by default) would hide other writers' new versions. Transient
+    errors (5xx, timeouts, dropped connections) are retried with exponential backoff
+    (``RETRIES`` times); missing objects, refused credentials and bad requests are not."""
 
     RETRIES, BACKOFF = 3, 0.2  # seconds before the first retry; doubled each time
 
-    def __init__(self, url: str) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        if module := PROTOCOL_MODULES.get(url.split("://", 1)[0]):
+            require(module, f"the exchange {url!r}")
+        # A private instance: the credentials are those of the environment when the exchange is made.
+        self.fs, self.root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
+        self._check_access(url)
+
+    def _check_access(self, url: str) -> None:
+        """One listing of the root; ValueError naming ``url`` if the store refuses the
+        credentials or cannot be reached."""
+        try:
+            self.list("")
+        except PermissionError as e:
+            raise ValueError(f"exchange {url!r}: access denied ({e}); check the credentials (for s3://: "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from e
+        except Exception as e:  # noqa: BLE001 - an SDK's own connection errors are no OSError
+            raise ValueError(f"exchange {url!r} cannot be reached: {e}") from e
 
     def _path(self, rel: str) -> str:
-        return f"{self.root.rstrip('/')}/{rel}"
+        return f"{self.root.rstrip('/')}/{rel}" if rel else self.root
+
+    @staticmethod
+    def transient(error: Exception) -> bool:
+        """Whether ``error`` may go away when the call is made again."""
+        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                              FileExistsError)):
+            return False
+        if isinstance(error, OSError) and error.errno in (errno.EINVAL, errno.ENOSYS):
+            return False  # a bad request (400) or one the store does not implement (501)
+        return isinstance(error, (OSError, ConnectionError, TimeoutError))
 
     def _retry(self, fn: Any, *args: Any, **kw: Any) -> Any:
         for attempt in range(self.RETRIES + 1):
             try:
                 return fn(*args, **kw)
-            except FileNotFoundError:
-                raise
-            except (OSError, ConnectionError, TimeoutError) as e:
-                if attempt == self.RETRIES:
+            except Exception as e:
+                if attempt == self.RETRIES or not self.transient(e):
                     raise
                 delay = self.BACKOFF * 2**attempt
                 log.debug("exchange: %s failed (%s); retrying in %.1fs", fn.__name__, e, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _uncached(self, rel: str) -> str:
+        """The path of ``rel``, dropped from the filesystem's listings cache."""
+        path = self._path(rel)
+        self.fs.invalidate_cache(path)
+        return path
+
     def write(self, rel: str, data: bytes) -> None:
         self._retry(self.fs.pipe_file, self._path(rel), data)
 
     def size(self, rel: str) -> int:
         """The size of the file ``rel``; ValueError if it is not a file (a folder)."""
-        info = self._retry(self.fs.info, self._path(rel))
+        info = self._retry(self.fs.info, self._uncached(rel))
         if info.get("type") != "file":
             raise ValueError(f"{rel} is not a file in the exchange ({info.get('type')})")
         return int(info["size"])
@@ -228,13 +266,13 @@ class _FsspecStore:
         return self._retry(self.fs.cat_file, self._path(rel), start=start, end=end)
 
     def list(self, rel: str) -> dict[str, Any]:
-        """``{name: (size, time)}`` of the files in the folder ``rel`` (folders left out)."""
+        """``{name: (size, tag)}`` of the files in the folder ``rel`` (folders left out); the tag
+        is the content's (an ETag) where the store gives one, else a time."""
         try:
-            entries = self._retry(self.fs.ls, self._path(rel), detail=True)
+            entries = self._retry(self.fs.ls, self._uncached(rel), detail=True)
         except FileNotFoundError:
             return {}
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), str(
-                    e.get("mtime") or e.get("LastModified") or e.get("ETag") or e.get("created")))
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), str(_tag(e)))
                 for e in entries if e.get("type") == "file"}
 
     def remove(self, rel: str) -> None:
@@ -244,11 +282,20 @@ class _FsspecStore:
             pass
 
 
-def _make_store(location: str) -> _LocalStore | _FsspecStore:
+def _tag(entry: dict[str, Any]) -> Any:
+    """What changes when an object is written again: its content tag (S3's ``ETag``, GCS's
+    generation), else its time (S3's ``LastModified`` has whole seconds only)."""
+    for field in ("ETag", "etag", "generation", "mtime", "LastModified", "created"):
+        if entry.get(field):
+            return entry[field]
+    return None
+
+
+def _make_store(location: str, storage_options: dict[str, Any] | None) -> _LocalStore | _FsspecStore:
     if location.startswith("file://"):
         return _LocalStore(location[len("file://") :])
     if "://" in location:
-        return _FsspecStore(location)
+        return _FsspecStore(location, storage_options)
     return _LocalStore(location)
 
 
@@ -265,17 +312,21 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class DirectoryExchange(Exchange):
-    """Exchange through a directory or an fsspec URL; keeps the newest ``keep`` versions."""
+    """Exchange through a directory or an fsspec URL; keeps the newest ``keep`` versions.
+    ``storage_options``: passed to the URL's fsspec filesystem (e.g. ``{"endpoint_url": ...}``
+    or ``{"profile": ...}`` for s3://; see docs/object-store.md)."""
 
     shared_storage = True  # others can write here: versions are signed and admitted (signing.py)
 
-    def __init__(self, location: str, keep: int = 3) -> None:
+    def __init__(self, location: str, keep: int = 3, storage_options: dict[str, Any] | None = None) -> None:
         if keep < 2:
             # A reader may be loading the previous version while a new one lands.
             raise ValueError(f"keep must be >= 2 for a directory exchange, got {keep}")
         self.location = location
         self.keep = keep
-        self.store = _make_store(location)
+        self.store = _make_store(location, storage_options)
+        if isinstance(self.store, _FsspecStore):
+            self.poll_seconds = OBJECT_STORE_POLL
 
     @staticmethod
     def _folder(replica: int) -> str:
@@ -366,8 +417,9 @@ class DirectoryExchange(Exchange):
             log.debug("version %s vanished while reading (pruned)", where)
             return None
         except Exception as e:  # noqa: BLE001 - a FIFO, a symlink, a folder, an oversized file...
-            self.refuse(replica, step, f"{where}.json", f"unreadable manifest: {e}",
-                        (replica, step, "manifest", str(e)))
+            if not self._unavailable(where, e):
+                self.refuse(replica, step, f"{where}.json", f"unreadable manifest: {e}",
+                            (replica, step, "manifest", str(e)))
             return None
         key = (replica, step, hashlib.sha256(manifest).hexdigest())
         if self._refused(key):
@@ -392,7 +444,8 @@ class DirectoryExchange(Exchange):
             log.debug("version %s vanished while reading (pruned)", where)
             return None
         except Exception as e:  # noqa: BLE001 - whatever a hostile entry raises rejects only it
-            self.refuse(replica, step, where, str(e) or type(e).__name__, key)
+            if not self._unavailable(where, e):
+                self.refuse(replica, step, where, str(e) or type(e).__name__, key)
             return None
         if hashlib.sha256(data).hexdigest() != expected or len(data) != nbytes:
             self.refuse(replica, step, f"{where}.safetensors",
@@ -404,6 +457,15 @@ class DirectoryExchange(Exchange):
             self.refuse(replica, step, f"{where}.safetensors", f"unreadable ({e})", key)
             return None
         return Published(replica, step, state, meta, len(data), expected)
+
+    def _unavailable(self, where: str, error: Exception) -> bool:
+        """Whether reading ``where`` failed on the store, not on the version (an object store
+        still failing after its retries): then it is not rejected, and tried again at the next
+        refresh. A local file that cannot be read (a symlink, a FIFO, no permission) is rejected."""
+        if not isinstance(self.store, _FsspecStore) or not _FsspecStore.transient(error):
+            return False
+        log.warning("cannot read %s for now (%s); tried again at the next refresh", where, error)
+        return True
 
     def ident(self, replica: int, step: int) -> str | None:
         """The weights' sha256 from the version's manifest (None if missing or unusable)."""

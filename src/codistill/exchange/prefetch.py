@@ -16,10 +16,13 @@ class Prefetcher:
     the loaded ones and reads each (file read, checksum, header check, tensors) into memory,
     so that the next refresh only copies it into its teacher. At most one version per peer is
     held; a version that fails its checks is left for the refresh to reject and warn about.
+    It lists every peer each ``poll_seconds`` (default: the exchange's; an object store's is
+    longer, as each listing is a billed request).
     """
 
-    def __init__(self, exchange: Exchange, poll_seconds: float = 0.2) -> None:
-        self.exchange, self.poll_seconds = exchange, poll_seconds
+    def __init__(self, exchange: Exchange, poll_seconds: float | None = None) -> None:
+        self.exchange = exchange
+        self.poll_seconds = exchange.poll_seconds if poll_seconds is None else poll_seconds
         self._ready: dict[int, Published] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
