@@ -93,12 +93,13 @@ def _probe(cfg: Path, out: Path, *args: str) -> list[str]:
 class Job:
     """A launched process (its own session, output in files) that a test waits for or kills."""
 
-    def __init__(self, cmd: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None):
+    def __init__(self, cmd: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.cmd = cmd
         self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=out,
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env={**_env(), **(env or {})}, stdout=out,
                                          stderr=err, start_new_session=True)
 
     @property

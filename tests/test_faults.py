@@ -132,16 +132,54 @@ def test_only_a_restart_of_a_job_that_started_training_resumes(tmp_path, monkeyp
 
     topo = make_topology(0, 2, 2)  # rank 0 of a one-world job
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     (tmp_path / ".elastic").write_text("job-a")  # left by an earlier job with the same id
-    assert not _elastic_restart(str(tmp_path), topo)
-    _unmark_elastic(str(tmp_path), topo)  # once it is to train: a finished or refused resume changes nothing
+    assert not _elastic_restart(str(tmp_path), topo, 0)
+    _unmark_elastic(str(tmp_path), topo, 0)  # once it is to train: a finished or refused resume keeps it
     assert not (tmp_path / ".elastic").exists()
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert not _elastic_restart(str(tmp_path), topo)  # the first attempt never started: refuse again
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert not _elastic_restart(str(tmp_path), topo, 1)  # the first attempt never started: refuse again
     _mark_elastic(str(tmp_path), topo)  # the first attempt passed the checks and trains
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert _elastic_restart(str(tmp_path), topo)
+    assert _elastic_restart(str(tmp_path), topo, 1)
+    _unmark_elastic(str(tmp_path), topo, 1)  # a restart keeps its own job's marker
+    assert _elastic_restart(str(tmp_path), topo, 1)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
-    assert not _elastic_restart(str(tmp_path), topo)
+    assert not _elastic_restart(str(tmp_path), topo, 1)
+
+
+def test_every_rank_agrees_on_a_torchrun_attempt_whatever_its_nodes_restart_count():
+    """Regression (a restart across two torchrun agents, tests/test_multinode.py): torchrun's
+    store outlives an attempt, and its restart count is per node: when one node's worker dies,
+    the healthy node's workers are restarted with their count still 0. They took the previous
+    attempt's store keys, so gloo connected to dead addresses and failed, costing that node a
+    restart of its own. Every rank must take the same fresh namespace and attempt number, also
+    when it asks before rank 0 has named the attempt (the previous name still in the store)."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from codistill.launch import agree_attempt
+
+    store = dist.HashStore()  # torchrun's store: one for every attempt
+
+    def attempt(restarts: list[int], rank0_late: float = 0.0) -> list[tuple[str, int]]:
+        got: list = [None] * len(restarts)
+
+        def rank(r: int) -> None:
+            time.sleep(rank0_late if r == 0 else 0.0)
+            got[r] = agree_attempt(store, r, len(restarts), restarts[r], timedelta(seconds=30))
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(restarts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert None not in got and len(set(got)) == 1, got
+        return got
+
+    first = attempt([0, 0, 0])
+    assert first[0][1] == 0
+    second = attempt([0, 0, 1], rank0_late=0.5)  # rank 2's node failed; the others followed it
+    assert second[0][1] == 1 and second[0][0] != first[0][0]
+    third = attempt([0, 0, 0], rank0_late=0.5)  # a restart no count shows: rank 0 counted it
+    assert third[0][1] == 2 and third[0][0] not in (first[0][0], second[0][0])
