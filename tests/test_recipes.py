@@ -299,3 +299,21 @@ def test_demo_with_retrains_reports_churn_between_retrains(tmp_path, capsys):
     # Every run learned: its log loss falls 0.027-0.08 from the untrained model's (0.64-0.73).
     drop, run = _least_learned(tmp_path / "demo")
     assert drop > 0.015, run
+
+
+@pytest.mark.slow
+def test_compression_quick_fills_every_arm_and_sizes_versions(tmp_path):
+    path = reproduce(["compression"], str(tmp_path / "out"), seeds=2, quick=True)
+    text = open(path, encoding="utf-8").read()
+    assert "Beyond the paper: compressed versions (compression)" in text
+    figures = _figures(tmp_path / "out", "compression")
+    for task in ("lm", "movielens"):
+        fp32, bf16, int8 = (figures[f"{task}/{d}"]["bytes"] for d in ("fp32", "bf16", "int8"))
+        # bf16 halves every tensor exactly; int8 stores a byte per weight of a matrix plus a float32
+        # scale per row and keeps 1-D tensors, so it lies between a quarter and a half of fp32.
+        assert bf16 == fp32 / 2 and fp32 / 4 < int8 < fp32 / 2, (task, fp32, bf16, int8)
+        for d in ("fp32", "bf16", "int8"):
+            f = figures[f"{task}/{d}"]
+            assert len(f["finals"]) == 2 and all(math.isfinite(v) for v in f["finals"] + f["psi"])
+    drop, run = _least_learned(tmp_path / "out" / "arms")
+    assert drop > 0.008, run  # every arm learned (the quick click arms fall 0.01-0.3, the LM more)

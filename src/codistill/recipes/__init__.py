@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import ablations, click_churn, lm_large, local_sgd, offline, scaling, scaling_factors
+from . import ablations, click_churn, compression, lm_large, local_sgd, offline, scaling, scaling_factors
 from .results import Section, assemble, save_section
 from .study import ArmResult, Study, make_config
 
@@ -26,6 +26,7 @@ RECIPES: dict[str, Callable[[Study], Section]] = {  # in the report's order
     click_churn.NAME: click_churn.run,
     offline.NAME: offline.run,
     local_sgd.NAME: local_sgd.run,
+    compression.NAME: compression.run,
 }
 
 
