@@ -16,7 +16,7 @@ from ..losses import AlphaSchedule
 from .click_churn import LR_GRID, base_config
 from .results import Section, plot_curves
 from .scaling import LM
-from .study import ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
+from .study import ArmResult, Study, fmt, mean_spread, preamble, tuning_text
 
 NAME = "compression"
 DTYPES = ("fp32", "bf16", "int8")
@@ -82,9 +82,11 @@ def run(study: Study) -> Section:
         plots.append(f"![{task}]({rel})")
     body = (preamble(NAME, study, __doc__) + "\n".join(lines) + "\n\n" + " ".join(plots)
             + f"\n\nLearning-rate tuning: {tuning_text(tuning)}.\n")
-    int8 = [figures[f"{t}/int8"] for t in ("lm", "movielens")]
+    def versus(t: str) -> str:
+        f, ref = figures[f"{t}/int8"], figures[f"{t}/fp32"]
+        change = mean_spread(f["finals"])[0] - mean_spread(ref["finals"])[0]
+        return f"{t}: {f['bytes'] / ref['bytes']:.2f}× the bytes, final {change:+.4f}"
+
     summary = [("beyond the paper: compressed versions (int8 vs fp32)", "not in the paper",
-                "; ".join(f"{t}: {f['bytes'] / figures[f'{t}/fp32']['bytes']:.2f}× the bytes, final "
-                          f"{mean_spread(f['finals'])[0] - mean_spread(figures[f'{t}/fp32']['finals'])[0]:+.4f}"
-                          for t, f in zip(("lm", "movielens"), int8)))]
+                "; ".join(versus(t) for t in ("lm", "movielens")))]
     return Section(NAME, "Beyond the paper: compressed versions (compression)", body, figures, summary)
