@@ -47,7 +47,7 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(params: float, repeats: int, k: int, root: str) -> dict[str, float]:
+def measure(params: float, repeats: int, k: int, root: str, dtype: str = "fp32") -> dict[str, float]:
     torch.manual_seed(0)
     model, peer = stack(params), stack(params)
     width = model[0].in_features
@@ -65,8 +65,9 @@ def measure(params: float, repeats: int, k: int, root: str) -> dict[str, float]:
     t_step = median_time(step, repeats)
     folder = tempfile.mkdtemp(dir=root)
     background = Codistiller(model, BackgroundExchange(DirectoryExchange(folder)), replica=0,
-                             num_replicas=2, exchange_every=k)
-    direct = Codistiller(model, DirectoryExchange(folder), replica=0, num_replicas=2, exchange_every=k)
+                             num_replicas=2, exchange_every=k, publish_dtype=dtype)
+    direct = Codistiller(model, DirectoryExchange(folder), replica=0, num_replicas=2, exchange_every=k,
+                         publish_dtype=dtype)
     reader = Codistiller(peer, DirectoryExchange(folder), replica=1, num_replicas=2, exchange_every=k)
     steps = iter(range(k, 10**9, k))
 
@@ -125,15 +126,18 @@ def main() -> None:
     p.add_argument("--k", type=int, default=50, help="exchange interval K")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dir", default=None, help="where the exchange is written (default: a temp dir)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="codistill.publish_dtype of the versions (MB stays the model's own size)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     root = a.dir or tempfile.mkdtemp(prefix="codistill-stall-")
-    print(f"K={a.k}, {a.threads} thread(s), medians of {a.repeats}; seconds unless noted")
+    print(f"K={a.k}, {a.threads} thread(s), versions in {a.dtype}, medians of {a.repeats}; "
+          "seconds unless noted")
     print(f"{'params':>11} {'MB':>7} {'step':>7} | {'publish':>8} {'writer':>7} {'(sync)':>7} "
           f"{'refresh':>8} {'(cold)':>7} | {'memcpy':>7} {'write':>7} | {'pub/K·step':>10} "
           f"{'refresh/K·step':>14} {'writer/K·step':>13}")
     for size in a.sizes:
-        r = measure(size, a.repeats, a.k, root)
+        r = measure(size, a.repeats, a.k, root, a.dtype)
         window = a.k * r["step"]
         print(f"{r['params']:>11,} {r['mb']:>7.1f} {r['step']:>7.3f} | {r['publish']:>8.4f} "
               f"{r['writer']:>7.3f} {r['publish_sync']:>7.3f} {r['refresh']:>8.4f} "
