@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: help install demo test test-fast lint lint-imports clean
+.PHONY: help install slurm demo test test-fast lint lint-imports clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VENV)/bin/codistill data fashion-mnist
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed slurm
+
+# Slurm and munge for tests/test_slurm.py's one-host cluster (its daemons run in a temp dir):
+# installed from Debian's packages when missing and root; otherwise a note, and those tests fail.
+SLURM_APT := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing slurm-wlm and munge (the Slurm tests' one-host cluster)"; \
+		$(SLURM_APT) || { apt-get update && $(SLURM_APT); }; \
+	else echo "note: Slurm (sbatch, slurmctld, munged) is not installed and this is not root: skipping" \
+		"apt-get install slurm-wlm munge; tests/test_slurm.py's cluster tests will fail"; fi
 
 demo: install
 	$(VENV)/bin/codistill demo --out $(DEMO_DIR)
@@ -52,4 +63,5 @@ help:
 	@echo "make test-fast  the import contracts and the unit tests only, -m 'not slow' (under"
 	@echo "                3 minutes on 2 cores): no torchrun, subprocess or end-to-end runs"
 	@echo "make lint       ruff and the import contracts (lint-imports, pyproject.toml)"
+	@echo "make slurm      (part of every target) apt-get install slurm-wlm munge if missing and root"
 	@echo "make clean      remove .venv and runs/"

@@ -72,12 +72,43 @@ def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: 
     return 0
 
 
+SLURM_ONLY = ("out", "nodes", "job_name", "sbatch", "no_submit")  # launch options of --slurm only
+
+
 def _launch(args: argparse.Namespace) -> int:
     from .launcher import Launcher
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.slurm:
+        return _launch_slurm(args, command)
+    given = [f"--{name.replace('_', '-')}" for name in SLURM_ONLY
+             if getattr(args, name) not in (None, [], False)]
+    if given:
+        raise ConfigError(f"launch: {', '.join(given)} only with --slurm")
     return Launcher(command, args.replicas, args.exchange, workers=args.workers,
                     max_restarts=args.max_restarts, master_port=args.master_port, grace=args.grace).run()
+
+
+def _launch_slurm(args: argparse.Namespace, command: list[str]) -> int:
+    """Write the job array's batch script into RUN/slurm and submit it; print the job id."""
+    from .slurm import make_spec, submit, write_script
+
+    if not args.out:
+        raise ConfigError("launch --slurm: --out RUN_DIR is required (the batch script and the "
+                          "replicas' logs go in RUN_DIR/slurm, on a filesystem every node sees)")
+    spec = make_spec(command, args.replicas, args.exchange, args.out, workers=args.workers,
+                     nodes=args.nodes or 1, max_restarts=args.max_restarts,
+                     master_port=args.master_port or 29500, job_name=args.job_name or "codistill",
+                     sbatch_args=tuple(args.sbatch))
+    script = write_script(spec)
+    if args.no_submit:
+        print(script)
+        return 0
+    job = submit(script)
+    log.info("Slurm job %s: replica R is array task %s_R, its log %s", job, job,
+             os.path.join(spec.log_dir, "replica-R.log"))
+    print(job)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -208,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .launcher import BACKOFF_FIRST, BACKOFF_MAX, QUICK_EXIT
 
     la = sub.add_parser("launch", help="run N replicas of your own training script",
-                        usage="codistill launch --replicas N --exchange DIR [--workers W] -- COMMAND ...",
+                        usage="codistill launch --replicas N --exchange DIR [--workers W] -- COMMAND ...\n"
+                              "       codistill launch --slurm --out RUN_DIR --replicas N --exchange DIR "
+                              "[--nodes M] [--workers W] [--sbatch=OPTION ...] -- COMMAND ...",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description=f"""\
 Start N replicas of COMMAND, each with CODISTILL_REPLICA, CODISTILL_NUM_REPLICAS,
@@ -228,17 +261,38 @@ A replica that exits non-zero is restarted after {BACKOFF_FIRST:g} s, {2 * BACKO
 {4 * BACKOFF_FIRST:g} s ... (at most {BACKOFF_MAX:g} s),
 up to --max-restarts times, while the others run on. One that exits within {QUICK_EXIT:g} s
 of its start with the same exit code twice in a row (an import error, a bad argument)
-fails at once.""")
+fails at once.
+
+With --slurm the replicas are a Slurm job array instead, one array task per replica
+(CODISTILL_REPLICA=$SLURM_ARRAY_TASK_ID), each a torchrun group over its --nodes when
+W > 1; a task that fails is requeued up to --max-restarts times and a `codistill train`
+command is given --resume then (docs/slurm.md).""")
     la.add_argument("--replicas", type=int, required=True, help="N, the number of replicas")
     la.add_argument("--exchange", required=True, help="exchange directory or URL the replicas share")
     la.add_argument("--workers", type=int, default=1, help="W workers per replica (torchrun when > 1)")
     la.add_argument("--max-restarts", type=int, default=3,
                     help="restarts of a replica that exits non-zero before it counts as failed, with a "
-                         "doubling delay between them (default 3)")
+                         "doubling delay between them (default 3; with --slurm: requeues of its array "
+                         "task, and torchrun's restarts when W > 1)")
     la.add_argument("--master-port", type=int,
-                    help="with --workers > 1: replica R's torchrun uses this port + R (default: free ports)")
+                    help="with --workers > 1: replica R's torchrun uses this port + R (default: free ports; "
+                         "with --slurm 29500, on the replica's first node)")
     la.add_argument("--grace", type=float, default=10.0,
                     help="seconds between passing Ctrl-C/SIGTERM on and SIGKILL (default 10)")
+    sl = la.add_argument_group("Slurm", "a job array instead of local processes (docs/slurm.md)")
+    sl.add_argument("--slurm", action="store_true",
+                    help="write RUN_DIR/slurm/job.sh (one array task per replica, requeued and "
+                         "resumed when it fails) and submit it with sbatch; print the job id")
+    sl.add_argument("--out", metavar="RUN_DIR",
+                    help="with --slurm: the run directory (shared); the script and logs go in RUN_DIR/slurm")
+    sl.add_argument("--nodes", type=int, help="with --slurm: nodes per replica (default 1); "
+                                               "--workers must be a multiple")
+    sl.add_argument("--job-name", help="with --slurm: the job's name (default codistill)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="with --slurm: one more #SBATCH line, e.g. --sbatch=--partition=gpu "
+                         "--sbatch=--time=12:00:00 --sbatch=--gres=gpu:4 (repeatable)")
+    sl.add_argument("--no-submit", action="store_true",
+                    help="with --slurm: write the script and print its path, do not submit it")
     la.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after --")
     la.set_defaults(func=_launch)
 

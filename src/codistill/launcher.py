@@ -142,6 +142,15 @@ def shared_outputs(command: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def warn_shared_outputs(command: Sequence[str], replicas: int) -> None:
+    """Log a warning for each argument of ``command`` that :func:`shared_outputs` names (N > 1)."""
+    if replicas > 1:
+        for arg in shared_outputs(command):
+            log.warning("launch: %r is the same for every replica, so they would write over each "
+                        "other's files; put {replica} in it (e.g. runs/r{replica}) unless they "
+                        "should share it", arg)
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports that are free on this host now."""
     socks = [socket.socket() for _ in range(count)]
@@ -247,11 +256,7 @@ class Launcher:
         if self.command[0] != command[0]:
             log.info("launch: running %r as %s (this interpreter, not the first on PATH)",
                      command[0], sys.executable)
-        if replicas > 1:
-            for arg in shared_outputs(self.command):
-                log.warning("launch: %r is the same for every replica, so they would write over each "
-                            "other's files; put {replica} in it (e.g. runs/r{replica}) unless they "
-                            "should share it", arg)
+        warn_shared_outputs(self.command, replicas)
         self.replicas, self.workers, self.max_restarts = replicas, workers, max_restarts
         self.exchange = exchange if "://" in exchange else os.path.abspath(exchange)
         self.master_port, self.grace = master_port, grace
