@@ -178,6 +178,7 @@ def test_the_word_lm_example_codistills_under_the_launcher(tmp_path: Path) -> No
          "--burn-in", "25"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
+    psis = []
     for r in (0, 1):
         lines = [ln for ln in job.stdout.splitlines() if ln.startswith(f"[replica {r}]") and "step 100" in ln]
         assert lines and f"{{{1 - r}: " in lines[0], job.stdout[-2000:]  # a teacher was loaded
@@ -185,5 +186,10 @@ def test_the_word_lm_example_codistills_under_the_launcher(tmp_path: Path) -> No
         # An untrained model's φ alone is about log 500 = 6.2 (ψ adds to it); 100 steps reach
         # 3.6-3.8 on this one batch: a nat and a half below is a model that learned.
         assert math.isfinite(loss) and loss < math.log(500) - 1.5
-        psi = float(lines[0].split("psi ")[1].split()[0])  # the replicas differ: seeded apart, data apart
-        assert 0 < psi < loss
+        # ψ of step 99: None for a replica whose first teacher came at the step-100 exchange (its
+        # peer lagged behind); the slower replica finds the faster one's versions at an earlier one.
+        psi = lines[0].split("psi ")[1].split()[0]
+        if psi != "None":
+            psis.append(float(psi))
+            assert 0 < psis[-1] < loss  # the replicas differ: seeded apart, data apart
+    assert psis, job.stdout[-2000:]
