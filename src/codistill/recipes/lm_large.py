@@ -33,6 +33,7 @@ from typing import Any
 
 from ..runlog import steps_to_target
 from .results import Section, plot_curves
+from .scaling import _cell
 from .study import TUNE_SEED, ArmResult, Study, fmt, make_config, mean_spread, preamble, tuning_text
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,6 @@ def slope(curve: Curve, start_fraction: float = 0.75) -> float:
     mv = sum(v for _, v in pts) / len(pts)
     den = sum((s - ms) ** 2 for s, _ in pts)
     return 100 * sum((s - ms) * (v - mv) for s, v in pts) / den if den else math.nan
-
-
-def _cell(values: list[float]) -> str:
-    reached = [v for v in values if math.isfinite(v)]
-    if not reached:
-        return "not reached"
-    cell = fmt(reached, 0)
-    return cell if len(reached) == len(values) else f"{cell} ({len(reached)}/{len(values)} reached)"
 
 
 def _steps(runs: list[ArmResult], target: float, who: int | str = 0) -> list[float]:
