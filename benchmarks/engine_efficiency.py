@@ -52,8 +52,9 @@ from torch import nn
 from codistill.config import RunConfig, load_config
 from codistill.data.images import augment, to_float
 from codistill.exchange import make_exchange
+from codistill.fused import fused_loss
 from codistill.loop import Loop
-from codistill.losses import distill_loss, task_and_distill_loss, task_loss
+from codistill.losses import distill_loss, task_loss
 from codistill.modules import call_model
 from codistill.replica import build_replica, model_seed
 from codistill.run import Placement, make_checkpointer
@@ -156,15 +157,17 @@ class HandLoop:
         cat, num, y = (t[idx] for t in task.train)  # type: ignore[attr-defined]
         return (cat, num), y
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, y: torch.Tensor, teacher_outs: list[torch.Tensor]) -> torch.Tensor:
         binary = self.task.output == "binary"
+        if self.losses == "codistill" and not binary:
+            return fused_loss(out, teacher_outs, y).total if teacher_outs else task_loss(out, y)
+        p = None
+        if teacher_outs:
+            probs = [torch.sigmoid(o) if binary else torch.softmax(o, -1) for o in teacher_outs]
+            p = probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
         if self.losses == "codistill":
-            if p is None:
-                return task_loss(out, y, self.task.output)
-            if binary:
-                return task_loss(out, y, "binary") + distill_loss(out, p, "bce")
-            phi, psi = task_and_distill_loss(out, y, p)
-            return phi + psi
+            phi = task_loss(out, y, "binary")
+            return phi if p is None else phi + distill_loss(out, p, "bce")
         if binary:
             phi = F.binary_cross_entropy_with_logits(out, y)
             return phi if p is None else phi + F.binary_cross_entropy_with_logits(out, p)
@@ -179,13 +182,9 @@ class HandLoop:
                 x, y = self.batch(r)
                 model.train()
                 out = call_model(model, x)
-                p = None
-                if self.teachers[r]:
-                    with torch.no_grad():
-                        probs = [torch.sigmoid(o) if self.task.output == "binary" else torch.softmax(o, -1)
-                                 for o in (call_model(t, x) for t in self.teachers[r])]
-                        p = probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
-                loss = self.loss(out, y, p)
+                with torch.no_grad():
+                    teacher_outs = [call_model(t, x) for t in self.teachers[r]]
+                loss = self.loss(out, y, teacher_outs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.cfg.optimizer.grad_clip > 0:

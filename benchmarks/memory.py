@@ -8,7 +8,8 @@ same baseline. (tracemalloc does not see torch's allocator; RSS counts every pag
 
 1. ψ: forward + backward of ψ on fp32 logits [N, V] toward teacher probabilities [N, V]:
    the autograd form (``log_softmax`` + ``kl_div``, as ``psi_cost.py``), the fused chunked
-   ``distill_loss``, and the fused φ+ψ ``task_and_distill_loss`` the training step uses.
+   ``distill_loss``, and the fused φ+ψ ``fused_loss`` (from the teacher's logits) the training
+   step uses.
    The gradient of the logits is one [N, V] tensor that every form must write.
 2. Teachers, one process: two replicas (transformer LMs) and a ``MemoryExchange``; replica 1
    publishes, replica 0 refreshes once (its teacher is built and loaded) and runs it once.
@@ -125,7 +126,8 @@ def child_psi(rows: int, vocab: int, form: str) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from codistill.losses import distill_loss, task_and_distill_loss
+    from codistill.fused import fused_loss
+    from codistill.losses import distill_loss
 
     torch.set_num_threads(1)
 
@@ -139,9 +141,8 @@ def child_psi(rows: int, vocab: int, form: str) -> dict[str, Any]:
             loss = F.kl_div(torch.log_softmax(logits, -1), p, reduction="batchmean")
         elif form == "fused":
             loss = distill_loss(logits, p)
-        else:
-            phi, psi = task_and_distill_loss(logits, y, p)
-            loss = phi + psi
+        else:  # the teacher's logits stand in p's place: the same size
+            loss = fused_loss(logits, [p], y).total
         loss.backward()
 
     psi(*inputs(8, 64))  # warm-up: the code's own pages are not ψ's memory
@@ -210,7 +211,7 @@ def replica_pipeline(spec: dict[str, Any], parallel: str, folder: str, probe: Pr
 
     from codistill import Codistiller, TeacherSpec
     from codistill.exchange import BackgroundExchange, DirectoryExchange
-    from codistill.losses import task_and_distill_loss
+    from codistill.fused import fused_loss
     from codistill.models import build_model
     from codistill.parallel import layout
 
@@ -237,12 +238,11 @@ def replica_pipeline(spec: dict[str, Any], parallel: str, folder: str, probe: Pr
     dist.barrier()
     stage("step")  # student forward, teacher forward, fused φ+ψ, backward, Adam
     logits = model(x)
-    alpha, probs = cd.distill_target(x, STEP)
-    phi, psi = task_and_distill_loss(logits, y, probs)
-    (phi + alpha * psi).backward()
+    alpha, teacher_logits = cd.distill_target(x, STEP)
+    fused_loss(logits, teacher_logits, y, alpha).total.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    del logits, probs, phi, psi
+    del logits, teacher_logits
     dist.barrier()
     if probe is not None:
         probe.end()
@@ -315,7 +315,7 @@ def part_psi(rows: list[int], vocab: list[int], repeats: int) -> None:
             a, b, c = (med(runs[f], "peak") for f in forms)
             print(f"| {n} | {v} | {one:.1f} | {a:.1f} | {b:.1f} | {c:.1f} | {a / one:.2f} | {b / one:.2f} | "
                   f"{a / max(b, 1e-9):.2f}x |", flush=True)
-    from codistill.losses import CHUNK_ELEMENTS
+    from codistill.fused import CHUNK_ELEMENTS
 
     print(f"\n(the fused forms work over chunks of {CHUNK_ELEMENTS} elements = {CHUNK_ELEMENTS * 4 / MB:.0f} "
           "MB per fp32 temporary)")

@@ -367,11 +367,11 @@ def test_a_teacher_whose_predictions_overflow_is_dropped_and_named(tmp_path, cap
     x = torch.randint(0, SPEC["vocab_size"], (4, 8))
     with caplog.at_level(logging.WARNING, logger="codistill"):
         for _ in range(3):
-            a, probs = cd.distill_target(x, 20)
+            a, logits = cd.distill_target(x, 20)
             psi = cd.distill_loss(x, student(x), 20)
     assert torch.isfinite(psi) and psi > 0
-    # the average is teacher 2's alone (the same forward: equal to the last bit)
-    assert torch.equal(probs, cd.teachers[2].predict(x, "kl"))
+    # ψ reads teacher 2 alone (the same forward: equal to the last bit)
+    assert len(logits) == 1 and torch.equal(logits[0], cd.teachers[2].logits(x))
     assert caplog.text.count("non-finite") == 1
     assert "peer 1" in caplog.text and "step 20" in caplog.text and "replica 0" not in caplog.text
     assert cd.stats().rejected_versions == 1
@@ -380,7 +380,8 @@ def test_a_teacher_whose_predictions_overflow_is_dropped_and_named(tmp_path, cap
     assert cd.distill_target(x, 30) is None and cd.distill_loss(x, student(x), 30) == 0  # no teacher left
     ex.publish(1, 40, one.state_dict(), {"model": SPEC})
     assert cd.refresh(40) == {1: 40, 2: 30}
-    torch.testing.assert_close(cd.distill_target(x, 40)[1], cd.teachers[1].predict(x, "kl"), rtol=0, atol=0)
+    (got,) = cd.distill_target(x, 40)[1]
+    torch.testing.assert_close(got, cd.teachers[1].logits(x), rtol=0, atol=0)
 
 
 def _full_disk(monkeypatch, capacity: int) -> None:

@@ -33,7 +33,8 @@ from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
 from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing, state_nbytes
 from .exchange.compression import check_publish_dtype
 from .exchange.signing import Trust
-from .losses import AlphaSchedule, DistillLoss, distill_loss, task_and_distill_loss, task_loss
+from .fused import fused_linear_loss, fused_loss
+from .losses import AlphaSchedule, DistillLoss, distill_loss, task_loss
 from .modules import unwrap
 from .picking import BoundedDrift, LockStep, Newest, Policy, VersionPicker
 from .publishing import Publisher
@@ -182,6 +183,12 @@ class Codistiller:
             kwargs["process_group"] = dist.group.WORLD
         return cls(model, where, replica=replica, num_replicas=num_replicas, **kwargs)
 
+    @property
+    def last_psi(self) -> torch.Tensor | None:
+        """ψ (without α) of the last loss computed, a 0-d tensor on the device (read without a
+        host synchronisation); None before any teacher or during burn-in."""
+        return self._psi
+
     # -- schedule ---------------------------------------------------------------------
     def alpha(self, step: int) -> float:
         return self.schedule(step) if self.peers else 0.0
@@ -195,7 +202,8 @@ class Codistiller:
     def distill_loss(self, inputs: Any, student_outputs: Any, step: int | None = None,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """α(step)·ψ(mean of the teachers' predictions on ``inputs``, the student's): the term
-        to add to the task loss (ψ alone is :func:`codistill.losses.distill_loss`).
+        to add to the task loss (ψ alone is :func:`codistill.losses.distill_loss`). With a task
+        loss that is a cross entropy, :meth:`total_loss` gives φ + α·ψ in one pass instead.
 
         ``student_outputs``: the model's output on ``inputs`` (a tensor, or a tuple / mapping /
         object holding the prediction, see :func:`prediction`); ``step``: the step being
@@ -205,6 +213,59 @@ class Codistiller:
         nothing) during burn-in, before any teacher is loaded, or with nothing unmasked.
         """
         logits = self.loss.logits(student_outputs)
+        return self._loss(inputs, logits, None, step, mask)
+
+    def total_loss(self, inputs: Any, student_outputs: Any, targets: torch.Tensor, step: int | None = None,
+                   ignore_index: int | None = -100) -> torch.Tensor:
+        """φ + α·ψ in one call: φ the standard task loss of the prediction toward ``targets``
+        (cross entropy over the last axis for integer class targets, positions equal to
+        ``ignore_index`` left out of φ and ψ; binary cross entropy for ``loss="bce"``), ψ as
+        :meth:`distill_loss`. For classes, φ, ψ and their gradient come from one chunked pass
+        over the student's and teachers' logits (:func:`codistill.fused.fused_loss`), at about
+        the cost of φ alone. Finding out whether any target is ``ignore_index`` reads one
+        number from the device; pass ``ignore_index=None`` when none is (no host synchronisation)."""
+        logits = self.loss.logits(student_outputs)
+        if self.loss.kind == "bce":
+            return task_loss(logits, targets, "binary") + self._loss(inputs, logits, None, step, None)
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"targets of shape {tuple(targets.shape)} do not fit predictions of shape "
+                             f"{tuple(logits.shape)} (they should be {tuple(logits.shape[:-1])})")
+        keep = None if ignore_index is None else targets != ignore_index
+        if keep is not None and bool(keep.all()):
+            keep = None
+        return self._loss(inputs, logits, targets, step, keep)
+
+    def linear_loss(self, inputs: Any, hidden: torch.Tensor, head: nn.Linear | torch.Tensor,
+                    targets: torch.Tensor | None = None, step: int | None = None,
+                    mask: torch.Tensor | None = None, phi_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """φ + α·ψ (α·ψ alone without ``targets``) of the prediction ``head(hidden)`` (``head``: the
+        output layer, an ``nn.Linear`` or its weight), from the student's last ``hidden`` states
+        and the teachers' (``TeacherSpec.hidden`` and ``head``), chunk by chunk: no [tokens,
+        vocabulary] tensor exists in the forward or the backward pass
+        (:func:`codistill.fused.fused_linear_loss`). For causal LMs with vocabularies of 100k+,
+        whose logits would take gigabytes per teacher. ``mask`` as for :meth:`distill_loss`
+        (targets at masked positions are ignored); ``phi_weight`` w gives w·φ + α·ψ (a
+        framework's own normalisation of φ); KL or soft-target ψ only."""
+        if self.loss.kind == "bce":
+            raise ValueError("linear_loss computes a softmax over classes; loss='bce' has one logit "
+                             "per output")
+        step = self.step if step is None else step
+        a = self._alpha = self.alpha(step)
+        feats = self.teachers.features(inputs) if a != 0.0 else None
+        if feats is None:
+            self._psi = None
+            if targets is None:
+                return hidden.new_zeros(())
+        out = fused_linear_loss(hidden, head, feats or [], targets, a, self.loss.kind, self.loss.temperature,
+                                mask, phi_weight)
+        if feats is not None:
+            self._psi = out.psi
+        return out.total
+
+    def _loss(self, inputs: Any, logits: torch.Tensor, targets: torch.Tensor | None, step: int | None,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """φ (with ``targets``) + α·ψ over the positions of ``mask``: the fused pass, or for
+        ``bce`` ψ toward the averaged click probability."""
         if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit predictions of shape "
                              f"{tuple(logits.shape)} (it should be {tuple(logits.shape[:-1])})")
@@ -215,54 +276,25 @@ class Codistiller:
         self._alpha = self.alpha(step)
         if target is None:
             self._psi = None
-            return logits.new_zeros(())
-        a, probs = target
-        if mask is not None:
-            keep = mask.to(device=logits.device, dtype=torch.bool)
-            logits, probs = logits[keep], probs[keep]
-            if logits.shape[0] == 0:
+            if targets is None:
                 return logits.new_zeros(())
-        psi = distill_loss(logits, probs.to(logits.dtype), self.loss.kind, self.loss.temperature)
-        self._psi = psi.detach()
-        return psi if a == 1.0 else a * psi
-
-    def total_loss(self, inputs: Any, student_outputs: Any, targets: torch.Tensor, step: int | None = None,
-                   ignore_index: int | None = -100) -> torch.Tensor:
-        """φ + α·ψ in one call: φ the standard task loss of the prediction toward ``targets``
-        (cross entropy over the last axis for integer class targets, positions equal to
-        ``ignore_index`` left out of φ and ψ; binary cross entropy for ``loss="bce"``), ψ as
-        :meth:`distill_loss`. For classes with a KL or soft-target ψ at temperature 1 both
-        come from one fused pass over the logits (:func:`~codistill.losses.task_and_distill_loss`),
-        at about the cost of φ alone; otherwise it is ``φ + distill_loss(...)``. Finding out
-        whether any target is ``ignore_index`` reads one number from the device; pass
-        ``ignore_index=None`` when none is (no host synchronisation)."""
-        logits = self.loss.logits(student_outputs)
-        if self.loss.kind == "bce":
-            phi = task_loss(logits, targets, "binary")
-            return phi + self.distill_loss(inputs, student_outputs, step)
-        if tuple(targets.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"targets of shape {tuple(targets.shape)} do not fit predictions of shape "
-                             f"{tuple(logits.shape)} (they should be {tuple(logits.shape[:-1])})")
-        keep = None if ignore_index is None else targets != ignore_index
-        if keep is not None and not bool(keep.all()):  # padding: φ and ψ over the counted positions
-            phi = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                  ignore_index=ignore_index)
-            return phi + self.distill_loss(inputs, student_outputs, step, mask=keep)
-        if not self._forward_checked:
-            self.check_teacher_forward(inputs, logits)
-        step = self.step if step is None else step
-        target = self.distill_target(inputs, step) if self.loss.temperature == 1.0 else None
-        self._alpha = self.alpha(step)
-        if target is None:
-            self._psi = None
-            phi = task_loss(logits, targets, "categorical")
-            if self.loss.temperature == 1.0:
-                return phi
-            return phi + self.distill_loss(inputs, student_outputs, step)
-        a, probs = target
-        phi, psi = task_and_distill_loss(logits, targets, probs, self.loss.kind)
-        self._psi = psi.detach()
-        return phi + (psi if a == 1.0 else a * psi)
+            y = targets if mask is None else targets.where(mask, -100)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        a, teacher_logits = target
+        if self.loss.kind == "bce":  # binary: toward the mean click probability
+            probs = sum(torch.sigmoid(z.float() / self.loss.temperature) for z in teacher_logits)
+            probs = probs / len(teacher_logits)
+            if mask is not None:
+                keep = mask.to(device=logits.device, dtype=torch.bool)
+                logits, probs = logits[keep], probs[keep]
+                if logits.shape[0] == 0:
+                    return logits.new_zeros(())
+            psi = distill_loss(logits, probs.to(logits.dtype), "bce", self.loss.temperature)
+            self._psi = psi.detach()
+            return psi if a == 1.0 else a * psi
+        out = fused_loss(logits, teacher_logits, targets, a, self.loss.kind, self.loss.temperature, mask)
+        self._psi = out.psi
+        return out.total
 
     def check_teacher_forward(self, inputs: Any, logits: torch.Tensor) -> None:
         """Call the teachers' forward (``TeacherSpec.forward``) once on the student's own model
@@ -291,13 +323,13 @@ class Codistiller:
                 "a teacher must be called as the student is (e.g. a seq-first RNN needs its hidden state "
                 "sized by x.size(1), not len(x))")
 
-    def distill_target(self, inputs: Any, step: int) -> tuple[float, torch.Tensor] | None:
-        """(α(step), the teachers' averaged predictions on ``inputs``), or None when α is 0
-        or no teacher is loaded (or every one is dropped): the parts of ψ for a caller that
-        computes it itself (e.g. fused with φ, :func:`codistill.losses.task_and_distill_loss`)."""
+    def distill_target(self, inputs: Any, step: int) -> tuple[float, list[torch.Tensor]] | None:
+        """(α(step), each loaded teacher's logits on ``inputs``), or None when α is 0 or no
+        teacher is loaded (or every one is dropped): the parts of ψ for a caller that
+        computes it itself (e.g. with :func:`codistill.fused.fused_loss`)."""
         a = self.alpha(step)
-        probs = self.teachers.average(inputs) if a != 0.0 else None
-        return None if probs is None else (a, probs)
+        logits = self.teachers.logits(inputs) if a != 0.0 else None
+        return None if logits is None else (a, logits)
 
     # -- exchange ---------------------------------------------------------------------
     def after_step(self, step: int | None = None) -> None:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import fused
+from .fused import row_chunks
 from .modules import as_logits, prediction
 
 DISTILL_KINDS = ("kl", "ce", "bce")
@@ -78,14 +80,6 @@ def distill_loss(
     return _SoftTargetLoss.apply(student_logits.reshape(-1, v), target.reshape(-1, v), t, kind == "kl")
 
 
-CHUNK_ELEMENTS = 1 << 20  # rows × vocabulary per chunk of ψ: bounds its temporary memory
-
-
-def _chunks(rows: int, width: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, width))
-    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
-
-
 def _soft_target_sum(p: torch.Tensor, logq: torch.Tensor, kl: bool) -> torch.Tensor:
     """Σ p·(log p − log q) (``kl``) or −Σ p·log q over a chunk, with 0·log 0 = 0.
 
@@ -106,7 +100,7 @@ class _SoftTargetLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, p: torch.Tensor, t: float, kl: bool) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for rows in _chunks(*logits.shape):
+        for rows in row_chunks(*logits.shape, fused.CHUNK_ELEMENTS):
             z = logits[rows].float()
             pc = p[rows].float()
             logq = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
@@ -121,57 +115,11 @@ class _SoftTargetLoss(torch.autograd.Function):
         t = ctx.t
         scale = grad_out.float() * (t / logits.shape[0])
         grad = torch.empty_like(logits)
-        for rows in _chunks(*logits.shape):
+        for rows in row_chunks(*logits.shape, fused.CHUNK_ELEMENTS):
             pc = p[rows].float()
             z = logits[rows].float()
             q = torch.softmax(z / t if t != 1.0 else z, dim=-1)
             q.mul_(pc.sum(-1, keepdim=True)).sub_(pc).mul_(scale)
-            grad[rows] = q
-        return grad, None, None, None
-
-
-def task_and_distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor,
-                          kind: str = "kl") -> tuple[torch.Tensor, torch.Tensor]:
-    """(φ, ψ) of categorical ``logits`` in one fused pass that shares the student's softmax:
-    φ = cross entropy toward integer ``targets``, ψ = KL (or soft-target CE) toward the
-    teachers' probabilities, both means over rows, temperature 1. The same values and
-    gradients as :func:`task_loss` and :func:`distill_loss`, at about the cost of one."""
-    if kind not in ("kl", "ce"):
-        raise ValueError(f"fused φ+ψ takes kind 'kl' or 'ce', got {kind!r}")
-    v = logits.shape[-1]
-    p = teacher_probs.detach().reshape(-1, v)
-    return _TaskDistillLoss.apply(logits.reshape(-1, v), targets.reshape(-1), p, kind == "kl")
-
-
-class _TaskDistillLoss(torch.autograd.Function):
-    """φ and ψ over chunks of rows from one log-softmax; backward from one softmax:
-    g_φ·(q − onehot(y))/N + g_ψ·(q·Σp − p)/N."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, y: torch.Tensor, p: torch.Tensor, kl: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        phi = torch.zeros((), dtype=torch.float32, device=logits.device)
-        psi = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for rows in _chunks(*logits.shape):
-            logq = torch.log_softmax(logits[rows].float(), dim=-1)
-            pc = p[rows].float()
-            phi -= logq.gather(1, y[rows, None]).sum()
-            psi += _soft_target_sum(pc, logq, kl)
-        ctx.save_for_backward(logits, y, p)
-        n = logits.shape[0]
-        return phi / n, psi / n
-
-    @staticmethod
-    def backward(ctx, g_phi: torch.Tensor, g_psi: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, y, p = ctx.saved_tensors
-        n = logits.shape[0]
-        g_phi, g_psi = g_phi.float() / n, g_psi.float() / n
-        grad = torch.empty_like(logits)
-        for rows in _chunks(*logits.shape):
-            pc = p[rows].float()
-            q = torch.softmax(logits[rows].float(), dim=-1)
-            q.mul_(g_phi + g_psi * pc.sum(-1, keepdim=True)).sub_(g_psi * pc)
-            q[torch.arange(q.shape[0], device=q.device), y[rows]] -= g_phi
             grad[rows] = q
         return grad, None, None, None
 

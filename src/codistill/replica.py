@@ -21,7 +21,8 @@ from .config import RunConfig
 from .data import ShardSampler, StreamSampler
 from .env import REPLICA_SEED_STRIDE
 from .exchange import Exchange, state_nbytes
-from .losses import AlphaSchedule, task_and_distill_loss, uniform_loss
+from .fused import fused_loss
+from .losses import AlphaSchedule, uniform_loss
 from .modules import call_model
 from .parallel import PRECISIONS, autocast, model_state
 from .tasks import Batch, Task
@@ -235,15 +236,15 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     with autocast(str(x.device) if torch.is_tensor(x) else "cpu", rep.precision):
         outputs = call_model(rep.model, x)
         target = cd.distill_target(x, step) if _fused(task, cd, label_smoothing) else None
-        if target is not None:  # φ and ψ share one softmax of the student's outputs
-            phi, psi = task_and_distill_loss(outputs, y, target[1], cd.loss.kind)
+        if target is not None:  # φ and ψ in one pass over the student's and teachers' logits
+            loss, phi, psi = fused_loss(outputs, target[1], y, target[0], cd.loss.kind)
             term = target[0] * psi
         else:
             phi = task.loss(outputs, y)
             if label_smoothing > 0:
                 phi = (1 - label_smoothing) * phi + label_smoothing * uniform_loss(outputs, task.output)
             term = cd.distill_loss(x, outputs, step)
-        loss = phi + term
+            loss = phi + term
     rep.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     skipped = 0.0

@@ -95,44 +95,69 @@ class Teacher:
         return None if self.version is None else max(0, step - self.version)
 
     @torch.no_grad()
-    def predict(self, inputs: Any, kind: str, temperature: float = 1.0) -> torch.Tensor:
-        """The teacher's predicted probabilities (in fp32), its forward run in its own dtype
+    def logits(self, inputs: Any) -> torch.Tensor:
+        """The teacher's prediction on ``inputs`` as logits, its forward run in its own dtype
         (whatever autocast the student's step is under)."""
         with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self._bf16):
             if self.stateful:
                 out, self.state = self.forward(self.module, inputs, self.state)
             else:
                 out = self.forward(self.module, inputs)
-        return predict_probs(out.float(), kind, temperature)
+        return out
+
+    def predict(self, inputs: Any, kind: str, temperature: float = 1.0) -> torch.Tensor:
+        """The teacher's predicted probabilities (in fp32)."""
+        return predict_probs(self.logits(inputs).float(), kind, temperature)
+
+    @torch.no_grad()
+    def features(self, inputs: Any, hidden: Callable[[nn.Module, Any], torch.Tensor],
+                 head: Callable[[nn.Module], Any]) -> tuple[torch.Tensor, Any]:
+        """(hidden states, head) of the teacher on ``inputs``: its prediction is ``head(hidden)``."""
+        with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self._bf16):
+            return hidden(self.module, inputs), head(self.module)
+
+
+def teacher_outputs(teachers: list[Teacher], call: Callable[[Teacher], Any],
+                    values: Callable[[Any], torch.Tensor] = lambda out: out) -> list[Any] | None:
+    """``call(t)`` for each loaded teacher (its logits, or its hidden states and head); raises
+    if none is loaded, None if every one is dropped. A teacher whose output (``values`` of it)
+    is not finite (weights that are finite but overflow in its forward) is dropped, from this
+    step until its peer's next version is loaded, with a warning naming the peer. The test is
+    one reduction per teacher (:func:`finite`)."""
+    loaded = [t for t in teachers if t.version is not None]
+    if not loaded:
+        raise RuntimeError("no teacher has weights loaded yet")
+    outs = []
+    for t in loaded:
+        if t.dropped and not t.sharded:
+            continue
+        out = call(t)  # a sharded forward is collective: every rank runs it
+        if t.dropped:
+            continue
+        if not finite(values(out)):
+            t.dropped, t.drops = True, t.drops + 1
+            log.warning("the teacher of peer %d (its version of step %d) predicts non-finite values; "
+                        "distilling without it until peer %d publishes a newer version", t.peer,
+                        t.version, t.peer)
+            continue
+        outs.append(out)
+    return outs or None
 
 
 @torch.no_grad()
 def average_predictions(
     teachers: list[Teacher], inputs: Any, kind: str, temperature: float = 1.0
 ) -> torch.Tensor | None:
-    """mean_j p_j(x) over the loaded teachers; raises if none is loaded, None if every one
-    is dropped. A teacher whose predictions on ``inputs`` are not finite (weights that are
-    finite but overflow in its forward) is dropped, from this step until its peer's next
-    version is loaded, with a warning naming the peer. The test is one reduction per
-    teacher (:func:`finite`)."""
-    loaded = [t for t in teachers if t.version is not None]
-    if not loaded:
-        raise RuntimeError("no teacher has weights loaded yet")
-    total, n = None, 0
-    for t in loaded:
-        if t.dropped and not t.sharded:
-            continue
-        probs = t.predict(inputs, kind, temperature)  # a sharded forward is collective: every rank runs it
-        if t.dropped:
-            continue
-        if not finite(probs):
-            t.dropped, t.drops = True, t.drops + 1
-            log.warning("the teacher of peer %d (its version of step %d) predicts non-finite values; "
-                        "distilling without it until peer %d publishes a newer version", t.peer,
-                        t.version, t.peer)
-            continue
-        total, n = (probs, 1) if total is None else (total.add_(probs), n + 1)
-    return total.div_(n) if total is not None and n > 1 else total
+    """mean_j p_j(x) over the loaded teachers (fp32); raises if none is loaded, None if every
+    one is dropped (see :func:`teacher_outputs`). ψ itself reads the teachers' logits instead
+    (:func:`codistill.fused.fused_loss`), without this [rows, classes] tensor."""
+    logits = teacher_outputs(teachers, lambda t: t.logits(inputs))
+    if logits is None:
+        return None
+    total = predict_probs(logits[0].float(), kind, temperature)
+    for z in logits[1:]:
+        total.add_(predict_probs(z.float(), kind, temperature))
+    return total.div_(len(logits)) if len(logits) > 1 else total
 
 
 @dataclass(frozen=True)
@@ -162,6 +187,11 @@ class TeacherSpec:
             :func:`codistill.parallel.shard_model` (FSDP2): each rank holds a shard of every
             teacher.
         peers: which replicas to distil from (default: all others).
+        hidden, head: for :meth:`Codistiller.linear_loss` (ψ from hidden states, with no
+            [tokens, vocabulary] tensor): ``hidden(module, inputs)`` gives a teacher's last
+            hidden states and ``head(module)`` its output layer (an ``nn.Linear`` or its
+            weight), e.g. for a Hugging Face causal LM ``lambda m, x: m.base_model(**x)[0]``
+            and ``lambda m: m.get_output_embeddings()``.
     """
 
     factory: Callable[[int, dict[str, Any]], nn.Module] | None = None
@@ -170,6 +200,8 @@ class TeacherSpec:
     dtype: torch.dtype | None = None
     layout: Callable[[nn.Module], nn.Module] | None = None
     peers: list[int] | None = None
+    hidden: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    head: Callable[[nn.Module], Any] | None = None
 
 
 class TeacherSet(dict[int, Teacher]):
@@ -201,6 +233,25 @@ class TeacherSet(dict[int, Teacher]):
         if not any(t.version is not None for t in self.values()):
             return None
         return average_predictions(list(self.values()), inputs, self.loss.kind, self.loss.temperature)
+
+    def logits(self, inputs: Any) -> list[torch.Tensor] | None:
+        """Each loaded, finite teacher's logits on ``inputs`` (None when none is loaded or every
+        one is dropped), see :func:`teacher_outputs`."""
+        if not any(t.version is not None for t in self.values()):
+            return None
+        return teacher_outputs(list(self.values()), lambda t: t.logits(inputs))
+
+    def features(self, inputs: Any) -> list[tuple[torch.Tensor, Any]] | None:
+        """Each loaded, finite teacher's (hidden states, head) on ``inputs``, by the spec's
+        ``hidden`` and ``head`` (None when none is loaded or every one is dropped)."""
+        if self.spec.hidden is None or self.spec.head is None:
+            raise ValueError("a loss from hidden states needs TeacherSpec(hidden=f(module, inputs) -> hidden "
+                             "states, head=f(module) -> the output layer) to call the teachers alike")
+        if not any(t.version is not None for t in self.values()):
+            return None
+        hidden, head = self.spec.hidden, self.spec.head
+        return teacher_outputs(list(self.values()), lambda t: t.features(inputs, hidden, head),
+                               values=lambda out: out[0])
 
     # -- checks and loads ----------------------------------------------------------------
     def check(self, peer: int) -> Check:

@@ -16,10 +16,18 @@ launch) all its processes are one replica. For token predictions ψ counts the p
 task loss counts: labels ≠ -100, shifted by one for a causal LM. With N > 1 replicas each
 writes into its own ``output_dir/replica-R`` (checkpoints, logs, saved models), unless the
 path names its replica already.
+
+For a causal LM whose logits are its output layer applied to its last hidden states (checked
+on the first batch), φ + α·ψ are computed from the hidden states chunk by chunk
+(:meth:`Codistiller.linear_loss`): no [tokens, vocabulary] logits exist for the student or the
+teachers, which for vocabularies of 128k+ saves gigabytes per batch. Under a wrapper (DDP,
+FSDP) or with label smoothing or a ``compute_loss_func`` the Trainer's own loss is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,11 +38,13 @@ from .._extras import require
 from ..codistiller import Codistiller
 from ..env import replica_env
 from ..modules import prediction
-from .common import per_replica, token_mask, use_default_group
+from .common import IGNORE_INDEX, per_replica, token_mask, use_default_group
 
 transformers = require("transformers", "the Hugging Face Trainer integration")
 
 __all__ = ["CodistillCallback", "CodistillTrainer"]
+
+log = logging.getLogger(__name__)
 
 
 class CodistillCallback(transformers.TrainerCallback):
@@ -62,6 +72,8 @@ class CodistillTrainer(transformers.Trainer):
             None: ``from_env``'s defaults.
         shift_labels: whether position t predicts label t+1 (a causal LM) when masking ψ with
             the labels; None: true for the models ``AutoModelForCausalLM`` builds.
+        fused_linear: compute a causal LM's φ + α·ψ from hidden states without logits (see the
+            module's notes); None: when the model allows it, False: never.
         args, kwargs: the Trainer's.
 
     Logs ``distill_loss`` (ψ without α, as in the engine's train rows; this process's mean
@@ -70,7 +82,7 @@ class CodistillTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args: Any, codistiller: Codistiller | Mapping[str, Any] | None = None,
-                 shift_labels: bool | None = None, **kwargs: Any) -> None:
+                 shift_labels: bool | None = None, fused_linear: bool | None = None, **kwargs: Any) -> None:
         replica, num_replicas = ((codistiller.replica, codistiller.num_replicas)
                                  if isinstance(codistiller, Codistiller) else replica_env())
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -84,6 +96,7 @@ class CodistillTrainer(transformers.Trainer):
         self.codistiller = use_default_group(codistiller)
         self.shift_labels = _is_causal_lm(self.model) if shift_labels is None else shift_labels
         self.add_callback(CodistillCallback(self.codistiller))
+        self.fused_linear = fused_linear  # None until the first batch decides
         self._psi_sum: torch.Tensor | float = 0.0
         self._psi_count = 0
 
@@ -94,6 +107,8 @@ class CodistillTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, **kw)
         labels = {"labels", "shift_labels", *(self.label_names or [])}
         teacher_inputs = {k: v for k, v in inputs.items() if k not in labels}
+        if not return_outputs and self._use_fused_linear(model, inputs, teacher_inputs):
+            return self._linear_loss(model, inputs, teacher_inputs, num_items_in_batch)
         mask = self.distill_mask(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kw)
         step = self.state.global_step
@@ -107,6 +122,55 @@ class CodistillTrainer(transformers.Trainer):
                                   self.args.gradient_accumulation_steps)
         loss = loss + term
         return (loss, outputs) if return_outputs else loss
+
+    def _use_fused_linear(self, model: nn.Module, inputs: Mapping[str, Any],
+                          teacher_inputs: dict[str, Any]) -> bool:
+        """Whether this batch's loss comes from hidden states: decided once, on the first batch,
+        by comparing the model's logits with its output layer applied to its last hidden states."""
+        if self.fused_linear is False or model is not self.model or self.label_smoother is not None \
+                or getattr(self, "compute_loss_func", None) is not None or not self.shift_labels \
+                or not torch.is_tensor(inputs.get("labels")) or self.codistiller.loss.kind == "bce":
+            return False
+        if self.fused_linear is None:
+            self.fused_linear = _logits_are_linear(model, teacher_inputs)
+            if not self.fused_linear:
+                log.info("%s: its logits are not its output layer on its last hidden states; "
+                         "φ and ψ come from the logits", type(model).__name__)
+                return False
+            spec = self.codistiller.teachers.spec
+            if spec.hidden is None or spec.head is None:
+                self.codistiller.teachers.spec = dataclasses.replace(spec, hidden=last_hidden_states,
+                                                                     head=output_layer)
+        return True
+
+    def _linear_loss(self, model: nn.Module, inputs: Mapping[str, Any], teacher_inputs: dict[str, Any],
+                     num_items_in_batch: Any) -> torch.Tensor:
+        """φ as the Trainer normalises it (a sum over ``num_items_in_batch`` tokens, scaled for
+        the processes averaging tokens) + α·ψ, both from the last hidden states."""
+        labels = inputs.get("shift_labels")
+        if not torch.is_tensor(labels):
+            labels = torch.full_like(inputs["labels"], IGNORE_INDEX)
+            labels[..., :-1] = inputs["labels"][..., 1:]
+        mask = labels != IGNORE_INDEX
+        hidden = last_hidden_states(model, teacher_inputs)
+        scale = 1.0
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            scale = mask.sum().to(wide) / num_items_in_batch  # a sum over the accumulated batch's tokens
+            if self.args.average_tokens_across_devices:
+                scale = scale * (self.accelerator.num_processes // self.get_tp_size())
+        steps = 1
+        if self._loss_scaled_for_accumulation(num_items_in_batch):  # ψ is one micro-batch's mean
+            steps = getattr(self, "current_gradient_accumulation_steps",
+                            self.args.gradient_accumulation_steps)
+        step = self.state.global_step
+        loss = self.codistiller.linear_loss(teacher_inputs, hidden, output_layer(model), labels, step, mask,
+                                            phi_weight=scale * steps)
+        psi = self.codistiller.last_psi
+        if psi is not None:
+            self._psi_sum = self._psi_sum + psi
+        self._psi_count += 1
+        return loss / steps if steps != 1 else loss
 
     def distill_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """The positions ψ counts, from integer token labels (``shift_labels`` or ``labels``),
@@ -133,6 +197,38 @@ class CodistillTrainer(transformers.Trainer):
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
                 or getattr(self, "compute_loss_func", None) is not None
         return bool(scaled)
+
+
+def last_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """A Hugging Face model's last hidden states (after its final norm): its base model's first output."""
+    return model.base_model(**inputs)[0]
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """A Hugging Face model's output layer (``lm_head``)."""
+    return model.get_output_embeddings()
+
+
+def _logits_are_linear(model: nn.Module, inputs: Mapping[str, Any]) -> bool:
+    """Whether ``model``'s logits on ``inputs`` are its ``nn.Linear`` output layer applied to its
+    last hidden states (no soft-capping or scaling of logits): checked once, in eval mode,
+    without gradients or random draws."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if not isinstance(head, nn.Linear) or model.base_model is model:
+        return False
+    was_training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
+            logits = prediction(model(**inputs)).float()
+            direct = head(last_hidden_states(model, inputs)).float()
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+    if direct.shape != logits.shape:
+        return False
+    return bool(torch.allclose(direct, logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max().clamp_min(1))))
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
