@@ -13,6 +13,10 @@ same baseline. (tracemalloc does not see torch's allocator; RSS counts every pag
    The gradient of the logits is one [N, V] tensor that every form must write.
 2. Teachers, one process: two replicas (transformer LMs) and a ``MemoryExchange``; replica 1
    publishes, replica 0 refreshes once (its teacher is built and loaded) and runs it once.
+4. Fused-linear ψ (``--parts linear``): a causal-LM head on hidden states [N, H] with one
+   teacher (its own hidden states and head), φ + ψ forward + backward: materialised (logits
+   = hidden @ Wᵀ for student and teacher, then ``fused_loss``) against ``fused_linear_loss``
+   (chunks of rows; no [N, V] tensor). Peak RSS and the median time of the pass.
 3. Ranks: ``torchrun --nproc-per-node=2`` (gloo, OMP_NUM_THREADS=1) runs this file with
    ``--rank-worker``: one replica of 2 ranks laid out by ``codistill.parallel.layout`` (DDP,
    or FSDP2 with the teacher sharded the same way), a peer version in a directory exchange
@@ -26,6 +30,7 @@ child first runs its whole pipeline on a tiny model, so code pages are not count
     .venv/bin/python benchmarks/memory.py            # all three, ≈ 10 minutes on 2 busy cores
     .venv/bin/python benchmarks/memory.py --parts psi --rows 700 2800 --vocab 8192 32768 131072
     .venv/bin/python benchmarks/memory.py --parts teachers ranks --sizes 10M 50M 200M
+    .venv/bin/python benchmarks/memory.py --parts linear --rows 2048 --vocab 131072 262144 --hidden 64
 """
 
 from __future__ import annotations
@@ -152,6 +157,70 @@ def child_psi(rows: int, vocab: int, form: str) -> dict[str, Any]:
     psi(logits, p, y)
     probe.end()
     return probe.stages["psi"]
+
+
+# -- 4. fused-linear ψ, one form on one shape ---------------------------------------------------
+def child_linear(rows: int, vocab: int, hidden: int, form: str, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from codistill.fused import fused_linear_loss, fused_loss
+
+    torch.set_num_threads(1)
+
+    def inputs(n: int, v: int) -> tuple[Any, ...]:
+        g = torch.Generator().manual_seed(v)
+        h = torch.randn(n, hidden, generator=g).requires_grad_()
+        w = (torch.randn(v, hidden, generator=g) / hidden**0.5).requires_grad_()
+        th, tw = torch.randn(n, hidden, generator=g), torch.randn(v, hidden, generator=g) / hidden**0.5
+        return h, w, th, tw, torch.randint(v, (n,), generator=g)
+
+    def once(h: Any, w: Any, th: Any, tw: Any, y: Any) -> None:
+        h.grad = w.grad = None
+        if form == "materialised":
+            with torch.no_grad():
+                teacher = th @ tw.t()
+            loss = fused_loss(h @ w.t(), [teacher], y).total
+        else:
+            loss = fused_linear_loss(h, w, [(th, tw)], y).total
+        loss.backward()
+
+    once(*inputs(8, 64))  # warm-up: the code's own pages are not the loss's memory
+    args = inputs(rows, vocab)
+    probe = Probe()
+    probe.stage("pass")
+    once(*args)
+    probe.end()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once(*args)
+        times.append(time.perf_counter() - t0)
+    return {**probe.stages["pass"], "seconds": statistics.median(times)}
+
+
+def part_linear(rows: list[int], vocab: list[int], hidden: int, repeats: int) -> None:
+    forms = ("materialised", "fused-linear")
+    print(f"\n## 4. φ + ψ from hidden states (H = {hidden}), one teacher, forward + backward, fp32, "
+          "one thread\n")
+    print("peak RSS increase (MB) of one pass in a fresh process; time: median of "
+          f"{repeats} passes after it\n")
+    print("| N | V | one [N, V] (MB) | materialised peak | fused-linear peak | peak ratio | "
+          "materialised (s) | fused-linear (s) | time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in rows:
+        for v in vocab:
+            got = {f: json.loads(subprocess.run(
+                [sys.executable, HERE, "--child", "linear", str(n), str(v), str(hidden), f, str(repeats)],
+                env=ENV, check=True, capture_output=True, text=True).stdout) for f in forms}
+            one = n * v * 4 / MB
+            (pa, ta), (pb, tb) = ((got[f]["peak"], got[f]["seconds"]) for f in forms)
+            print(f"| {n} | {v} | {one:.0f} | {pa:.0f} | {pb:.0f} | {pa / max(pb, 1e-9):.1f}x | {ta:.2f} | "
+                  f"{tb:.2f} | {tb / ta:.2f} |", flush=True)
+    from codistill.fused import LINEAR_CHUNK_ELEMENTS
+
+    mb = LINEAR_CHUNK_ELEMENTS * 4 / MB
+    print(f"\n(fused-linear chunks of {LINEAR_CHUNK_ELEMENTS} elements = {mb:.0f} MB of logits per "
+          "fp32 temporary)")
 
 
 # -- 2. one teacher in one process -----------------------------------------------------------
@@ -385,6 +454,8 @@ def main() -> None:
         what, args = sys.argv[2], sys.argv[3:]
         if what == "psi":
             print(json.dumps(child_psi(int(args[0]), int(args[1]), args[2])))
+        elif what == "linear":
+            print(json.dumps(child_linear(*(int(x) for x in args[:3]), args[3], int(args[4]))))
         elif what == "teacher":
             print(json.dumps(child_teacher(args[0], args[1])))
         else:
@@ -392,10 +463,12 @@ def main() -> None:
             print("{}")
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["psi", "teachers", "ranks"]
-    ap.add_argument("--parts", nargs="+", choices=parts, default=parts)
+    parts = ["psi", "teachers", "ranks", "linear"]
+    ap.add_argument("--parts", nargs="+", choices=parts, default=parts[:3])
     ap.add_argument("--rows", type=int, nargs="+", default=[700, 2800], help="N = batch × time positions")
     ap.add_argument("--vocab", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--hidden", type=int, default=64, help="linear: the hidden size H")
+    ap.add_argument("--linear-repeats", type=int, default=3, help="linear: timed passes per form")
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["10M", "50M", "200M"])
     ap.add_argument("--psi-repeats", type=int, default=1, help="ψ processes per shape and form (its "
                     "figures repeat to 0.1 MB)")
@@ -411,6 +484,8 @@ def main() -> None:
         part_teachers(a.sizes, a.repeats)
     if "ranks" in a.parts:
         part_ranks(a.sizes, a.rank_repeats)
+    if "linear" in a.parts:
+        part_linear(a.rows, a.vocab, a.hidden, a.linear_repeats)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
