@@ -21,7 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
-from codistill import AlphaSchedule, BoundedDrift, Codistiller, task_loss
+from codistill import AlphaSchedule, BoundedDrift, Codistiller
 from codistill.data import build_text_corpus, shard_indices
 
 
@@ -54,7 +54,7 @@ def train(replica: int, num_replicas: int, exchange: str, steps: int) -> None:
         seqs = corpus.train[shard[torch.randint(len(shard), (32,), generator=g)]]
         x, y = seqs[:, :-1], seqs[:, 1:]
         logits = model(x)
-        loss = task_loss(logits, y) + cd.distill_loss(x, logits, step)  # 0 during burn-in
+        loss = cd.total_loss(x, logits, y, step)  # φ + α·ψ in one pass (α = 0 during burn-in)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -85,7 +85,6 @@ def main() -> None:
     loader = DataLoader(train, batch_size=a.batch, shuffle=True, drop_last=True)
     model = RNNModel(vocab)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = nn.NLLLoss()
     cd = codistill.Codistiller.from_env(  # codistill
         model, exchange_every=25, alpha=codistill.AlphaSchedule(burn_in=a.burn_in),
         teachers=codistill.TeacherSpec(forward=lambda m, x: m(x, m.init_hidden(x.size(0)))),
@@ -95,8 +94,7 @@ def main() -> None:
         for x, y in loader:
             hidden = tuple(h.detach() for h in hidden)
             log_probs, hidden = model(x, hidden)
-            loss = loss_fn(log_probs.reshape(-1, vocab), y.reshape(-1))
-            loss = loss + cd.distill_loss(x, log_probs)  # codistill
+            loss = cd.total_loss(x, log_probs, y)  # codistill: φ + α·ψ in one pass (was loss_fn(...))
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 0.25 * 4)
