@@ -7,9 +7,8 @@ of each to its floor (plain + k·forward):
 
 - ``apart``: ``task_loss(out, y) + cd.distill_loss(x, out)`` (φ and ψ in their own passes);
 - ``plug-in``: ``cd.total_loss(x, out, y)``, the README's one call (φ + α·ψ in one pass);
-- ``engine``: ``fused_loss(out, teacher_logits, y, α)`` from ``cd.distill_target``, as the
-  engine's ``replica_step`` computes it (categorical tasks; the same as ``plug-in`` less the
-  plug-in's own checks).
+- ``engine``: ``cd.losses(x, out, y)``, as the engine's ``replica_step`` computes it
+  (categorical tasks; ``total_loss`` less its check of the targets).
 
     .venv/bin/python benchmarks/step_cost.py [--repeats 7] [--steps 20]
     # word LMs (issue 9's 2-layer LSTM 64/64, 20x35 tokens, 1 thread) at several vocabularies
@@ -31,7 +30,6 @@ import torch
 
 from codistill import Codistiller, MemoryExchange, task_loss
 from codistill.config import load_config
-from codistill.fused import fused_loss
 from codistill.models import build_model
 from codistill.tasks import build_task
 
@@ -105,8 +103,7 @@ def measure(a: argparse.Namespace, vocab: int) -> None:
 
         def engine(cd: Codistiller = cd) -> None:
             out = call(model)
-            alpha, teacher_logits = cd.distill_target(x, 10)
-            train(fused_loss(out, teacher_logits, y, alpha, cd.loss.kind).total)
+            train(cd.losses(x, out, y, 10).total)
 
         for name, fn in (("apart", apart), ("plug-in", plugin), ("engine", engine)):
             if name in paths:

@@ -33,7 +33,7 @@ from .env import ENV_EXCHANGE, ENV_NUM_REPLICAS, ENV_REPLICA
 from .exchange import Exchange, MemoryExchange, Published, make_exchange, signing, state_nbytes
 from .exchange.compression import check_publish_dtype
 from .exchange.signing import Trust
-from .fused import fused_linear_loss, fused_loss
+from .fused import Losses, fused_linear_loss, fused_loss
 from .losses import AlphaSchedule, DistillLoss, distill_loss, task_loss
 from .modules import unwrap
 from .picking import BoundedDrift, LockStep, Newest, Policy, VersionPicker
@@ -266,35 +266,63 @@ class Codistiller:
               mask: torch.Tensor | None) -> torch.Tensor:
         """φ (with ``targets``) + α·ψ over the positions of ``mask``: the fused pass, or for
         ``bce`` ψ toward the averaged click probability."""
+        if self.loss.kind != "bce":
+            return self.losses(inputs, logits, targets, step, mask).total
+        self._check_inputs(inputs, logits, mask)
+        step = self.step if step is None else step
+        a = self._alpha = self.alpha(step)
+        teacher_logits = self.teachers.logits(inputs) if a != 0.0 else None
+        if teacher_logits is None:
+            self._psi = None
+            return logits.new_zeros(())
+        probs = sum(torch.sigmoid(z.float() / self.loss.temperature) for z in teacher_logits)
+        probs = probs / len(teacher_logits)  # toward the mean click probability
+        if mask is not None:
+            keep = mask.to(device=logits.device, dtype=torch.bool)
+            logits, probs = logits[keep], probs[keep]
+            if logits.shape[0] == 0:
+                return logits.new_zeros(())
+        psi = distill_loss(logits, probs.to(logits.dtype), "bce", self.loss.temperature)
+        self._psi = psi.detach()
+        return psi if a == 1.0 else a * psi
+
+    def losses(self, inputs: Any, logits: torch.Tensor, targets: torch.Tensor | None = None,
+               step: int | None = None, mask: torch.Tensor | None = None) -> Losses:
+        """(φ + α·ψ, φ, ψ) of categorical ``logits`` from one pass of
+        :func:`~codistill.fused.fused_loss` (φ = 0 without ``targets``; ψ = 0 before any teacher
+        or during burn-in), the parts a training loop logs. Teachers' logits are tested for
+        finiteness only when the loss is not finite; a teacher that overflows is then dropped
+        and the loss computed without it."""
+        self._check_inputs(inputs, logits, mask)
+        step = self.step if step is None else step
+        a = self._alpha = self.alpha(step)
+        teacher_logits = self.teachers.logits(inputs, check=False) if a != 0.0 else None
+        if teacher_logits is None:
+            self._psi = None
+            if targets is None:
+                zero = logits.new_zeros(())
+                return Losses(zero, zero, zero)
+            y = targets if mask is None else targets.where(mask, -100)
+            phi = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+            return Losses(phi, phi.detach(), phi.new_zeros(()))
+        kind, t = self.loss.kind, self.loss.temperature
+        out = fused_loss(logits, teacher_logits, targets, a, kind, t, mask)
+        if not bool(torch.isfinite(out.total)):  # a teacher that overflows, or the student itself
+            teacher_logits = self.teachers.drop_nonfinite()
+            if teacher_logits is None:
+                self._psi = None
+                return self.losses(inputs, logits, targets, step, mask) if targets is not None else \
+                    Losses(*(logits.new_zeros(()),) * 3)
+            out = fused_loss(logits, teacher_logits, targets, a, kind, t, mask)
+        self._psi = out.psi
+        return out
+
+    def _check_inputs(self, inputs: Any, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
         if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit predictions of shape "
                              f"{tuple(logits.shape)} (it should be {tuple(logits.shape[:-1])})")
         if not self._forward_checked:
             self.check_teacher_forward(inputs, logits)
-        step = self.step if step is None else step
-        target = self.distill_target(inputs, step)
-        self._alpha = self.alpha(step)
-        if target is None:
-            self._psi = None
-            if targets is None:
-                return logits.new_zeros(())
-            y = targets if mask is None else targets.where(mask, -100)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-        a, teacher_logits = target
-        if self.loss.kind == "bce":  # binary: toward the mean click probability
-            probs = sum(torch.sigmoid(z.float() / self.loss.temperature) for z in teacher_logits)
-            probs = probs / len(teacher_logits)
-            if mask is not None:
-                keep = mask.to(device=logits.device, dtype=torch.bool)
-                logits, probs = logits[keep], probs[keep]
-                if logits.shape[0] == 0:
-                    return logits.new_zeros(())
-            psi = distill_loss(logits, probs.to(logits.dtype), "bce", self.loss.temperature)
-            self._psi = psi.detach()
-            return psi if a == 1.0 else a * psi
-        out = fused_loss(logits, teacher_logits, targets, a, self.loss.kind, self.loss.temperature, mask)
-        self._psi = out.psi
-        return out.total
 
     def check_teacher_forward(self, inputs: Any, logits: torch.Tensor) -> None:
         """Call the teachers' forward (``TeacherSpec.forward``) once on the student's own model

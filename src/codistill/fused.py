@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-CHUNK_ELEMENTS = 1 << 18  # rows × vocabulary per chunk of logits: its few temporaries stay in cache
+CHUNK_ELEMENTS = 1 << 20  # rows × vocabulary per chunk of logits (4 MB per fp32 temporary)
 LINEAR_CHUNK_ELEMENTS = 1 << 22  # per fused-linear chunk: enough rows for efficient matmuls
 
 Scale = float | torch.Tensor
@@ -81,23 +80,41 @@ def fused_linear_loss(hidden: torch.Tensor, head: nn.Linear | torch.Tensor,
 
 
 # -- one chunk of rows ------------------------------------------------------------------
+class _Work:
+    """Chunk-sized buffers reused by every chunk of one pass: fresh memory for each chunk's
+    temporaries would be paged in again and again, which costs as much as the arithmetic."""
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.rows, self.width, self.device = rows, width, device
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get((name, dtype))
+        if buf is None:
+            buf = torch.empty(self.rows, self.width, dtype=dtype, device=self.device)
+            self.buffers[name, dtype] = buf
+        return buf[:n]
+
+
 def _chunk(z: torch.Tensor, ts: list[torch.Tensor], y: torch.Tensor | None, keep: torch.Tensor | None,
-           t: float, kl: bool, grad: tuple[Scale, Scale] | None) -> tuple[torch.Tensor | None, torch.Tensor,
-                                                                       torch.Tensor | None]:
+           t: float, kl: bool, grad: tuple[Scale, Scale] | None, work: _Work, out: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(Σ φ, Σ ψ/T², gradient) over one chunk of rows: ``z`` the student's logits ``[n, V]``,
     ``ts`` the teachers' (none: ψ = 0), ``y`` targets ``[n]`` (None: no φ), ``keep`` the rows
     counted ([n] bool, None: all). With ``grad = (c_φ, c_ψ)`` also the gradient
-    c_φ·(softmax(z) − onehot(y)) + c_ψ·(softmax(z/T) − p) in fp32 (zero on rows not kept)."""
-    z = _wide(z)
-    lq = torch.log_softmax(z if t == 1.0 else z / t, dim=-1)
+    c_φ·(softmax(z) − onehot(y)) + c_ψ·(softmax(z/T) − p) (zero on rows not kept), written
+    into ``out`` when given (else into a buffer of ``work``)."""
+    n, z = z.shape[0], _wide(z)
+    lq = torch.log_softmax(z if t == 1.0 else z / t, dim=-1, out=work("lq", n, z.dtype))
     phi = psi = p = None
     if ts:
-        lp = _teacher_log_probs(ts, t, z.dtype)
-        p = lp.exp()
+        lp, p = _teacher_log_probs(ts, t, work, n, z.dtype)
         if keep is not None:
             p.mul_(keep[:, None])
         psi = torch.vdot(p.view(-1), lp.sub_(lq).view(-1)) if kl else -torch.vdot(p.view(-1), lq.view(-1))
-    ls = lq if t == 1.0 or y is None else torch.log_softmax(z, dim=-1)  # φ is at temperature 1
+    ls = lq  # φ is at temperature 1
+    if t != 1.0 and y is not None:
+        ls = torch.log_softmax(z, dim=-1, out=work("ls", n, z.dtype))
     if y is not None:
         picked = ls.gather(1, y[:, None]).squeeze(1)
         phi = -(picked @ keep.to(picked.dtype) if keep is not None else picked.sum())
@@ -106,10 +123,11 @@ def _chunk(z: torch.Tensor, ts: list[torch.Tensor], y: torch.Tensor | None, keep
     if grad is None:
         return phi, psi, None
     c_phi, c_psi = grad
+    g = out if out is not None and out.dtype == z.dtype else work("g", n, z.dtype)
     if p is None:  # φ alone
-        g = ls.exp_().mul_(c_phi)
+        torch.exp(ls, out=g).mul_(c_phi)
     else:
-        g = lq.exp_()  # softmax(z/T), in lq's memory
+        torch.exp(lq, out=g)  # softmax(z/T)
         both = y is not None and t == 1.0  # one softmax serves φ and ψ
         g.mul_(c_phi + c_psi if both else c_psi)
         _sub_scaled(g, p, c_psi)
@@ -119,6 +137,8 @@ def _chunk(z: torch.Tensor, ts: list[torch.Tensor], y: torch.Tensor | None, keep
         g.scatter_add_(1, y[:, None], _full(-c_phi, g))
     if keep is not None:
         g.mul_(keep[:, None])
+    if out is not None and g is not out:
+        out.copy_(g)
     return phi, psi, g
 
 
@@ -127,19 +147,23 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _teacher_log_probs(ts: list[torch.Tensor], t: float, dtype: torch.dtype) -> torch.Tensor:
-    """log of the mean of the teachers' softmax(logits / T): one teacher's log-softmax, or the
-    log of the averaged softmaxes (clamped at the smallest normal number, where a probability
-    underflows to 0 and its term of ψ is 0 either way)."""
+def _teacher_log_probs(ts: list[torch.Tensor], t: float, work: _Work, n: int, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) of p the mean of the teachers' softmax(logits / T): one teacher's
+    log-softmax, or the log of the averaged softmaxes (clamped at the smallest normal number,
+    where a probability underflows to 0 and its term of ψ is 0 either way)."""
+    lp, p = work("lp", n, dtype), work("p", n, dtype)
     if len(ts) == 1:
         tc = ts[0].to(dtype)
-        return torch.log_softmax(tc if t == 1.0 else tc / t, dim=-1)
-    p = None
-    for tc in ts:
+        torch.log_softmax(tc if t == 1.0 else tc / t, dim=-1, out=lp)
+        return lp, torch.exp(lp, out=p)
+    for k, tc in enumerate(ts):
         tc = tc.to(dtype)
-        pk = torch.softmax(tc if t == 1.0 else tc / t, dim=-1)
-        p = pk if p is None else p.add_(pk)
-    return p.div_(len(ts)).clamp_min_(torch.finfo(dtype).tiny).log_()
+        torch.softmax(tc if t == 1.0 else tc / t, dim=-1, out=p if k == 0 else lp)
+        if k:
+            p.add_(lp)
+    p.div_(len(ts))
+    return torch.clamp(p, min=torch.finfo(dtype).tiny, out=lp).log_(), p
 
 
 def _sub_scaled(g: torch.Tensor, p: torch.Tensor, c: Scale) -> None:
@@ -202,13 +226,14 @@ class _FusedLoss(torch.autograd.Function):
         scales = _scales(n, weights, t, y is not None) if want else None
         grad = torch.empty_like(z) if want else None
         phi = psi = None
-        for rows in row_chunks(*z.shape, CHUNK_ELEMENTS):
-            f, s, g = _chunk(z[rows], [tc[rows] for tc in ts], None if y is None else y[rows],
-                             None if keep is None else keep[rows], t, kl, scales)
+        chunks = row_chunks(*z.shape, CHUNK_ELEMENTS)
+        work = _Work(chunks[0].stop, z.shape[1], z.device)
+        for rows in chunks:
+            f, s, _ = _chunk(z[rows], [tc[rows] for tc in ts], None if y is None else y[rows],
+                             None if keep is None else keep[rows], t, kl, scales, work,
+                             None if grad is None else grad[rows])
             phi = f if phi is None else (phi if f is None else phi + f)
             psi = s if psi is None else psi + s
-            if g is not None:
-                grad[rows] = g
         ctx.grad = grad
         total, phi, psi = _finish(phi, psi, n, weights, t)
         ctx.mark_non_differentiable(phi, psi)
@@ -235,18 +260,23 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(w, dtype=acc) if want_w else None
         grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
         phi = psi = None
-        for rows in row_chunks(h.shape[0], w.shape[0], LINEAR_CHUNK_ELEMENTS):
-            hc = h[rows]
-            z = F.linear(hc, w, b)
-            ts = [F.linear(th[rows], tw, tb) for th, tw, tb in ths]
+        chunks = row_chunks(h.shape[0], w.shape[0], LINEAR_CHUNK_ELEMENTS)
+        work = _Work(chunks[0].stop, w.shape[0], h.device)
+        for rows in chunks:
+            hc, m = h[rows], rows.stop - rows.start
+            z = _linear(hc, w, b, work("z", m, w.dtype))
+            ts = [_linear(th[rows], tw, tb, work(f"t{j}", m, tw.dtype)) for j, (th, tw, tb) in enumerate(ths)]
             f, s, g = _chunk(z, ts, None if y is None else y[rows], None if keep is None else keep[rows],
-                             t, kl, scales)
+                             t, kl, scales, work)
             phi = f if phi is None else (phi if f is None else phi + f)
             psi = s if psi is None else psi + s
             if g is None:
                 continue
             if grad_h is not None:
-                grad_h[rows] = (g.to(w.dtype) @ w).to(h.dtype)
+                if g.dtype == w.dtype == h.dtype:
+                    torch.mm(g, w, out=grad_h[rows])
+                else:
+                    grad_h[rows] = (g.to(w.dtype) @ w).to(h.dtype)
             if grad_w is not None:
                 grad_w.addmm_(g.t(), hc.to(grad_w.dtype))
             if grad_b is not None:
@@ -261,6 +291,12 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gh, gw, gb = (_scaled(x, g) for x in ctx.grads)
         return (gh, gw, gb, None, None, None, None, None, None)
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``h @ w.T + b`` into ``out``."""
+    torch.mm(h.to(w.dtype), w.t(), out=out)
+    return out if b is None else out.add_(b)
 
 
 # -- inputs ------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from .config import RunConfig
 from .data import ShardSampler, StreamSampler
 from .env import REPLICA_SEED_STRIDE
 from .exchange import Exchange, state_nbytes
-from .fused import fused_loss
 from .losses import AlphaSchedule, uniform_loss
 from .modules import call_model
 from .parallel import PRECISIONS, autocast, model_state
@@ -235,10 +234,9 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     alpha = cd.alpha(step)
     with autocast(str(x.device) if torch.is_tensor(x) else "cpu", rep.precision):
         outputs = call_model(rep.model, x)
-        target = cd.distill_target(x, step) if _fused(task, cd, label_smoothing) else None
-        if target is not None:  # φ and ψ in one pass over the student's and teachers' logits
-            loss, phi, psi = fused_loss(outputs, target[1], y, target[0], cd.loss.kind)
-            term = target[0] * psi
+        if _fused(task, cd, label_smoothing):  # φ and ψ in one pass over the student's and teachers' logits
+            loss, phi, psi = cd.losses(x, outputs, y, step)
+            term = alpha * psi
         else:
             phi = task.loss(outputs, y)
             if label_smoothing > 0:

@@ -118,12 +118,11 @@ class Teacher:
 
 
 def teacher_outputs(teachers: list[Teacher], call: Callable[[Teacher], Any],
-                    values: Callable[[Any], torch.Tensor] = lambda out: out) -> list[Any] | None:
+                    values: Callable[[Any], torch.Tensor] | None = lambda out: out) -> list[Any] | None:
     """``call(t)`` for each loaded teacher (its logits, or its hidden states and head); raises
-    if none is loaded, None if every one is dropped. A teacher whose output (``values`` of it)
-    is not finite (weights that are finite but overflow in its forward) is dropped, from this
-    step until its peer's next version is loaded, with a warning naming the peer. The test is
-    one reduction per teacher (:func:`finite`)."""
+    if none is loaded, None if every one is dropped. A teacher whose output (``values`` of it;
+    None: not checked here) is not finite (weights that are finite but overflow in its forward)
+    is dropped (:func:`drop`). The test is one reduction per teacher (:func:`finite`)."""
     loaded = [t for t in teachers if t.version is not None]
     if not loaded:
         raise RuntimeError("no teacher has weights loaded yet")
@@ -134,14 +133,19 @@ def teacher_outputs(teachers: list[Teacher], call: Callable[[Teacher], Any],
         out = call(t)  # a sharded forward is collective: every rank runs it
         if t.dropped:
             continue
-        if not finite(values(out)):
-            t.dropped, t.drops = True, t.drops + 1
-            log.warning("the teacher of peer %d (its version of step %d) predicts non-finite values; "
-                        "distilling without it until peer %d publishes a newer version", t.peer,
-                        t.version, t.peer)
+        if values is not None and not finite(values(out)):
+            drop(t)
             continue
         outs.append(out)
     return outs or None
+
+
+def drop(t: Teacher) -> None:
+    """Leave ``t`` out of ψ, from this step until its peer's next version is loaded, with a
+    warning naming the peer: its predictions are not finite."""
+    t.dropped, t.drops = True, t.drops + 1
+    log.warning("the teacher of peer %d (its version of step %d) predicts non-finite values; "
+                "distilling without it until peer %d publishes a newer version", t.peer, t.version, t.peer)
 
 
 @torch.no_grad()
@@ -213,6 +217,7 @@ class TeacherSet(dict[int, Teacher]):
         super().__init__()
         self.model, self.spec, self.loss, self.max_bytes = model, spec, loss, max_bytes
         self.bytes_read = 0
+        self._unchecked: list[tuple[Teacher, torch.Tensor]] = []  # the last logits(check=False)
 
     def versions(self, peers: list[int]) -> dict[int, int | None]:
         """``{peer: step of the loaded weights}`` (None where nothing is loaded yet)."""
@@ -234,12 +239,29 @@ class TeacherSet(dict[int, Teacher]):
             return None
         return average_predictions(list(self.values()), inputs, self.loss.kind, self.loss.temperature)
 
-    def logits(self, inputs: Any) -> list[torch.Tensor] | None:
+    def logits(self, inputs: Any, check: bool = True) -> list[torch.Tensor] | None:
         """Each loaded, finite teacher's logits on ``inputs`` (None when none is loaded or every
-        one is dropped), see :func:`teacher_outputs`."""
+        one is dropped), see :func:`teacher_outputs`. ``check=False`` leaves the test of
+        finiteness to the caller: a loss that comes out finite needs none (one number read
+        instead of a reduction per teacher); otherwise :meth:`drop_nonfinite` finds the culprits."""
         if not any(t.version is not None for t in self.values()):
             return None
-        return teacher_outputs(list(self.values()), lambda t: t.logits(inputs))
+        if check:
+            return teacher_outputs(list(self.values()), lambda t: t.logits(inputs))
+        pairs = teacher_outputs(list(self.values()), lambda t: (t, t.logits(inputs)), values=None)
+        self._unchecked = pairs or []
+        return [z for _, z in self._unchecked] or None
+
+    def drop_nonfinite(self) -> list[torch.Tensor] | None:
+        """Of the logits the last ``logits(check=False)`` gave, those that are finite; the
+        teachers of the others are dropped (:func:`drop`). None if none is left."""
+        kept = []
+        for t, z in self._unchecked:
+            if finite(z):
+                kept.append(z)
+            else:
+                drop(t)
+        return kept or None
 
     def features(self, inputs: Any) -> list[tuple[torch.Tensor, Any]] | None:
         """Each loaded, finite teacher's (hidden states, head) on ``inputs``, by the spec's
