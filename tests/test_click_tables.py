@@ -128,3 +128,52 @@ def test_unknown_column_names_the_field_and_the_columns(tmp_path: Path, field: s
     with pytest.raises(ConfigError, match=rf"^data\.{field}: .*table\.csv") as info:
         build_task(cfg)
     assert "['4', '5', '6', '7', '8', 'shop', '9']" in str(info.value)
+
+
+def test_codes_are_checked_once_when_the_data_and_the_model_are_set_up(tmp_path: Path) -> None:
+    """A bad code is one error naming the column, the code and the limit: when the table is made
+    and when the task builds a model whose field sizes do not fit its data. The models the
+    task builds check nothing per forward (no host synchronisation in the training loop); a
+    ClickModel built directly still checks every forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from codistill.data.tabular import ClickTable
+
+    message = r"t\.csv: categorical field 1 \('shop'\) has code 4, outside \[0, 4\)"
+    with pytest.raises(ValueError, match=message):
+        ClickTable(np.array([[0, 4]]), np.zeros((1, 0), np.float32), np.zeros(1, np.float32), [2, 4],
+                   ["city", "shop"], [], "t.csv")
+    csv = _write_csv(tmp_path / "table.csv", rows=40)
+    task = build_task(from_dict(_config(csv, label="9", categorical=["shop"], numeric=FEATURES)))
+    assert task.cardinalities == [4] and task.code_max == [3]
+    with pytest.raises(ValueError, match=r"field 0 \('shop'\) has code 3, outside \[0, 3\)"):
+        task.build_model({"name": "click", "cardinalities": [3], "num_numeric": 5})  # e.g. a finished run's
+    with pytest.raises(ValueError, match="model takes 4 numeric features; the data has 5"):
+        task.build_model({"name": "click", "cardinalities": [4], "num_numeric": 4})
+    with pytest.raises(ValueError, match="2 categorical fields"):
+        task.build_model({"name": "click", "cardinalities": [4, 4], "num_numeric": 5})
+
+    class Syncs(TorchDispatchMode):  # host reads of a tensor's value (bool(), .item(), .tolist())
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.any.default):
+                Syncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = task.build_model(task.model_spec({"name": "click", "hidden": [8]}))
+    (inputs, _), = task.val_batches(100, 1, "cpu")
+    with Syncs():
+        model(*inputs).sum().backward()
+    assert not model.validate_inputs and Syncs.count == 0
+    direct = ClickModel(cardinalities=[4], num_numeric=5)
+    assert direct.validate_inputs
+    with Syncs():
+        direct(*inputs)
+    assert Syncs.count > 0
+    bad = inputs[0].clone()
+    bad[3, 0] = 4
+    with pytest.raises(ValueError, match=r"categorical: field 0 has code 4, outside \[0, 4\)"):
+        direct(bad, inputs[1])
+    with pytest.raises(ValueError, match=r"field 0 has code 4"):
+        model.check_inputs(bad, inputs[1])  # the explicit check, for inputs from elsewhere

@@ -90,8 +90,8 @@ def test_train_rows_staleness_and_distillation(codistill_run):
             assert t["staleness_max"] is not None and 0 <= t["staleness_max"] <= K
             assert t["staleness"] == {peer: t["staleness_max"]}
         for t in train:
-            # Each row is three fp32 sums of 5 steps' values (≤ 4u·Σ each, all terms positive), and
-            # each step's loss = φ + α·ψ rounds once, ψ = term/α once more: ≤ 15u relative; doubled.
+            # Each row's losses come from two fp32 sums of 5 steps' values, Σφ and Σα·ψ (≤ 4u·Σ each,
+            # all terms positive): loss = Σφ + Σα·ψ, ψ = Σα·ψ ÷ α (one more rounding); well within 15u.
             assert t["loss"] == pytest.approx(t["task_loss"] + t["alpha"] * t["distill_loss"], rel=30 * U32)
             if t["step"] <= B:  # rows average steps (step-5, step]: all in burn-in
                 assert t["alpha"] == 0.0 and t["distill_loss"] == 0.0
@@ -100,6 +100,35 @@ def test_train_rows_staleness_and_distillation(codistill_run):
         assert train[-1]["bytes_published"] > 0 and train[-1]["bytes_read"] > 0
         # Published at 10, 15, 20, 25, 30: five versions, each read once by the peer.
         assert train[-1]["bytes_published"] == train[-1]["bytes_read"]
+
+
+def test_step_sums_form_the_logged_means_without_touching_the_steps_tensors():
+    """The loop's sums of the step scalars: in place, in tensors of their own (the steps' stay
+    as they were), ψ = α·ψ ÷ α per step even while α changes (a ramp), skipped steps out of the
+    losses' means."""
+    from codistill.loop import StepSums
+
+    alphas, phis, psis = [0.0, 0.0, 0.25, 0.5, 0.5, 0.5, 1.0], [3.0, 2.5, 2.0, 1.75, 1.5, 1.25, 1.0], \
+        [0.0, 0.0, 0.8, 0.6, 0.4, 0.2, 0.1]
+    outs = [{"task_loss": torch.tensor(p), "distill_term": torch.tensor(a * q), "alpha": a, "skipped": 0.0,
+             "step_time": 0.5} for a, p, q in zip(alphas, phis, psis)]
+    outs.append({"task_loss": torch.tensor(0.0), "distill_term": torch.tensor(0.0), "alpha": 1.0,
+                 "skipped": 1.0, "step_time": 0.5})
+    before = [(o["task_loss"].item(), o["distill_term"].item()) for o in outs]
+    sums = StepSums()
+    for o in outs:
+        sums.add(o)
+    sums.scalars["exchange_time"] += 0.8
+    means = sums.means(len(outs))
+    assert [(o["task_loss"].item(), o["distill_term"].item()) for o in outs] == before
+    assert list(means) == ["loss", "task_loss", "distill_loss", "alpha", "skipped", "step_time",
+                           "exchange_time"]
+    kept = len(phis)
+    assert means["task_loss"] == pytest.approx(sum(phis) / kept)
+    assert means["distill_loss"] == pytest.approx(sum(psis) / kept)
+    assert means["loss"] == pytest.approx(sum(p + a * q for a, p, q in zip(alphas, phis, psis)) / kept)
+    assert means["alpha"] == pytest.approx((sum(alphas) + 1.0) / 8) and means["skipped"] == 1 / 8
+    assert means["step_time"] == pytest.approx(0.5) and means["exchange_time"] == pytest.approx(0.1)
 
 
 def test_run_directory_files(codistill_run):
@@ -343,7 +372,8 @@ def test_per_replica_rng_makes_a_replica_independent_of_the_others(tiny_config_f
             for rep in reps:
                 torch.manual_seed(1000 + step)  # the global RNG must not matter either
                 out = replica_step(rep, task, rep.next_batch(task, "cpu"), step, 1.0)
-                assert out["loss"].dim() == 0 and isinstance(out["loss"], torch.Tensor)
+                assert all(isinstance(out[k], torch.Tensor) and out[k].dim() == 0
+                           for k in ("task_loss", "distill_term"))
         return {k: v.clone() for k, v in reps[0].model.state_dict().items()}, reps[0]
 
     alone, rep_alone = train([0])

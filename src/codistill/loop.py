@@ -14,6 +14,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import torch
+
 from .averaging import outer_sync
 from .checkpoint import Checkpointer
 from .config import RunConfig
@@ -30,6 +32,57 @@ log = logging.getLogger(__name__)
 class Diverged(RuntimeError):
     """Training produced a non-finite or diverging loss; the message names the last good
     checkpoint."""
+
+
+class StepSums:
+    """One replica's step scalars summed since the last log (:func:`replica_step`'s output).
+    Its losses stay on the device, summed in place (one add per tensor per step into tensors
+    of its own, never the step's; no host synchronisation); the logged loss φ + α·ψ and ψ =
+    α·ψ ÷ α are formed from the sums when read: α·ψ is summed per run of steps with one α."""
+
+    def __init__(self) -> None:
+        self.phi: torch.Tensor | None = None  # Σ φ
+        self.term: torch.Tensor | None = None  # Σ α·ψ of the runs of α before the current one
+        self.psi: torch.Tensor | None = None  # Σ ψ of those
+        self.alpha: float | None = None  # the current run's α
+        self.run: torch.Tensor | None = None  # Σ α·ψ over the current run
+        self.scalars: dict[str, float] = defaultdict(float)  # α, skipped, step and exchange times
+
+    def add(self, out: dict[str, Any]) -> None:
+        phi, term, alpha = out["task_loss"], out["distill_term"], out["alpha"]
+        if self.phi is None:
+            self.phi = phi.clone()
+        else:
+            self.phi.add_(phi)
+        if alpha != self.alpha:
+            self._close_run()
+            self.alpha = alpha
+        if self.run is None:
+            self.run = term.clone()
+        else:
+            self.run.add_(term)
+        for k, v in out.items():
+            if k not in ("task_loss", "distill_term"):
+                self.scalars[k] += v
+
+    def _close_run(self) -> None:
+        if self.run is None:
+            return
+        a = self.alpha or 0.0
+        psi = self.run / a if a > 0 else self.run.clone()
+        self.term = self.run if self.term is None else self.term.add_(self.run)
+        self.psi = psi if self.psi is None else self.psi.add_(psi)
+        self.run = None
+
+    def means(self, n: int) -> dict[str, float]:
+        """Means over the ``n`` steps summed (losses over the steps not skipped)."""
+        self._close_run()
+        kept = max(1, n - int(self.scalars.get("skipped", 0)))
+        phi = float(self.phi) if self.phi is not None else 0.0
+        term = float(self.term) if self.term is not None else 0.0
+        psi = float(self.psi) if self.psi is not None else 0.0
+        return {"loss": (phi + term) / kept, "task_loss": phi / kept, "distill_loss": psi / kept,
+                **{k: v / n for k, v in self.scalars.items()}}
 
 
 class Loop:
@@ -99,11 +152,6 @@ class Loop:
             self.rundir.write({"step": step, "kind": "churn", "replica": "pairs", **res["churn"]})
         return res
 
-    def _means(self, acc: dict[str, Any], n: int) -> dict[str, float]:
-        """Means over the steps since the last log (losses over the steps not skipped)."""
-        kept = max(1, n - int(acc.get("skipped", 0)))
-        return {k: float(v) / (kept if k.endswith("loss") else n) for k, v in acc.items()}
-
     def _guard(self, rep: Replica, done: int, means: dict[str, float], n: int) -> None:
         """Stop the run if the training loss since the last log is not finite, more than
         ``diverge_factor`` × the loss of the first step this loop ran, or (``on_nonfinite:
@@ -146,7 +194,7 @@ class Loop:
             self.evaluate(0)
         elif start == end == cfg.steps:  # the final checkpoint, not the summary: its eval rows are in
             self.evaluate(end, write=False)
-        acc: dict[int, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
+        acc: dict[int, StepSums] = defaultdict(StepSums)
         nacc = 0
         t_start = time.perf_counter()
         bar = _progress(range(start, end), desc=self.desc, initial=start, total=end,
@@ -156,8 +204,7 @@ class Loop:
                 out = replica_step(rep, self.task, rep.next_batch(self.task, self.device), step,
                                    cfg.optimizer.grad_clip, cfg.label_smoothing,
                                    skip_nonfinite=cfg.on_nonfinite == "skip")
-                for k, v in out.items():
-                    acc[rep.index][k] = acc[rep.index][k] + v
+                acc[rep.index].add(out)
                 if rep.index not in self.first_loss:  # the divergence guard's reference (one read)
                     self.first_loss[rep.index] = float(out["task_loss"])
             nacc += 1
@@ -165,14 +212,14 @@ class Loop:
             seconds = self.publish_and_refresh(done)
             if seconds:
                 for rep in self.replicas:
-                    acc[rep.index]["exchange_time"] += seconds / len(self.replicas)
+                    acc[rep.index].scalars["exchange_time"] += seconds / len(self.replicas)
             if cfg.outer.every and done % cfg.outer.every == 0:
                 sent = outer_sync([r.outer for r in self.replicas if r.outer is not None])
                 self.bytes_averaged += sent
             checkpoint_due = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end
             means = {}
             if done % cfg.log_every == 0 or checkpoint_due:  # on every rank: each stops by itself
-                means = {rep.index: self._means(acc[rep.index], nacc) for rep in self.replicas}
+                means = {rep.index: acc[rep.index].means(nacc) for rep in self.replicas}
                 for rep in self.replicas:
                     self._guard(rep, done, means[rep.index], nacc)
             if self.leader and (done % cfg.log_every == 0 or done == end):

@@ -223,9 +223,10 @@ def _fused(task: Task, cd: Codistiller, label_smoothing: float) -> bool:
 def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: float,
                  label_smoothing: float = 0.0, skip_nonfinite: bool = False) -> dict[str, Any]:
     """One optimizer step of φ + α·ψ on ``batch`` (φ with ``label_smoothing`` ε); returns the
-    step's scalars (losses as 0-d tensors on the device, read only when logged: no host
-    synchronisation here, unless ``skip_nonfinite``: then a step whose gradient norm is not
-    finite is dropped (no optimizer step; ``skipped`` is 1 and its losses read 0))."""
+    step's scalars: ``task_loss`` φ and ``distill_term`` α·ψ as 0-d tensors on the device (read
+    only when logged: no host synchronisation here, unless ``skip_nonfinite``: then a step whose
+    gradient norm is not finite is dropped (no optimizer step; ``skipped`` is 1 and its losses
+    read 0)), ``alpha``, ``skipped`` and ``step_time`` as floats."""
     t0 = time.perf_counter()
     x, y = batch
     torch.set_rng_state(rep.rng_state)
@@ -260,9 +261,8 @@ def replica_step(rep: Replica, task: Task, batch: Batch, step: int, grad_clip: f
     rep.scheduler.step()
     rep.rng_state = torch.get_rng_state()
     return {
-        "loss": loss.detach(),
-        "task_loss": phi.detach(),
-        "distill_loss": term.detach() / alpha if alpha > 0 else term.detach(),  # ψ: loss = φ + α·ψ
+        "task_loss": phi.detach(),  # φ
+        "distill_term": term.detach(),  # α·ψ: the loss is φ + α·ψ, ψ is this ÷ α (formed when logged)
         "alpha": alpha,
         "skipped": skipped,
         "step_time": time.perf_counter() - t0,

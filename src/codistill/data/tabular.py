@@ -34,8 +34,38 @@ class ClickTable:
     numeric_names: list[str]
     source: str
 
+    def __post_init__(self) -> None:
+        """Check the shapes and every code once, when the table is made (a model trained on it
+        then needs no check per batch)."""
+        n, f = len(self.labels), len(self.cardinalities)
+        where = self.source or "click table"
+        if self.categorical.shape != (n, f) or len(self.categorical_names) != f:
+            raise ValueError(f"{where}: categorical codes of shape {list(self.categorical.shape)} and "
+                             f"{len(self.categorical_names)} names for {n} rows and {f} cardinalities")
+        if self.numeric.shape != (n, len(self.numeric_names)):
+            raise ValueError(f"{where}: numeric features of shape {list(self.numeric.shape)} for {n} rows "
+                             f"and {len(self.numeric_names)} numeric columns")
+        if n and f:
+            bad = code_range_error(self.categorical.min(0).tolist(), self.categorical.max(0).tolist(),
+                                   self.cardinalities, self.categorical_names)
+            if bad:
+                raise ValueError(f"{where}: categorical {bad}")
+
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def code_range_error(lows: Sequence[int], highs: Sequence[int], cardinalities: Sequence[int],
+                     names: Sequence[str] | None = None) -> str | None:
+    """What is wrong with categorical codes whose per-field extremes are ``lows`` and
+    ``highs``: the first field (its name, if ``names``) with a code outside
+    ``[0, cardinality)``, that code and the limit; None if every field is within range."""
+    for f, (lo, hi, card) in enumerate(zip(lows, highs, cardinalities)):
+        if lo < 0 or hi >= card:
+            field = f"field {f} ({names[f]!r})" if names else f"field {f}"
+            return (f"{field} has code {int(lo if lo < 0 else hi)}, outside [0, {int(card)}) "
+                    f"(cardinalities {[int(c) for c in cardinalities]})")
+    return None
 
 
 class MissingColumn(ValueError):
@@ -465,5 +495,5 @@ class CriteoGenerator:
         return cat, num.astype(np.float32), (u < p).astype(np.float32)
 
 
-__all__ = ["ClickTable", "CriteoGenerator", "MissingColumn", "encode_categorical", "load_adult",
-           "load_movielens", "load_table", "movielens_dir", "splitmix64"]
+__all__ = ["ClickTable", "CriteoGenerator", "MissingColumn", "code_range_error", "encode_categorical",
+           "load_adult", "load_movielens", "load_table", "movielens_dir", "splitmix64"]

@@ -8,6 +8,8 @@ import logging
 import torch
 from torch import nn
 
+from ..data.tabular import code_range_error
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,13 @@ class ClickModel(nn.Module):
     MLP; with ``cross_layers > 0`` a DCN cross network on the same input, whose output joins
     the MLP's last hidden layer before the final linear. ``forward(categorical, numeric)``
     returns logits ``[B]``. Without categorical fields there is no embedding: the MLP reads
-    the numeric features alone (``categorical`` may then be ``[B, 0]`` or None)."""
+    the numeric features alone (``categorical`` may then be ``[B, 0]`` or None).
+
+    ``validate_inputs`` (on by default): :meth:`forward` first checks its inputs with
+    :meth:`check_inputs`, whose range check of the codes costs a host synchronisation per call
+    (a code past its field's cardinality would otherwise silently index the next field's
+    embeddings). :class:`~codistill.tasks.click.ClickTask` checks its data against the
+    model's field sizes once, when it builds the model, and turns it off."""
 
     def __init__(self, cardinalities: list[int], num_numeric: int, embed_dim: int = 8,
                  hidden: list[int] | None = None, cross_layers: int = 0, dropout: float = 0.0) -> None:
@@ -44,6 +52,7 @@ class ClickModel(nn.Module):
         hidden = [64, 32] if hidden is None else [int(h) for h in hidden]
         self.cardinalities, self.num_numeric, self.embed_dim = cards, int(num_numeric), int(embed_dim)
         self.num_fields = len(cards)
+        self.validate_inputs = True
         # One table for all fields; field f's codes are offset by the sizes of the fields before it.
         offsets = torch.tensor([0] + cards[:-1], dtype=torch.long).cumsum(0) if cards else torch.zeros(0)
         self.register_buffer("offsets", offsets.long(), persistent=False)
@@ -63,8 +72,14 @@ class ClickModel(nn.Module):
         self.cross = nn.ModuleList(CrossLayer(in_dim) for _ in range(cross_layers))
         self.head = nn.Linear(prev + (in_dim if cross_layers else 0), 1)
 
-    def _check(self, categorical: torch.Tensor | None, numeric: torch.Tensor | None) -> torch.Tensor:
-        """``numeric`` (zeros ``[B, 0]`` for None) once both inputs have the expected shapes."""
+    def check_inputs(self, categorical: torch.Tensor | None, numeric: torch.Tensor | None = None) -> None:
+        """ValueError unless ``(categorical, numeric)`` fit this model: integer codes ``[B, F]``
+        (None or ``[B, 0]`` without fields), each within its field's cardinality, and numeric
+        features ``[B, D]`` (None without any). The range check reads the codes' extremes on the
+        host: a device synchronisation. :meth:`forward` calls this while ``validate_inputs`` is
+        on; a caller whose data was checked once (e.g. :class:`~codistill.tasks.click.ClickTask`,
+        which checks its codes against the model's field sizes when it builds the model) turns
+        it off, keeping every check out of the training loop."""
         f, d = self.num_fields, self.num_numeric
         if categorical is None and not f and numeric is not None and numeric.dim() == 2:
             b = numeric.shape[0]
@@ -73,10 +88,9 @@ class ClickModel(nn.Module):
         if numeric is None:
             if d:
                 raise ValueError(f"numeric: expected shape [batch, {d}], found None")
-            return torch.zeros((b, 0), dtype=self.head.weight.dtype, device=self.head.weight.device)
+            return
         if numeric.dim() != 2 or numeric.shape[1] != d or numeric.shape[0] != b:
             raise ValueError(f"numeric: expected shape [{b}, {d}], found {list(numeric.shape)}")
-        return numeric
 
     def _check_categorical(self, categorical: torch.Tensor | None) -> int:
         """The batch size of integer codes ``[B, F]`` that lie within each field's cardinality."""
@@ -87,12 +101,13 @@ class ClickModel(nn.Module):
         if categorical.is_floating_point() or categorical.is_complex():
             raise ValueError(f"categorical: expected integer codes, found dtype {categorical.dtype}")
         if f and categorical.numel() and ((categorical < 0) | (categorical >= self.limits)).any():
-            raise ValueError(f"categorical: codes must lie in [0, cardinality) per field, "
-                             f"cardinalities {self.cardinalities}")
+            lows, highs = categorical.amin(0).tolist(), categorical.amax(0).tolist()
+            raise ValueError(f"categorical: {code_range_error(lows, highs, self.cardinalities)}")
         return categorical.shape[0]
 
     def forward(self, categorical: torch.Tensor | None, numeric: torch.Tensor | None = None) -> torch.Tensor:
-        numeric = self._check(categorical, numeric)
+        if self.validate_inputs:
+            self.check_inputs(categorical, numeric)
         parts = []
         if self.embedding is not None and categorical is not None:
             emb = self.embedding(categorical.long() + self.offsets)  # [B, F, E]

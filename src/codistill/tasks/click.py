@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data.tabular import (
     ClickTable,
     CriteoGenerator,
     MissingColumn,
+    code_range_error,
     load_adult,
     load_movielens,
     load_table,
 )
+from ..models.click import ClickModel
 from ..settings import ConfigError, DataSettings, setting
 from .base import Batch, Task, spread_subset
 
@@ -59,6 +62,8 @@ class ClickTask(Task):
             self.generator = CriteoGenerator(data.rows + data.val_rows, seed=data.split_seed,
                                              buckets=data.buckets)
             self.cardinalities = list(self.generator.cardinalities)
+            self.fields = list(self.generator.categorical_names)
+            self.code_max = [c - 1 for c in self.cardinalities]  # codes are hashes modulo the buckets
             sample = self.generator.batch(np.arange(min(data.rows, 20_000)))[1]
             self._fit_numeric(sample)
             cat, num, y = self.generator.batch(np.arange(data.rows, data.rows + data.val_rows))
@@ -69,6 +74,11 @@ class ClickTask(Task):
         n_val = max(1, int(round(len(perm) * data.val_fraction)))
         val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         self.cardinalities = list(table.cardinalities)
+        self.fields = list(table.categorical_names)
+        # The largest code of each field (the table checked them all when it was made): what a
+        # model's field sizes are checked against, once, in build_model.
+        self.code_max = table.categorical.max(0).tolist() if len(table) and self.cardinalities else \
+            [0] * len(self.cardinalities)
         self._fit_numeric(table.numeric[train])
         self.train = self._tensors(table.categorical[train], table.numeric[train], table.labels[train])
         self.val = self._tensors(table.categorical[val], table.numeric[val], table.labels[val])
@@ -121,8 +131,8 @@ class ClickTask(Task):
         if self.generator is not None:
             cat, num, y = self._tensors(*self.generator.batch(np.asarray(indices)))
         else:
-            idx = torch.from_numpy(np.asarray(indices))
-            cat, num, y = (t[idx] for t in self.train)
+            idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+            cat, num, y = (t.index_select(0, idx) for t in self.train)  # 2× faster than t[idx] here
         return (cat.to(device), num.to(device)), y.to(device)
 
     def val_batches(self, batch_size: int, max_batches: int, device: str) -> list[Batch]:
@@ -132,3 +142,27 @@ class ClickTask(Task):
 
     def model_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         return {**spec, "cardinalities": self.cardinalities, "num_numeric": int(self.mean.shape[0])}
+
+    def build_model(self, spec: dict[str, Any]) -> nn.Module:
+        """The model of ``spec``. A :class:`ClickModel` has this task's data checked against its
+        field sizes here, once (:meth:`check_model`), and then checks no inputs in its forward:
+        no host synchronisation per batch, teachers included."""
+        model = super().build_model(spec)
+        if isinstance(model, ClickModel):
+            self.check_model(model)
+            model.validate_inputs = False  # every input it gets from this task was checked now
+        return model
+
+    def check_model(self, model: ClickModel) -> None:
+        """ValueError unless every example of this task fits ``model``: as many categorical
+        fields, each field's codes within the model's cardinality (naming the field, its
+        largest code and the limit), as many numeric features."""
+        cards, f, d = list(model.cardinalities), len(self.cardinalities), int(self.mean.shape[0])
+        if len(cards) != f:
+            raise ValueError(f"the model has {len(cards)} categorical fields (cardinalities {cards}); "
+                             f"the data has {f} ({self.fields})")
+        bad = code_range_error([0] * f, self.code_max, cards, self.fields)
+        if bad:
+            raise ValueError(f"the model's field sizes do not fit the data: categorical {bad}")
+        if model.num_numeric != d:
+            raise ValueError(f"the model takes {model.num_numeric} numeric features; the data has {d}")
