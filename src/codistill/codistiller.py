@@ -271,20 +271,32 @@ class Codistiller:
         self._check_inputs(inputs, logits, mask)
         step = self.step if step is None else step
         a = self._alpha = self.alpha(step)
-        teacher_logits = self.teachers.logits(inputs) if a != 0.0 else None
-        if teacher_logits is None:
-            self._psi = None
-            return logits.new_zeros(())
-        probs = sum(torch.sigmoid(z.float() / self.loss.temperature) for z in teacher_logits)
-        probs = probs / len(teacher_logits)  # toward the mean click probability
+        teacher_logits = self.teachers.logits(inputs, check=False) if a != 0.0 else None
         if mask is not None:
             keep = mask.to(device=logits.device, dtype=torch.bool)
-            logits, probs = logits[keep], probs[keep]
-            if logits.shape[0] == 0:
-                return logits.new_zeros(())
-        psi = distill_loss(logits, probs.to(logits.dtype), "bce", self.loss.temperature)
+            logits = logits[keep]
+            teacher_logits = teacher_logits and [z[keep] for z in teacher_logits]
+        psi = self._bce(logits, teacher_logits)
+        if psi is not None and not bool(torch.isfinite(psi)):  # a teacher that overflows, or the student
+            kept = self.teachers.drop_nonfinite()
+            psi = self._bce(logits, kept and ([z[keep] for z in kept] if mask is not None else kept))
+        if psi is None:
+            self._psi = None
+            return logits.new_zeros(())
         self._psi = psi.detach()
         return psi if a == 1.0 else a * psi
+
+    def _bce(self, logits: torch.Tensor, teacher_logits: list[torch.Tensor] | None) -> torch.Tensor | None:
+        """ψ toward the teachers' mean click probability (None without teachers or rows)."""
+        if not teacher_logits or logits.shape[0] == 0:
+            return None
+        t = self.loss.temperature
+        probs = torch.sigmoid(teacher_logits[0].float() if t == 1.0 else teacher_logits[0].float() / t)
+        for z in teacher_logits[1:]:
+            probs.add_(torch.sigmoid(z.float() if t == 1.0 else z.float() / t))
+        if len(teacher_logits) > 1:
+            probs.div_(len(teacher_logits))
+        return distill_loss(logits, probs.to(logits.dtype), "bce", t)
 
     def losses(self, inputs: Any, logits: torch.Tensor, targets: torch.Tensor | None = None,
                step: int | None = None, mask: torch.Tensor | None = None) -> Losses:
