@@ -1,6 +1,9 @@
 """Cost of ψ alone (forward + backward of the distillation loss on [rows, vocabulary] logits):
-the fused, chunked form codistill uses against the autograd form it replaced
-(log_softmax + kl_div), interleaved and repeated in one run; prints medians and ratios.
+the autograd form (log_softmax + kl_div toward given probabilities), codistill's chunked
+``distill_loss`` toward the same probabilities, and ``fused_loss`` from the teacher's logits
+(what training uses: the teacher's softmax inside the pass, so it does more work than the
+other two and still needs no [rows, V] probabilities), interleaved and repeated in one run;
+prints medians and ratios.
 
     .venv/bin/python benchmarks/psi_cost.py [--rows 700] [--vocab 256 8192 28000 32768] [--threads 1]
 """
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from step_cost import timed  # same folder: benchmarks are run as scripts
 
+from codistill.fused import fused_loss
 from codistill.losses import distill_loss
 
 
@@ -42,18 +46,21 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"ψ forward+backward on [{a.rows}, V] fp32 logits, {a.threads} thread(s), medians of "
           f"{a.repeats} x {a.steps}")
-    print("| vocabulary | autograd form (ms) | fused, chunked (ms) | ratio |")
-    print("|---|---|---|---|")
+    print("| vocabulary | autograd form (ms) | distill_loss, chunked (ms) | ratio | fused_loss from "
+          "teacher logits (ms) | ratio |")
+    print("|---|---|---|---|---|---|")
     for v in a.vocab:
         g = torch.Generator().manual_seed(v)
         logits = torch.randn(a.rows, v, generator=g).requires_grad_()
-        p = torch.softmax(torch.randn(a.rows, v, generator=g), -1)
-        old, new = [], []
-        for _ in range(a.repeats):  # interleaved: drift in machine load hits both
+        teacher = torch.randn(a.rows, v, generator=g)
+        p = torch.softmax(teacher, -1)
+        old, new, fused = [], [], []
+        for _ in range(a.repeats):  # interleaved: drift in machine load hits all three
             old.append(timed(fwd_bwd(autograd_psi, logits, p), a.steps))
             new.append(timed(fwd_bwd(distill_loss, logits, p), a.steps))
-        mo, mn = statistics.median(old), statistics.median(new)
-        print(f"| {v} | {mo * 1e3:.1f} | {mn * 1e3:.1f} | {mo / mn:.2f}x |")
+            fused.append(timed(fwd_bwd(lambda z, t: fused_loss(z, [t]).total, logits, teacher), a.steps))
+        mo, mn, mf = statistics.median(old), statistics.median(new), statistics.median(fused)
+        print(f"| {v} | {mo * 1e3:.1f} | {mn * 1e3:.1f} | {mo / mn:.2f}x | {mf * 1e3:.1f} | {mo / mf:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ chunk of rows at a time.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -81,12 +82,23 @@ def fused_linear_loss(hidden: torch.Tensor, head: nn.Linear | torch.Tensor,
 
 # -- one chunk of rows ------------------------------------------------------------------
 class _Work:
-    """Chunk-sized buffers reused by every chunk of one pass: fresh memory for each chunk's
-    temporaries would be paged in again and again, which costs as much as the arithmetic."""
+    """Chunk-sized buffers for the temporaries of a pass, reused by every chunk and by the next
+    pass of the same shape in this thread: fresh memory for each chunk would be paged in again
+    and again, which costs as much as the arithmetic. Nothing in them outlives a pass."""
+
+    _local = threading.local()
 
     def __init__(self, rows: int, width: int, device: torch.device) -> None:
         self.rows, self.width, self.device = rows, width, device
         self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, rows: int, width: int, device: torch.device) -> _Work:
+        """This thread's buffers for chunks of ``rows`` × ``width`` (the last shape's are kept)."""
+        work = getattr(cls._local, "work", None)
+        if work is None or (work.rows, work.width, work.device) != (rows, width, device):
+            work = cls._local.work = cls(rows, width, device)
+        return work
 
     def __call__(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.buffers.get((name, dtype))
@@ -227,7 +239,7 @@ class _FusedLoss(torch.autograd.Function):
         grad = torch.empty_like(z) if want else None
         phi = psi = None
         chunks = row_chunks(*z.shape, CHUNK_ELEMENTS)
-        work = _Work(chunks[0].stop, z.shape[1], z.device)
+        work = _Work.get(chunks[0].stop, z.shape[1], z.device)
         for rows in chunks:
             f, s, _ = _chunk(z[rows], [tc[rows] for tc in ts], None if y is None else y[rows],
                              None if keep is None else keep[rows], t, kl, scales, work,
@@ -261,7 +273,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
         phi = psi = None
         chunks = row_chunks(h.shape[0], w.shape[0], LINEAR_CHUNK_ELEMENTS)
-        work = _Work(chunks[0].stop, w.shape[0], h.device)
+        work = _Work.get(chunks[0].stop, w.shape[0], h.device)
         for rows in chunks:
             hc, m = h[rows], rows.stop - rows.start
             z = _linear(hc, w, b, work("z", m, w.dtype))
