@@ -271,11 +271,16 @@ def _check_refresh_schedule(rows: list[dict[str, Any]], replica: int, sync: bool
 
 
 # -- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cfg_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CONFIG as a YAML file of its own."""
     path = tmp_path_factory.mktemp("config") / "dist.yaml"
     path.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def cfg_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_config(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

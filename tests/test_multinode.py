@@ -24,9 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from test_distributed import (
-    CONFIG,
     STEPS,
     SYNC,
     TIMEOUT,
@@ -47,6 +45,7 @@ from test_distributed import (
     _summary,
     _torchrun,
     _weights,
+    write_config,
 )
 
 pytestmark = pytest.mark.slow  # torchrun agents and their workers: not in the fast tier
@@ -137,9 +136,7 @@ def _replica_on(agent: Job) -> int:
 # -- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "dist.yaml"
-    path.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
-    return path
+    return write_config(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import glob
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +70,21 @@ def extract_deb(deb: str, dest: str) -> str:
     cmd = ["dpkg", "-x", deb, dest]
     _check(_run(cmd, os.path.dirname(deb) or "."), cmd)
     return dest
+
+
+def already_installed(what: str, dest: str | None, find: Callable[[], str], default: Callable[[], str],
+                      complete: Callable[[str], bool]) -> tuple[str, bool]:
+    """(directory, whether ``what`` is already there) for an install step: without ``dest``,
+    the directory ``find()`` finds (else ``default()``, to be filled); with ``dest``, ``dest``,
+    there already if ``complete(dest)``."""
+    if dest is None:
+        try:
+            found = find()
+        except FileNotFoundError:
+            return default(), False
+        log.info("%s already in %s", what, found)
+        return found, True
+    if complete(dest):
+        log.info("%s already in %s", what, dest)
+        return dest, True
+    return dest, False

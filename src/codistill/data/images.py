@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
-from .debian import default_cache_dir, download_deb, extract_deb, search_dirs
+from .debian import already_installed, default_cache_dir, download_deb, extract_deb, search_dirs
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +219,10 @@ def install_fashion_mnist(dest: str | None = None) -> str:
     .deb with ``apt-get download``, extracts it with ``dpkg -x`` and copies the four files into
     ``dest`` (default ``default_cache_dir()/fashion-mnist``). Failures raise ``RuntimeError``.
     """
-    if dest is None:
-        try:
-            found = fashion_mnist_dir()
-            log.info("Fashion-MNIST already in %s", found)
-            return found
-        except FileNotFoundError:
-            dest = os.path.join(default_cache_dir(), "fashion-mnist")
-    elif os.path.isdir(dest) and not _missing(dest):
-        log.info("Fashion-MNIST already in %s", dest)
+    dest, done = already_installed("Fashion-MNIST", dest, fashion_mnist_dir,
+                                   lambda: os.path.join(default_cache_dir(), "fashion-mnist"),
+                                   lambda d: os.path.isdir(d) and not _missing(d))
+    if done:
         return dest
     with tempfile.TemporaryDirectory(prefix="codistill-fmnist-") as tmp:
         src = _extract(download_deb(DEBIAN_PACKAGE, tmp), tmp)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .debian import download_deb, extract_deb, search_dirs
+from .debian import already_installed, download_deb, extract_deb, search_dirs
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +159,9 @@ def linux_dir(data_dir: str | None = None) -> str:
 def install_linux(dest: str | None = None) -> str:
     """Set-up step: build the corpus from Debian's ``linux-source-6.12`` into ``dest`` (default:
     the cache's ``linux``), unless it is already there; returns its directory."""
-    if dest is None:
-        try:
-            found = linux_dir()
-            log.info("Linux source corpus already in %s", found)
-            return found
-        except FileNotFoundError:
-            dest = search_dirs(NAME)[-1]
-    elif all(os.path.isfile(os.path.join(dest, n)) for n in FILES):
-        log.info("Linux source corpus already in %s", dest)
+    dest, done = already_installed("Linux source corpus", dest, linux_dir, lambda: search_dirs(NAME)[-1],
+                                   lambda d: all(os.path.isfile(os.path.join(d, n)) for n in FILES))
+    if done:
         return dest
     with tempfile.TemporaryDirectory(prefix="codistill-linux-") as tmp:
         deb = download_deb(PACKAGE, tmp)
