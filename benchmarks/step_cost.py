@@ -84,7 +84,7 @@ def measure(a: argparse.Namespace, vocab: int) -> None:
     paths = ["apart", "plug-in"] + (["engine"] if kind == "kl" else [])
     variants: dict[str, Callable[[], None]] = {"plain": lambda: train(phi_fn(call(model), y)),
                                                "forward": forward}
-    for k in (1, 2, 3):
+    for k in a.teachers:
         ex = MemoryExchange()
         cd = Codistiller(model, ex, replica=0, num_replicas=k + 1, exchange_every=1, model_spec=spec,
                          loss=kind)
@@ -118,7 +118,7 @@ def measure(a: argparse.Namespace, vocab: int) -> None:
           f"{med['plain'] * 1e3:.1f} ms, teacher forward (no grad) {med['forward'] * 1e3:.1f} ms")
     print("| V | teachers | floor (ms) | " + " | ".join(f"{p} (ms) | {p} / floor" for p in paths) + " |")
     print("|---|---|---|" + "---|---|" * len(paths))
-    for k in (1, 2, 3):
+    for k in a.teachers:
         floor = med["plain"] + k * med["forward"]
         cells = " | ".join(f"{med[f'{p} k{k}'] * 1e3:.1f} | {med[f'{p} k{k}'] / floor:.2f}x" for p in paths)
         print(f"| {vocab if a.task == 'lm' else '-'} | {k} | {floor * 1e3:.1f} | {cells} |", flush=True)
@@ -137,6 +137,7 @@ def main() -> None:
     p.add_argument("--embed", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--teachers", type=int, nargs="+", default=[1, 2, 3], help="numbers of teachers to time")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     # One batch trained on again and again drives gradients to denormals, which slow this CPU's
