@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._extras import require
+from ..models.click import code_range_error
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,6 @@ class ClickTable:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def code_range_error(lows: Sequence[int], highs: Sequence[int], cardinalities: Sequence[int],
-                     names: Sequence[str] | None = None) -> str | None:
-    """What is wrong with categorical codes whose per-field extremes are ``lows`` and
-    ``highs``: the first field (its name, if ``names``) with a code outside
-    ``[0, cardinality)``, that code and the limit; None if every field is within range."""
-    for f, (lo, hi, card) in enumerate(zip(lows, highs, cardinalities)):
-        if lo < 0 or hi >= card:
-            field = f"field {f} ({names[f]!r})" if names else f"field {f}"
-            return (f"{field} has code {int(lo if lo < 0 else hi)}, outside [0, {int(card)}) "
-                    f"(cardinalities {[int(c) for c in cardinalities]})")
-    return None
 
 
 class MissingColumn(ValueError):
@@ -495,5 +483,5 @@ class CriteoGenerator:
         return cat, num.astype(np.float32), (u < p).astype(np.float32)
 
 
-__all__ = ["ClickTable", "CriteoGenerator", "MissingColumn", "code_range_error", "encode_categorical",
+__all__ = ["ClickTable", "CriteoGenerator", "MissingColumn", "encode_categorical",
            "load_adult", "load_movielens", "load_table", "movielens_dir", "splitmix64"]

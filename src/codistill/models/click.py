@@ -4,13 +4,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..data.tabular import code_range_error
-
 log = logging.getLogger(__name__)
+
+
+def code_range_error(lows: Sequence[int], highs: Sequence[int], cardinalities: Sequence[int],
+                     names: Sequence[str] | None = None) -> str | None:
+    """What is wrong with categorical codes whose per-field extremes are ``lows`` and
+    ``highs``: the first field (its name, if ``names``) with a code outside
+    ``[0, cardinality)``, that code and the limit; None if every field is within range."""
+    for f, (lo, hi, card) in enumerate(zip(lows, highs, cardinalities)):
+        if lo < 0 or hi >= card:
+            field = f"field {f} ({names[f]!r})" if names else f"field {f}"
+            return (f"{field} has code {int(lo if lo < 0 else hi)}, outside [0, {int(card)}) "
+                    f"(cardinalities {[int(c) for c in cardinalities]})")
+    return None
 
 
 class CrossLayer(nn.Module):

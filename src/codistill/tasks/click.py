@@ -14,12 +14,11 @@ from ..data.tabular import (
     ClickTable,
     CriteoGenerator,
     MissingColumn,
-    code_range_error,
     load_adult,
     load_movielens,
     load_table,
 )
-from ..models.click import ClickModel
+from ..models.click import ClickModel, code_range_error
 from ..settings import ConfigError, DataSettings, setting
 from .base import Batch, Task, spread_subset
 
