@@ -216,11 +216,11 @@ def part_linear(rows: list[int], vocab: list[int], hidden: int, repeats: int) ->
             (pa, ta), (pb, tb) = ((got[f]["peak"], got[f]["seconds"]) for f in forms)
             print(f"| {n} | {v} | {one:.0f} | {pa:.0f} | {pb:.0f} | {pa / max(pb, 1e-9):.1f}x | {ta:.2f} | "
                   f"{tb:.2f} | {tb / ta:.2f} |", flush=True)
-    from codistill.fused import LINEAR_CHUNK_ELEMENTS
+    from codistill.fused import LINEAR_CHUNK_ELEMENTS, LINEAR_MIN_ROWS
 
     mb = LINEAR_CHUNK_ELEMENTS * 4 / MB
-    print(f"\n(fused-linear chunks of {LINEAR_CHUNK_ELEMENTS} elements = {mb:.0f} MB of logits per "
-          "fp32 temporary)")
+    print(f"\n(fused-linear chunks of {LINEAR_CHUNK_ELEMENTS} elements = {mb:.0f} MB of logits per fp32 "
+          f"temporary, but at least {LINEAR_MIN_ROWS} rows)")
 
 
 # -- 2. one teacher in one process -----------------------------------------------------------

@@ -62,6 +62,7 @@ def test_fused_loss_equals_the_autograd_form_in_float64(monkeypatch, teachers, t
 def test_fused_linear_loss_equals_the_materialised_form_in_float64(monkeypatch, teachers, targets, masked, t,
                                                                    bias):
     monkeypatch.setattr(fused, "LINEAR_CHUNK_ELEMENTS", 3 * 11)  # chunks of 3 rows
+    monkeypatch.setattr(fused, "LINEAR_MIN_ROWS", 1)
     torch.manual_seed(teachers)
     h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     head = torch.nn.Linear(4, 11, bias=bias).double()
@@ -85,6 +86,7 @@ def test_fused_linear_loss_takes_a_weight_and_never_holds_a_rows_by_vocabulary_t
     """With chunks of 2 rows, no tensor the loss makes is larger than 2 rows × V (or the
     weight's gradient), however many rows: checked on every tensor allocated in the pass."""
     monkeypatch.setattr(fused, "LINEAR_CHUNK_ELEMENTS", 2 * 500)
+    monkeypatch.setattr(fused, "LINEAR_MIN_ROWS", 1)
     h = torch.randn(64, 8, requires_grad=True)
     w = torch.randn(500, 8, requires_grad=True)
     peer = (torch.randn(64, 8), torch.randn(500, 8))

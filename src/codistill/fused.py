@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 CHUNK_ELEMENTS = 1 << 20  # rows × vocabulary per chunk of logits (4 MB per fp32 temporary)
-LINEAR_CHUNK_ELEMENTS = 1 << 22  # per fused-linear chunk: enough rows for efficient matmuls
+LINEAR_CHUNK_ELEMENTS = 1 << 22  # rows × vocabulary per fused-linear chunk (16 MB per fp32 temporary) ...
+LINEAR_MIN_ROWS = 128  # ... but at least this many rows: each chunk adds its [V, H] weight gradient once
 
 Scale = float | torch.Tensor
 
@@ -272,7 +273,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(w, dtype=acc) if want_w else None
         grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
         phi = psi = None
-        chunks = row_chunks(h.shape[0], w.shape[0], LINEAR_CHUNK_ELEMENTS)
+        chunks = row_chunks(h.shape[0], w.shape[0], max(LINEAR_CHUNK_ELEMENTS, LINEAR_MIN_ROWS * w.shape[0]))
         work = _Work.get(chunks[0].stop, w.shape[0], h.device)
         for rows in chunks:
             hc, m = h[rows], rows.stop - rows.start
