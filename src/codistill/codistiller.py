@@ -280,6 +280,7 @@ class Codistiller:
         if psi is not None and not bool(torch.isfinite(psi)):  # a teacher that overflows, or the student
             kept = self.teachers.drop_nonfinite()
             psi = self._bce(logits, kept and ([z[keep] for z in kept] if mask is not None else kept))
+        self.teachers.release()
         if psi is None:
             self._psi = None
             return logits.new_zeros(())
@@ -322,10 +323,12 @@ class Codistiller:
         if not bool(torch.isfinite(out.total)):  # a teacher that overflows, or the student itself
             teacher_logits = self.teachers.drop_nonfinite()
             if teacher_logits is None:
+                self.teachers.release()
                 self._psi = None
                 return self.losses(inputs, logits, targets, step, mask) if targets is not None else \
                     Losses(*(logits.new_zeros(()),) * 3)
             out = fused_loss(logits, teacher_logits, targets, a, kind, t, mask)
+        self.teachers.release()
         self._psi = out.psi
         return out
 

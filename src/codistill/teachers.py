@@ -252,6 +252,10 @@ class TeacherSet(dict[int, Teacher]):
         self._unchecked = pairs or []
         return [z for _, z in self._unchecked] or None
 
+    def release(self) -> None:
+        """Forget the last ``logits(check=False)`` (they are [rows, classes] per teacher)."""
+        self._unchecked = []
+
     def drop_nonfinite(self) -> list[torch.Tensor] | None:
         """Of the logits the last ``logits(check=False)`` gave, those that are finite; the
         teachers of the others are dropped (:func:`drop`). None if none is left."""
