@@ -34,7 +34,7 @@ from .exchange import Exchange, MemoryExchange, Published, make_exchange, signin
 from .exchange.compression import check_publish_dtype
 from .exchange.signing import Trust
 from .fused import Losses, fused_linear_loss, fused_loss
-from .losses import AlphaSchedule, DistillLoss, distill_loss, task_loss
+from .losses import AlphaSchedule, DistillLoss, distill_loss, predict_probs, task_loss
 from .modules import unwrap
 from .picking import BoundedDrift, LockStep, Newest, Policy, VersionPicker
 from .publishing import Publisher
@@ -292,9 +292,9 @@ class Codistiller:
         if not teacher_logits or logits.shape[0] == 0:
             return None
         t = self.loss.temperature
-        probs = torch.sigmoid(teacher_logits[0].float() if t == 1.0 else teacher_logits[0].float() / t)
+        probs = predict_probs(teacher_logits[0].float(), "bce", t)
         for z in teacher_logits[1:]:
-            probs.add_(torch.sigmoid(z.float() if t == 1.0 else z.float() / t))
+            probs.add_(predict_probs(z.float(), "bce", t))
         if len(teacher_logits) > 1:
             probs.div_(len(teacher_logits))
         return distill_loss(logits, probs.to(logits.dtype), "bce", t)
@@ -310,27 +310,16 @@ class Codistiller:
         step = self.step if step is None else step
         a = self._alpha = self.alpha(step)
         teacher_logits = self.teachers.logits(inputs, check=False) if a != 0.0 else None
-        if teacher_logits is None:
-            self._psi = None
-            if targets is None:
-                zero = logits.new_zeros(())
-                return Losses(zero, zero, zero)
-            y = targets if mask is None else targets.where(mask, -100)
-            phi = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-            return Losses(phi, phi.detach(), phi.new_zeros(()))
-        kind, t = self.loss.kind, self.loss.temperature
-        out = fused_loss(logits, teacher_logits, targets, a, kind, t, mask)
-        if not bool(torch.isfinite(out.total)):  # a teacher that overflows, or the student itself
-            teacher_logits = self.teachers.drop_nonfinite()
-            if teacher_logits is None:
-                self.teachers.release()
-                self._psi = None
-                return self.losses(inputs, logits, targets, step, mask) if targets is not None else \
-                    Losses(*(logits.new_zeros(()),) * 3)
-            out = fused_loss(logits, teacher_logits, targets, a, kind, t, mask)
+        def fused(teacher_logits: list[torch.Tensor] | None) -> Losses | None:
+            return None if teacher_logits is None else fused_loss(
+                logits, teacher_logits, targets, a, self.loss.kind, self.loss.temperature, mask)
+
+        out = fused(teacher_logits)
+        if out is not None and not bool(torch.isfinite(out.total)):  # a teacher overflows, or the student
+            out = fused(self.teachers.drop_nonfinite())
         self.teachers.release()
-        self._psi = out.psi
-        return out
+        self._psi = None if out is None else out.psi
+        return out if out is not None else _task_only(logits, targets, mask)
 
     def _check_inputs(self, inputs: Any, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
         if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
@@ -484,3 +473,13 @@ class Codistiller:
         self.last_exchange = state.get("last_exchange")
         self.publisher.failures = state.get("publish_failures", 0)
         self.step = state.get("step", self.last_exchange or 0)
+
+
+def _task_only(logits: torch.Tensor, targets: torch.Tensor | None, mask: torch.Tensor | None) -> Losses:
+    """(φ, φ, 0) without teachers: cross entropy over the positions of ``mask`` (all zero without targets)."""
+    if targets is None:
+        zero = logits.new_zeros(())
+        return Losses(zero, zero, zero)
+    y = targets if mask is None else targets.where(mask, -100)
+    phi = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+    return Losses(phi, phi.detach(), phi.new_zeros(()))
