@@ -8,7 +8,8 @@ The arguments are those of ``codistill train``; the real CLI runs them unchanged
 every rank writes ``RUN_DIR/probe/rank-{RANK}.safetensors``: its replica's model weights
 (``model.NAME``) and its teachers' weights (``teacher-PEER.NAME``), with the rank's replica,
 worker, whether it leads its replica, teacher versions and exchange (type, byte counters) as
-JSON in the file's metadata. (The run's own checkpoints and final weights are written by a
+JSON in the file's metadata. Sharded (FSDP2) weights are gathered first, so
+every rank saves whole tensors. (The run's own checkpoints and final weights are written by a
 replica's first rank only, so they cannot show that the ranks of one replica agree.)
 
 Hooks: ``codistill.loop.Loop.run`` is wrapped to capture the rank's loop (its one replica),
@@ -90,34 +91,31 @@ def _install_faults() -> None:
     Loop.publish_and_refresh = publish_and_refresh  # type: ignore[method-assign]
 
 
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A weight as one host tensor; a sharded (FSDP2) one is gathered from the replica's ranks,
+    which all reach this in the same order."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return value.detach().cpu().contiguous()
+
+
 def _out_dir(argv: list[str]) -> str:
     return argv[argv.index("--out") + 1]
 
 
-def main(argv: list[str]) -> int:
-    captured: dict[str, Loop] = {}
-    orig_run = Loop.run
-
-    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        captured["loop"] = self
-        return orig_run(self, *args, **kwargs)
-
-    Loop.run = run  # type: ignore[method-assign]
-    _install_faults()
-    rc = cli.main(["train", *argv])
-    if rc:
-        return rc
-    loop = captured["loop"]
+def _save(loop: Loop, out: str) -> None:
+    """This rank's weights, teachers and counters (while the process group still exists: a
+    sharded weight is gathered from the replica's ranks)."""
     (rep,) = loop.replicas
     tensors: dict[str, torch.Tensor] = {}
     for name, value in unwrap(rep.model).state_dict().items():
-        tensors[f"model.{name}"] = value.detach().cpu().contiguous()
+        tensors[f"model.{name}"] = _whole(value)
     versions = {}
     for peer, teacher in rep.codistiller.teachers.items():
         versions[str(peer)] = teacher.version
         for name, value in teacher.module.state_dict().items():
-            tensors[f"teacher-{peer}.{name}"] = value.detach().cpu().contiguous()
-    folder = os.path.join(_out_dir(argv), "probe")
+            tensors[f"teacher-{peer}.{name}"] = _whole(value)
+    folder = os.path.join(out, "probe")
     os.makedirs(folder, exist_ok=True)
     rank = int(os.environ["RANK"])
     ex = rep.codistiller.exchange
@@ -127,7 +125,19 @@ def main(argv: list[str]) -> int:
             "bytes_published": rep.codistiller.stats().bytes_published}
     save_file(tensors, os.path.join(folder, f"rank-{rank}.safetensors"),
               metadata={"probe": json.dumps(info)})
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    orig_run = Loop.run
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = orig_run(self, *args, **kwargs)
+        _save(self, _out_dir(argv))
+        return result
+
+    Loop.run = run  # type: ignore[method-assign]
+    _install_faults()
+    return cli.main(["train", *argv])
 
 
 if __name__ == "__main__":

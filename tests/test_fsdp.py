@@ -23,6 +23,9 @@ from test_distributed import (
     _codistill,
     _exchange_versions,
     _max_diff,
+    _part,
+    _probe,
+    _probe_ranks,
     _rows,
     _run,
     _summary,
@@ -31,6 +34,7 @@ from test_distributed import (
 )
 
 from codistill.checkpoint import read_state
+from codistill.exchange.compression import dequantise, quantise
 
 pytestmark = pytest.mark.slow  # torchrun jobs: not in the fast tier
 
@@ -136,3 +140,38 @@ def test_bf16_fsdp_runs_end_to_end(cfg_path: Path, tmp_path: Path) -> None:
         assert train[20]["task_loss"] < train[1]["task_loss"] - 0.2
         assert train[20]["distill_loss"] > 0 and train[20]["teacher_versions"] == {str(1 - r): 20}
         assert all(t.dtype == torch.float32 for t in _weights(run, r).values())
+
+
+def test_int8_versions_through_the_collective_exchange_to_sharded_replicas(
+        cfg_path: Path, tmp_path: Path) -> None:
+    """2 replicas x 2 ranks, FSDP2, int8 versions sent by the collective exchange: each
+    replica's first rank gathers and quantises its shards, the peer's ranks load the stored
+    form into their sharded teacher, decoded."""
+    run, steps = tmp_path / "run", 20
+    _run([*_torchrun(4), *_probe(cfg_path, run, "--exchange", "collective", *FSDP, "--set", f"steps={steps}",
+                                 "--set", "codistill.publish_dtype=int8")], tmp_path, "int8")
+    final = {r: _weights(run, r) for r in (0, 1)}
+    # stored: 1 byte per matrix element and a float32 scale per row; biases as they are
+    stored = {r: sum(t.numel() + 4 * t.shape[0] if t.dim() >= 2 else t.numel() * t.element_size()
+                     for t in final[r].values()) for r in (0, 1)}
+    exchanges = len(range(10, steps + 1, 5))  # burn-in 10, K = 5: at 10, 15, 20
+    for info, tensors in _probe_ranks(run, 4):
+        r, peer = info["replica"], 1 - info["replica"]
+        _assert_same_weights(_part(tensors, "model."), final[r], f"rank {info['rank']}")
+        assert info["exchange"]["type"] == "CollectiveExchange", info
+        assert info["bytes_published"] == (exchanges * stored[r] if info["leader"] else 0), info
+        assert info["teacher_versions"] == {str(peer): steps}, info
+        teacher = _part(tensors, f"teacher-{peer}.")
+        assert teacher.keys() == final[peer].keys()
+        for name, w in final[peer].items():
+            # The teacher holds q · scale of the peer's final weights: the same float32
+            # operations on the same bits, so exactly; biases travel as they are.
+            want = dequantise(*quantise(w)) if w.dim() >= 2 else w
+            assert teacher[name].dtype == torch.float32, name
+            assert torch.equal(teacher[name], want), (info["rank"], name)
+            assert not torch.equal(teacher[name], w) or w.dim() < 2, name  # it was quantised
+    for r in (0, 1):
+        train = _by_step(_rows(run, r), "train", r)
+        assert train[steps]["task_loss"] < train[1]["task_loss"] - 0.2, "a replica did not learn"
+        assert 0 < train[steps]["distill_loss"] < train[10]["task_loss"]
+        assert train[steps]["bytes_read"] == exchanges * stored[1 - r]
