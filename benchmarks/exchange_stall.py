@@ -131,6 +131,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     root = a.dir or tempfile.mkdtemp(prefix="codistill-stall-")
+    os.makedirs(root, exist_ok=True)
     print(f"K={a.k}, {a.threads} thread(s), versions in {a.dtype}, medians of {a.repeats}; "
           "seconds unless noted")
     print(f"{'params':>11} {'MB':>7} {'step':>7} | {'publish':>8} {'writer':>7} {'(sync)':>7} "
