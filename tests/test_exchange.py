@@ -17,7 +17,14 @@ from exchanges import newest
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from codistill.exchange import BackgroundExchange, DirectoryExchange, Exchange, MemoryExchange, make_exchange
+from codistill.exchange import (
+    BackgroundExchange,
+    DirectoryExchange,
+    Exchange,
+    MemoryExchange,
+    make_exchange,
+    state_nbytes,
+)
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -57,7 +64,7 @@ def test_directory_roundtrip(tmp_path):
 
     assert ex.versions(0) == [50] and ex.versions(1) == []
     pub = ex.load(0, 50)
-    assert (pub.replica, pub.step, pub.nbytes) == (0, 50, nbytes)
+    assert (pub.replica, pub.step, pub.nbytes) == (0, 50, state_nbytes(_state(1)))  # tensor bytes
     _assert_state_equal(pub.state, _state(1))
     assert pub.meta == meta
     assert newest(ex, 0).step == 50 and newest(ex, 1) is None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,15 @@ from torch import nn
 from codistill.codistiller import Codistiller, TeacherSpec, Trust
 from codistill.config import ConfigError, from_dict
 from codistill.engine import run
-from codistill.exchange import DirectoryExchange, Exchange, MemoryExchange, signing, state_nbytes
+from codistill.exchange import (
+    DirectoryExchange,
+    Exchange,
+    MemoryExchange,
+    Published,
+    compression,
+    signing,
+    state_nbytes,
+)
 from codistill.exchange.compression import SCALE, encode
 from codistill.exchange.signing import Signer, load_keys
 from codistill.models import build_model
@@ -301,6 +311,65 @@ def test_int8_scales_that_overflow_or_are_negative_are_rejected(tmp_path, caplog
         assert reader.refresh(20) == {1: 10}
     assert "out of range" in caplog.text or "non-finite" in caplog.text
     assert torch.isfinite(reader.teachers[1].module.fc.weight).all()
+
+
+def test_a_prefetched_int8_version_is_decoded_off_the_training_step(tmp_path, monkeypatch):
+    """The prefetch thread hands the refresh a decoded version (float32 weights, no scales, the
+    stored bytes still counted): the refresh itself decodes nothing."""
+    reader, publisher, peer = _pair(DirectoryExchange(str(tmp_path)), "int8")
+    publisher.publish(10)
+    assert reader.refresh(10) == {1: 10}  # read on the step; starts the prefetch thread
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.mul_(1.5)
+    publisher.publish(20)
+    stored = encode(peer.state_dict(), "int8")
+    prefetcher = reader.picker.prefetcher
+    deadline = time.monotonic() + 60
+    while prefetcher._ready.get(1) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready = prefetcher._ready[1]
+    assert ready.step == 20 and "publish_dtype" not in ready.meta
+    assert ready.state.keys() == peer.state_dict().keys()
+    assert ready.nbytes == _stored_bytes(peer.state_dict(), "int8") == state_nbytes(stored)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded on the training step")
+
+    monkeypatch.setattr(compression, "decode", no_decoding)
+    assert reader.refresh(20) == {1: 20}
+    teacher = reader.teachers[1].module.state_dict()
+    for name, w in peer.state_dict().items():
+        _assert_within_rounding(teacher[name], w, stored, name, "int8")
+    assert reader.stats().bytes_read == 2 * ready.nbytes
+
+
+@pytest.mark.parametrize("scale", [-1.0, float("nan")])
+def test_decoding_checks_the_int8_scales_first(scale):
+    stored = encode(_mlp().state_dict(), "int8")
+    stored["0.weight" + SCALE][0] = scale
+    with pytest.raises(ValueError, match="out of range"):
+        compression.decoded(Published(1, 10, stored, {"publish_dtype": "int8"}))
+
+
+@pytest.mark.parametrize("shape, dtype", [((1001, 1000), torch.float32), ((300, 4, 3, 3), torch.float32),
+                                          ((64, 64), torch.bfloat16), ((64, 64), torch.float64),
+                                          ((0, 5), torch.float32), ((5, 0), torch.float32)])
+def test_blockwise_quantisation_equals_the_whole_tensor_formula(shape, dtype):
+    """Blocks of QUANTISE_BLOCK elements (1001 rows of 1000: 262 rows a block, the last one
+    short) give bit for bit round(w / scale) over the whole tensor in float32; a zero row has
+    scale 0 and q 0; an empty weight gives empty q and scales."""
+    torch.manual_seed(0)
+    w = torch.randn(shape).to(dtype)
+    if w.numel():
+        w[1] = 0
+    q, scale = compression.quantise(w)
+    rows = w.float().reshape(shape[0], math.prod(shape[1:]))
+    want_scale = rows.abs().amax(dim=1) / 127 if rows.numel() else torch.zeros(shape[0])
+    divisor = torch.where(want_scale > 0, want_scale, torch.ones_like(want_scale)).unsqueeze(1)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.dtype == torch.float32
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.reshape(rows.shape), torch.round(rows / divisor).clamp(-127, 127).to(torch.int8))
 
 
 def test_a_signed_int8_versions_declared_dtype_cannot_be_altered(tmp_path, caplog):

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .exchange import Published, state_nbytes
+from .exchange import Published
 from .exchange.collective import share_teachers
 from .teachers import TeacherSet
 
@@ -54,4 +54,4 @@ class ReplicaGroup:
             published = chosen.get(peer) or Published(peer, step, {}, meta, ident=ident)
             teachers.build(peer, meta).load(published, self.src, self.process_group)
             if self.leads:
-                teachers.bytes_read += state_nbytes(published.state)
+                teachers.bytes_read += published.nbytes

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .exchange import Published, compression, state_nbytes
+from .exchange import Published, compression
 from .exchange.base import Check, Header, header_nbytes, header_of
 from .losses import DistillLoss, predict_probs
 from .modules import call_model, unwrap
@@ -65,7 +65,7 @@ class Teacher:
         its publish dtype and cast to the module's dtype. A sharded teacher: every rank of the
         replica calls this together, the weights given on global rank ``src`` of ``group`` (an
         empty state elsewhere)."""
-        state = compression.decode(published.state, compression.declared(published.meta))
+        state = compression.decoded(published).state  # a prefetched version is decoded already
         try:
             if self.sharded:
                 load_full_state(self.module, state or None, src, group)
@@ -335,7 +335,7 @@ class TeacherSet(dict[int, Teacher]):
             return
         teacher.load(published)
         if count:
-            self.bytes_read += state_nbytes(published.state)
+            self.bytes_read += published.nbytes
         log.debug("loaded peer %d at step %d", published.replica, published.step)
 
     def build(self, peer: int, meta: dict[str, Any]) -> Teacher:

@@ -22,14 +22,20 @@ Check = Callable[[Header, dict[str, Any]], None]  # (header, manifest meta); rai
 
 @dataclass
 class Published:
-    """One published version of a replica's weights."""
+    """One published version of a replica's weights. ``nbytes``: the tensor bytes it was
+    stored as (what ``bytes_read`` counts; by default those of ``state``, which a decoded
+    version no longer holds)."""
 
     replica: int
     step: int
     state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
-    nbytes: int = 0
+    nbytes: int | None = None
     ident: str = ""  # names this content: a step published again (after a crash) gets another
+
+    def __post_init__(self) -> None:
+        if self.nbytes is None:
+            self.nbytes = state_nbytes(self.state)
 
 
 @dataclass

@@ -86,11 +86,11 @@ def share_teachers(
     out = dict(peers or {}) if is_source else {}
     box: list[Any] = [None]
     if is_source:
-        box = [{r: (p.step, p.meta, header_of(p.state)) for r, p in out.items()}]
+        box = [{r: (p.step, p.meta, header_of(p.state), p.nbytes) for r, p in out.items()}]
     dist.broadcast_object_list(box, src=src, group=group)
-    for r, (step, r_meta, r_header) in sorted(box[0].items()):
+    for r, (step, r_meta, r_header, nbytes) in sorted(box[0].items()):
         state = out[r].state if is_source else None
         got = broadcast_state(state, r_header, src, group, device)
         if not is_source:
-            out[r] = Published(r, step, got, r_meta, state_nbytes(got))
+            out[r] = Published(r, step, got, r_meta, nbytes)
     return out

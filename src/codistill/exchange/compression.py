@@ -15,18 +15,21 @@ publish dtype stores (:func:`check_stored`), the size bound counts stored bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from .base import Header
+from .base import Header, Published
 
 PUBLISH_DTYPES = ("fp32", "bf16", "int8")
 META_KEY = "publish_dtype"
 SCALE = ".__scale"  # suffix of an int8 tensor's per-channel scales
 QMAX = 127
 MAX_SCALE = torch.finfo(torch.float32).max / 128  # q · scale is finite for every int8 q
+QUANTISE_BLOCK = 1 << 18  # elements quantised at a time
 
 Encoder = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -68,13 +71,21 @@ def _quantised(dtype: str, shape: tuple[int, ...]) -> bool:
 # -- encoding (the publisher) -----------------------------------------------------------
 def quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: ``w`` (≥ 2 dims) as int8 per output channel (dim 0), symmetric,
-    rounded to nearest: ``|w - q·scale[c]| ≤ scale[c] / 2``."""
-    rows = w.detach().float().reshape(w.shape[0], -1)
+    rounded to nearest: ``|w - q·scale[c]| ≤ scale[c] / 2``. Rows are divided in blocks of
+    about ``QUANTISE_BLOCK`` elements through one reused buffer (no weight-sized temporaries)."""
+    rows = w.detach().reshape(w.shape[0], math.prod(w.shape[1:]))
+    q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
     if rows.numel() == 0:
-        return torch.zeros(w.shape, dtype=torch.int8, device=w.device), rows.new_zeros(w.shape[0])
-    scale = rows.abs().amax(dim=1) / QMAX
+        return q.reshape(w.shape), rows.new_zeros(w.shape[0], dtype=torch.float32)
+    lo, hi = torch.aminmax(rows, dim=1)
+    scale = torch.maximum(hi, lo.neg()).float() / QMAX
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
-    q = torch.round(rows / divisor).clamp_(-QMAX, QMAX).to(torch.int8)
+    block = max(1, QUANTISE_BLOCK // rows.shape[1])
+    buf = torch.empty(min(block, rows.shape[0]), rows.shape[1], device=w.device)
+    for i in range(0, rows.shape[0], block):
+        b = buf[: min(block, rows.shape[0] - i)]
+        torch.div(rows[i:i + block].float(), divisor[i:i + block], out=b).round_().clamp_(-QMAX, QMAX)
+        q[i:i + block].copy_(b)
     return q.reshape(w.shape), scale
 
 
@@ -124,6 +135,17 @@ def decode(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Ten
         if not name.endswith(SCALE):
             out[name] = value if scale is None else dequantise(value, scale)
     return out
+
+
+def decoded(published: Published) -> Published:
+    """``published`` holding the weights its stored form decodes to (:func:`decode`, after
+    :func:`check_values`), its meta without the publish dtype; ``nbytes`` still counts what was
+    stored."""
+    dtype = declared(published.meta)
+    if dtype == "fp32":
+        return published
+    check_values(published.state, dtype)
+    return dataclasses.replace(published, state=decode(published.state, dtype), meta=untagged(published.meta))
 
 
 def stored_header(header: Header, dtype: str) -> Header:

@@ -456,7 +456,7 @@ class DirectoryExchange(Exchange):
         except Exception as e:  # safetensors raises its own error types
             self.refuse(replica, step, f"{where}.safetensors", f"unreadable ({e})", key)
             return None
-        return Published(replica, step, state, meta, len(data), expected)
+        return Published(replica, step, state, meta, ident=expected)
 
     def _unavailable(self, where: str, error: Exception) -> bool:
         """Whether reading ``where`` failed on the store, not on the version (an object store

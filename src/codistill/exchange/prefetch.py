@@ -7,17 +7,18 @@ import threading
 from collections.abc import Callable
 
 from .base import Check, Exchange, Published
+from .compression import decoded
 
 log = logging.getLogger(__name__)
 
 
 class Prefetcher:
     """Between two exchanges, a background thread watches the peers for versions newer than
-    the loaded ones and reads each (file read, checksum, header check, tensors) into memory,
-    so that the next refresh only copies it into its teacher. At most one version per peer is
-    held; a version that fails its checks is left for the refresh to reject and warn about.
-    It lists every peer each ``poll_seconds`` (default: the exchange's; an object store's is
-    longer, as each listing is a billed request).
+    the loaded ones, reads each (file read, checksum, header check, tensors) into memory and
+    decodes a compressed one, so that the next refresh only copies it into its teacher. At
+    most one version per peer is held; a version that fails its checks is left for the
+    refresh to reject and warn about. It lists every peer each ``poll_seconds`` (default: the
+    exchange's; an object store's is longer, as each listing is a billed request).
     """
 
     def __init__(self, exchange: Exchange, poll_seconds: float | None = None) -> None:
@@ -47,6 +48,8 @@ class Prefetcher:
                         continue
                     tried.add((peer, step))
                     published = self.exchange.load(peer, step, check(peer))
+                    if published is not None:  # decoded here (int8: dequantised), not on the step
+                        published = decoded(published)
                 except Exception as e:  # noqa: BLE001 - the refresh reads it again and reports
                     log.debug("prefetching peer %d failed: %s", peer, e)
                     continue
