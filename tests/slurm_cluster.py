@@ -1,9 +1,12 @@
-"""A one-host Slurm cluster for the tests: munged, slurmctld and slurmd of their own.
+"""A test cluster on this host: munged, slurmctld and two slurmd of their own.
 
-:func:`start_cluster` writes a throwaway ``slurm.conf`` (this host as its one node, sized by
-``slurmd -C``; linuxproc process tracking, no cgroups, no accounting; requeued jobs eligible
-again after ``CRED_EXPIRE`` seconds instead of 120), a munge key, and starts ``munged -F``,
-``slurmctld -D`` and ``slurmd -D`` on free ports, everything under ``BASE/<session>``. Clients
+:func:`start_cluster` writes a throwaway ``slurm.conf``: this host as two nodes, each
+sized by ``slurmd -C`` and named by one of two names that resolve to it (its host name and
+``localhost``), so that a job over both nodes finds its first node by name as on a real
+cluster; linuxproc process tracking, no cgroups, no accounting; requeued jobs eligible again
+after ``CRED_EXPIRE`` seconds instead of 120. It writes a munge key and starts ``munged -F``,
+``slurmctld -D`` and one ``slurmd -D -N NODE`` per node on free ports, everything under
+``BASE/<session>``. Clients
 find the cluster through ``SLURM_CONF`` (:attr:`SlurmCluster.env`); nothing in /etc is used.
 ``BASE`` is a short path under /tmp: munge's socket path must be short and its directories
 traversable by everyone, which pytest's tmp dirs (mode 0700) are not.
@@ -33,24 +36,24 @@ BASE = Path("/tmp/codistill-slurm")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel")
 CRED_EXPIRE = 5  # seconds a requeued job waits before it is eligible again (Slurm's default: 120)
-START_TIMEOUT = 60.0  # seconds for the node to show up idle
+START_TIMEOUT = 60.0  # seconds for the nodes to show up idle
+SECOND_NODE = "localhost"  # another name of this host: a second node beside its host name
 
 CONF = """\
 ClusterName=codistilltest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={dir}/sock/munge.socket,cred_expire={cred_expire}
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool/%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/log/slurmctld.log
-SlurmdLogFile={dir}/log/slurmd.log
+SlurmdLogFile={dir}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -69,8 +72,7 @@ ReturnToService=2
 JobRequeue=1
 MinJobAge=600
 KillWait=5
-{node} NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{nodes}PartitionName=test Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -165,8 +167,9 @@ def node_line() -> str:
 class SlurmCluster:
     """The daemons of one session; ``env`` points Slurm's clients at them."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, nodes: tuple[str, ...] = ()) -> None:
         self.path = path
+        self.nodes = nodes
         self.conf = path / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -224,8 +227,9 @@ class SlurmCluster:
                                f"--seed-file={p}/key/munged.seed", f"--log-file={p}/log/munged.log"])
         self._wait("munge socket", (p / "sock" / "munge.socket").exists)
         self._start("slurmctld", [_program("slurmctld"), "-D", "-f", str(self.conf)])
-        self._start("slurmd", [_program("slurmd"), "-D", "-f", str(self.conf)])
-        self._wait("idle node in sinfo", lambda: self._node_state() == "idle")
+        for node in self.nodes:
+            self._start(f"slurmd-{node}", [_program("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+        self._wait("idle nodes in sinfo", lambda: self._node_state().split() == ["idle"] * len(self.nodes))
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons, kill what is left of this session, remove it."""
@@ -236,7 +240,7 @@ class SlurmCluster:
                 deadline = time.monotonic() + 20
                 while self.run("squeue", "-h", check=False).strip() and time.monotonic() < deadline:
                     time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*(f"slurmd-{node}" for node in self.nodes), "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 proc.terminate()
@@ -275,13 +279,17 @@ def start_cluster() -> SlurmCluster:
         raise ClusterError("the test cluster runs slurmd as root (it starts jobs as their user): run as root")
     reap_stale_sessions()
     path = _make_session_dir()
-    ctld_port = free_port_block(2)
-    slurmd_port = ctld_port + 1
     node = node_line()
-    host = node.split()[0].split("=", 1)[1]
-    cluster = SlurmCluster(path)
-    cluster.conf.write_text(CONF.format(host=host, dir=path, ctld_port=ctld_port, slurmd_port=slurmd_port,
-                                        cred_expire=CRED_EXPIRE, node=node))
+    host, sizes = node.split()[0].split("=", 1)[1], node.split(maxsplit=1)[1]
+    names = (host, SECOND_NODE)
+    if host == SECOND_NODE:
+        raise ClusterError(f"this host is named {host!r}: the test cluster needs a second name for it")
+    ctld_port = free_port_block(1 + len(names))  # slurmctld, then each node's slurmd
+    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={ctld_port + 1 + i} "
+                    f"{sizes} State=UNKNOWN\n" for i, name in enumerate(names))
+    cluster = SlurmCluster(path, names)
+    cluster.conf.write_text(CONF.format(host=host, dir=path, ctld_port=ctld_port, cred_expire=CRED_EXPIRE,
+                                        nodes=nodes, names=",".join(names)))
     try:
         cluster.start()
     except ClusterError:

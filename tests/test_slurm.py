@@ -311,7 +311,8 @@ def test_replicas_as_a_job_array_come_back_from_a_crash_and_a_requeue_and_resume
 PROBE = """
 import json, os, sys
 keys = ["CODISTILL_REPLICA", "CODISTILL_NUM_REPLICAS", "CODISTILL_EXCHANGE", "CODISTILL_RESTART",
-        "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_ARRAY_JOB_ID"]
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_ARRAY_JOB_ID",
+        "SLURMD_NODENAME", "MASTER_ADDR"]
 info = {k: os.environ.get(k) for k in keys} | {"argv": sys.argv[1:]}
 out = os.path.join(sys.argv[1], f"replica{info['CODISTILL_REPLICA']}-rank{info['RANK']}.json")
 with open(out, "w") as f:
@@ -346,3 +347,33 @@ def test_a_users_script_as_a_torchrun_group_in_each_array_task(slurm_cluster: Sl
             assert info["SLURM_ARRAY_JOB_ID"] == job, info
         assert ranks[0]["TORCHELASTIC_RUN_ID"] == ranks[1]["TORCHELASTIC_RUN_ID"]
     assert len(list(out.iterdir())) == 4
+
+
+@pytest.mark.slow
+def test_a_replica_over_two_nodes_is_one_torchrun_agent_per_node(slurm_cluster: SlurmCluster,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    """--nodes 2 --workers 2: each array task holds both nodes of the test cluster, srun starts
+    one torchrun agent on each, and the agents meet at the task's first node (by its name) as
+    one group of two ranks, one per node."""
+    cluster = slurm_cluster
+    assert len(cluster.nodes) == 2, cluster.nodes
+    probe, out, ex = tmp_path / "probe.py", tmp_path / "probe-out", tmp_path / "ex"
+    probe.write_text(PROBE)
+    out.mkdir()
+    port = free_port_block(2)
+    job = _submit(cluster, ["--out", str(tmp_path / "run"), "--replicas", "2", "--workers", "2",
+                            "--nodes", "2", "--exchange", str(ex), "--master-port", str(port), "--",
+                            "python", str(probe), str(out), "{replica}"])
+    _wait_done(cluster, job, tmp_path / "run", timeout=120)
+    logs = f"{_task_logs(tmp_path / 'run')}\n{cluster.logs()}"
+    for r in (0, 1):
+        task = cluster.job(f"{job}_{r}")
+        assert (task["JobState"], task["NumNodes"]) == ("COMPLETED", "2"), (task, logs)
+        ranks = [json.loads((out / f"replica{r}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert {info["SLURMD_NODENAME"] for info in ranks} == set(cluster.nodes), (ranks, logs)
+        assert sorted(info["GROUP_RANK"] for info in ranks) == ["0", "1"], ranks  # one agent per node
+        assert [(info["RANK"], info["WORLD_SIZE"], info["LOCAL_RANK"]) for info in ranks] == \
+            [("0", "2", "0"), ("1", "2", "0")], ranks
+        assert ranks[0]["TORCHELASTIC_RUN_ID"] == ranks[1]["TORCHELASTIC_RUN_ID"], ranks  # one rendezvous
+        assert all(info["CODISTILL_REPLICA"] == str(r) and info["argv"] == [str(out), str(r)]
+                   for info in ranks), ranks
