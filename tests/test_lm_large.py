@@ -93,6 +93,8 @@ def test_quick_run_fills_every_arm_and_a_rerun_trains_nothing(mini_corpus, tmp_p
     assert len(fig["steps_codistill"]) == 4  # 2 seeds × 2 replicas
     assert fig["no_repeat"] is True and len(fig["codistill_settings"]) == 2
     assert all(math.isfinite(g) for _, g, _, _ in fig["gain_fractions"])
+    assert all(math.isfinite(g) for _, _, g, _ in fig["independent_gain_fractions"])
+    assert math.isfinite(fig["ratio_independent"])
     text = open(path, encoding="utf-8").read()
     assert "Claim 1 on data that never repeats (lm-large)" in text and "doubling pays" in text
     for png in ("lm-large-sweep.png", "lm-large-claim.png"):
