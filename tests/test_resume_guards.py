@@ -305,6 +305,49 @@ def test_ctrl_c_while_a_checkpoint_is_written_completes_it_first(tiny_config_fac
     assert json.loads((out2 / "summary.json").read_text())["start"] == 5
 
 
+def test_sigterm_ends_the_run_after_its_step_with_a_checkpoint_and_the_resume_line(
+        tiny_config_factory, tmp_path, capsys, monkeypatch, request):
+    """SIGTERM (a scheduler's time limit) at step 7, between checkpoints (every 5): the run
+    ends after step 7 with a checkpoint of both replicas and the rows up to it, says where to
+    resume in one line and exits 143; resumed to step 12 it has the weights of a run never
+    stopped. Without the handler the last checkpoint would be step 5."""
+    from codistill.loop import Loop
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh process
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    values = {**_values(tiny_config_factory), "steps": 20}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    publish_and_refresh = Loop.publish_and_refresh
+
+    def killed_at_7(self, done):
+        if done == 7 and not self.stop_requested:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes
+            assert self.stop_requested
+        return publish_and_refresh(self, done)
+
+    monkeypatch.setattr(Loop, "publish_and_refresh", killed_at_7)
+    out = tmp_path / "run"
+    assert _train(tmp_path / "c.yaml", out) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("codistill: stopped by SIGTERM")]
+    assert line.startswith("codistill: stopped by SIGTERM after step 7: run directory "), line
+    assert "newest checkpoint step 7; continue with: codistill train " in line and line.endswith("--resume")
+    root = str(out / "checkpoints")
+    assert valid_steps(root, 0) == valid_steps(root, 1) == [5, 7]
+    rows = read_metrics(str(out))
+    assert max(r["step"] for r in rows if r["kind"] == "train") == 7
+    monkeypatch.setattr(Loop, "publish_and_refresh", publish_and_refresh)
+    assert _train(tmp_path / "c.yaml", out, "--resume", "--stop-at", "12") == 0
+    whole = tmp_path / "whole"
+    run(from_dict(values), str(whole), progress=False, stop_at=12)
+    for r in (0, 1):
+        a, b = (read_state(str(d / "checkpoints" / f"replica-{r}" / f"{12:010d}"))["model"]
+                for d in (out, whole))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), f"replica {r}"
+
+
 def _interrupted(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("codistill: interrupted")]
     assert len(lines) == 1, err

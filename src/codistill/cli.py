@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 
 from ._extras import as_missing_extra
@@ -46,6 +47,13 @@ def _resume_hint(args: argparse.Namespace, out: str, replicas: list[int]) -> str
     return f"run directory {out}, {where}; continue with: {command}{launch}"
 
 
+def _stopped(args: argparse.Namespace, out: str, summary: dict, replicas: list[int]) -> int:
+    """A run a SIGTERM ended after a step: one line saying where to resume; 128 + SIGTERM."""
+    print(f"codistill: stopped by SIGTERM after step {summary['end']}: {_resume_hint(args, out, replicas)}",
+          file=sys.stderr)
+    return 128 + signal.SIGTERM
+
+
 def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: bool) -> int:
     if distributed:
         from .launch import run_distributed
@@ -53,6 +61,8 @@ def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: 
         summary = run_distributed(cfg, out, replica=args.replica, resume=args.resume,
                                   stop_at=args.stop_at, progress=not args.no_progress,
                                   overwrite=args.overwrite, allow_changes=args.allow_changes)
+        if summary.get("stopped"):
+            return _stopped(args, out, summary, [summary["replicas"][0]])
         if summary["worker"] == 0 and not summary.get("finished"):
             print(f"replica {summary['replicas'][0]}: steps {summary['start']}..{summary['end']} in "
                   f"{summary['wall_time_s']:.1f}s; metrics in {out}")
@@ -63,6 +73,8 @@ def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: 
                   resume=args.resume, stop_at=args.stop_at, allow_changes=args.allow_changes)
     if summary.get("finished"):  # nothing to resume: said so in one log line
         return 0
+    if summary.get("stopped"):
+        return _stopped(args, out, summary, list(range(cfg.replicas)))
     final = summary["final"]
     print(f"run {cfg.name}: steps {summary['start']}..{summary['end']}; "
           + ("no evaluation in these steps" if final is None else "validation loss per replica "

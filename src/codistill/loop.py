@@ -109,6 +109,8 @@ class Loop:
         self.final: dict[str, Any] | None = None
         self.bytes_averaged = 0  # per replica: pseudo-gradients sent for weight averaging
         self.first_loss: dict[int, float] = {}  # per replica: task loss of the first step run here
+        # Set (by a signal handler) to end the run after the step in progress, with a checkpoint.
+        self.stop_requested = False
 
     # -- resume -----------------------------------------------------------------------
     def restore(self, step: int) -> None:
@@ -216,6 +218,8 @@ class Loop:
             if cfg.outer.every and done % cfg.outer.every == 0:
                 sent = outer_sync([r.outer for r in self.replicas if r.outer is not None])
                 self.bytes_averaged += sent
+            if self.stop_requested and done < end:  # this step is the last: logged and checkpointed
+                end = done
             checkpoint_due = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end
             means = {}
             if done % cfg.log_every == 0 or checkpoint_due:  # on every rank: each stops by itself
@@ -237,6 +241,8 @@ class Loop:
             if checkpoint_due:
                 for rep, ck in zip(self.replicas, self.checkpointers):
                     ck.save(done, rep.state())
+            if done == end:
+                break
         bar.close()
         wall = time.perf_counter() - t_start
         for rep in self.replicas:
@@ -249,7 +255,7 @@ class Loop:
             "bytes_read": {r.index: r.codistiller.stats().bytes_read for r in self.replicas},
             "bytes_averaged": self.bytes_averaged,
             "publish_failures": {r.index: r.codistiller.stats().publish_failures for r in self.replicas},
-            "final": self.final, "worker": worker,
+            "final": self.final, "worker": worker, "stopped": end < cfg.steps and self.stop_requested,
         }
         if end == cfg.steps:  # a sharded model is gathered by every rank, one tensor at a time
             states = [full_state(r.model, keep=self.leader) for r in self.replicas]

@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -209,4 +211,28 @@ def run(cfg: RunConfig, out_dir: str, place: Placement, task: Task | None = None
                      cfg.codistill.exchange_every, cfg.codistill.burn_in, cfg.codistill.alpha, start,
                      cfg.steps, out_dir)
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        return loop.run(start, end, place.worker)
+        with _stop_on_sigterm(loop):
+            return loop.run(start, end, place.worker)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(loop: Loop) -> Any:
+    """While ``loop`` runs alone (no process group, main thread): a SIGTERM (a scheduler's
+    time limit, ``kill``) ends the run after the step in progress, with a checkpoint and its
+    rows; a second one acts at once. Ranks of a group could stop at different steps, so they
+    keep the default (torchrun restarts them from their last checkpoint)."""
+    if dist.is_initialized() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(_signum: int, _frame: Any) -> None:
+        loop.stop_requested = True
+        signal.signal(signal.SIGTERM, previous)
+        log.warning("SIGTERM: stopping after this step with a checkpoint (a second SIGTERM stops at once)")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
