@@ -60,7 +60,8 @@ def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: 
 
         summary = run_distributed(cfg, out, replica=args.replica, resume=args.resume,
                                   stop_at=args.stop_at, progress=not args.no_progress,
-                                  overwrite=args.overwrite, allow_changes=args.allow_changes)
+                                  overwrite=args.overwrite, allow_changes=args.allow_changes,
+                                  graceful_sigterm=True)
         if summary.get("stopped"):
             return _stopped(args, out, summary, [summary["replicas"][0]])
         if summary["worker"] == 0 and not summary.get("finished"):
@@ -70,7 +71,8 @@ def _train_run(args: argparse.Namespace, cfg: RunConfig, out: str, distributed: 
     from .engine import run
 
     summary = run(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
-                  resume=args.resume, stop_at=args.stop_at, allow_changes=args.allow_changes)
+                  resume=args.resume, stop_at=args.stop_at, allow_changes=args.allow_changes,
+                  graceful_sigterm=True)
     if summary.get("finished"):  # nothing to resume: said so in one log line
         return 0
     if summary.get("stopped"):

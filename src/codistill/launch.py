@@ -173,6 +173,7 @@ def run_distributed(
     progress: bool = True,
     overwrite: bool = False,
     allow_changes: bool = False,
+    graceful_sigterm: bool = False,
 ) -> dict[str, Any]:
     """Entry point on every rank (reads torchrun's environment; works without it as W=1)."""
     if cfg.outer.every or cfg.codistill.teachers_from:
@@ -204,7 +205,7 @@ def run_distributed(
         place = Placement([topo.replica], cfg.batch_size, device, topo, groups,
                           progress=progress and topo.replica == 0,
                           claim=functools.partial(_elastic_claim, out_dir, topo, attempt))
-        return run(cfg, out_dir, place, None, resume, stop_at, overwrite, allow_changes)
+        return run(cfg, out_dir, place, None, resume, stop_at, overwrite, allow_changes, graceful_sigterm)
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise

@@ -153,13 +153,15 @@ def set_threads(cfg: RunConfig, local_processes: int = 1) -> None:
 
 
 def run(cfg: RunConfig, out_dir: str, place: Placement, task: Task | None = None, resume: bool = False,
-        stop_at: int | None = None, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+        stop_at: int | None = None, overwrite: bool = False, allow_changes: bool = False,
+        graceful_sigterm: bool = False) -> dict[str, Any]:
     """Build this process's part of the run, resume it if asked, train it; return the summary.
 
     ``resume`` continues from the newest step every replica has a valid checkpoint of (a
     finished run is left as it is; a changed config is refused unless ``allow_changes``:
     :func:`~codistill.rundir.plan_resume`); ``stop_at`` checkpoints and stops there;
-    ``task``: the loaded data of ``cfg``, else loaded here.
+    ``task``: the loaded data of ``cfg``, else loaded here; ``graceful_sigterm``: a SIGTERM
+    ends the run after the step in progress (``codistill train``; summary ``stopped``).
     """
     if task is None:
         task = build_task(cfg)  # before anything is written: a bad data path leaves no debris
@@ -211,7 +213,7 @@ def run(cfg: RunConfig, out_dir: str, place: Placement, task: Task | None = None
                      cfg.codistill.exchange_every, cfg.codistill.burn_in, cfg.codistill.alpha, start,
                      cfg.steps, out_dir)
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        with _stop_on_sigterm(loop):
+        with _stop_on_sigterm(loop) if graceful_sigterm else contextlib.nullcontext():
             return loop.run(start, end, place.worker)
 
 
