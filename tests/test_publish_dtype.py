@@ -315,7 +315,7 @@ def test_int8_scales_that_overflow_or_are_negative_are_rejected(tmp_path, caplog
 
 def test_a_prefetched_int8_version_is_decoded_off_the_training_step(tmp_path, monkeypatch):
     """The prefetch thread hands the refresh a decoded version (float32 weights, no scales, the
-    stored bytes still counted): the refresh itself decodes nothing."""
+    stored bytes still counted): the refresh itself dequantises nothing."""
     reader, publisher, peer = _pair(DirectoryExchange(str(tmp_path)), "int8")
     publisher.publish(10)
     assert reader.refresh(10) == {1: 10}  # read on the step; starts the prefetch thread
@@ -334,9 +334,9 @@ def test_a_prefetched_int8_version_is_decoded_off_the_training_step(tmp_path, mo
     assert ready.nbytes == _stored_bytes(peer.state_dict(), "int8") == state_nbytes(stored)
 
     def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded on the training step")
+        raise AssertionError("dequantised on the training step")
 
-    monkeypatch.setattr(compression, "decode", no_decoding)
+    monkeypatch.setattr(compression, "dequantise", no_decoding)
     assert reader.refresh(20) == {1: 20}
     teacher = reader.teachers[1].module.state_dict()
     for name, w in peer.state_dict().items():

@@ -320,21 +320,28 @@ with open(out, "w") as f:
 """
 
 
+def _probe_job(cluster: SlurmCluster, tmp_path: Path, launch: list[str], arg: str
+               ) -> tuple[str, Path, Path, str]:
+    """Submit PROBE (given ``arg``) as 2 replicas with the ``launch`` options, each replica's
+    rendezvous on port + R, and wait for it: (job id, the probe's output folder, the
+    exchange, every log)."""
+    probe, out, ex = tmp_path / "probe.py", tmp_path / "probe-out", tmp_path / "ex"
+    probe.write_text(PROBE)
+    out.mkdir()
+    port = free_port_block(2)
+    job = _submit(cluster, ["--out", str(tmp_path / "run"), "--replicas", "2", *launch, "--exchange", str(ex),
+                            "--master-port", str(port), "--", "python", str(probe), str(out), arg])
+    _wait_done(cluster, job, tmp_path / "run", timeout=120)
+    return job, out, ex, f"{_task_logs(tmp_path / 'run')}\n{cluster.logs()}"
+
+
 @pytest.mark.slow
 def test_a_users_script_as_a_torchrun_group_in_each_array_task(slurm_cluster: SlurmCluster,  # noqa: F811
                                                                tmp_path: Path) -> None:
     """W = 2: each array task runs one torchrun agent (srun) with two workers, meeting at the
     task's first node on port + R; ``{replica}`` reaches the script's arguments."""
     cluster = slurm_cluster
-    probe, out, ex = tmp_path / "probe.py", tmp_path / "probe-out", tmp_path / "ex"
-    probe.write_text(PROBE)
-    out.mkdir()
-    port = free_port_block(2)  # replica R's rendezvous: port + R
-    job = _submit(cluster, ["--out", str(tmp_path / "run"), "--replicas", "2", "--workers", "2",
-                            "--exchange", str(ex), "--master-port", str(port), "--",
-                            "python", str(probe), str(out), "tag-{replica}-of-{num_replicas}"])
-    _wait_done(cluster, job, tmp_path / "run", timeout=120)
-    logs = f"{_task_logs(tmp_path / 'run')}\n{cluster.logs()}"
+    job, out, ex, logs = _probe_job(cluster, tmp_path, ["--workers", "2"], "tag-{replica}-of-{num_replicas}")
     for r in (0, 1):
         task = cluster.job(f"{job}_{r}")
         assert (task["JobState"], task["Restarts"]) == ("COMPLETED", "0"), (task, logs)
@@ -357,15 +364,7 @@ def test_a_replica_over_two_nodes_is_one_torchrun_agent_per_node(slurm_cluster: 
     one group of two ranks, one per node."""
     cluster = slurm_cluster
     assert len(cluster.nodes) == 2, cluster.nodes
-    probe, out, ex = tmp_path / "probe.py", tmp_path / "probe-out", tmp_path / "ex"
-    probe.write_text(PROBE)
-    out.mkdir()
-    port = free_port_block(2)
-    job = _submit(cluster, ["--out", str(tmp_path / "run"), "--replicas", "2", "--workers", "2",
-                            "--nodes", "2", "--exchange", str(ex), "--master-port", str(port), "--",
-                            "python", str(probe), str(out), "{replica}"])
-    _wait_done(cluster, job, tmp_path / "run", timeout=120)
-    logs = f"{_task_logs(tmp_path / 'run')}\n{cluster.logs()}"
+    job, out, _, logs = _probe_job(cluster, tmp_path, ["--workers", "2", "--nodes", "2"], "{replica}")
     for r in (0, 1):
         task = cluster.job(f"{job}_{r}")
         assert (task["JobState"], task["NumNodes"]) == ("COMPLETED", "2"), (task, logs)

@@ -65,7 +65,8 @@ class Teacher:
         its publish dtype and cast to the module's dtype. A sharded teacher: every rank of the
         replica calls this together, the weights given on global rank ``src`` of ``group`` (an
         empty state elsewhere)."""
-        state = compression.decoded(published).state  # a prefetched version is decoded already
+        # (a prefetched version is decoded already: its meta declares fp32)
+        state = compression.decode(published.state, compression.declared(published.meta))
         try:
             if self.sharded:
                 load_full_state(self.module, state or None, src, group)
